@@ -1,0 +1,74 @@
+# clickpulse — every target is listed by `make help` (the default).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+JARS_DIR := .clickpulse/jars
+POM := connectors/maven/pom.xml
+PYTEST_ARGS ?=
+
+.PHONY: help venv sysdeps jars demo test test-unit lint stack-up stack-down stack-status bench clean
+
+help: ## list every target
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed ## create .venv and install clickpulse with dev tools (idempotent)
+
+sysdeps: ## install redis-server, java and maven with apt when missing (needs root)
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "error: missing$$missing — install with: sudo apt-get install$$missing"; exit 1; \
+	  fi; \
+	fi
+
+$(JARS_DIR)/.resolved: $(POM) | sysdeps
+	mvn -q -B -f $(POM) package -Djars.dir=$(abspath $(JARS_DIR))
+	@touch $@
+
+jars: $(JARS_DIR)/.resolved ## resolve the pinned Kafka broker and Flink connector jars with Maven (no-op when done)
+
+demo: venv sysdeps jars ## run the demo on the embedded stack
+	$(BIN)/clickpulse demo
+
+test: venv sysdeps jars ## run every test tier (unit, job, integration)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv ## run only the unit tier (no JVM, no services)
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+lint: venv ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+stack-up: venv sysdeps jars ## start the local stack (Kafka, Redis, ClickHouse endpoint)
+	$(BIN)/clickpulse stack up
+
+stack-down: venv ## stop what stack-up started
+	$(BIN)/clickpulse stack down
+
+stack-status: venv ## health of the local stack
+	$(BIN)/clickpulse stack status
+
+bench: venv sysdeps jars ## run the benchmarks and write bench/RESULTS.md
+	$(BIN)/python -m bench
+
+clean: ## remove the venv and local stack data (stop the stack first)
+	rm -rf $(VENV) .clickpulse
