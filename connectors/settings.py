@@ -1,0 +1,68 @@
+"""Connection settings shared by every job and by the CLI.
+
+Values come from the environment first and then from ``.clickpulse/stack.env`` (written by
+``clickpulse stack up``), so a shell without any variables set talks to the local stack and a shell
+with ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` / ``CLICKHOUSE_URL`` set talks to those services.
+Nothing here reads the environment at import time: call :func:`load_connections` from ``main()``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Contract topics and the topic-level configs they are created with.
+CONTRACT_TOPICS: dict[str, dict[str, str]] = {
+    "events.raw": {},
+    "events.enriched": {},
+    "events.dlq": {},
+    "events.late": {},
+    "sessions": {},
+    "rules": {"cleanup.policy": "compact"},
+    "actions": {},
+    "actions.dlq": {},
+}
+
+
+def home_dir() -> Path:
+    """Directory holding the local stack's state (``CLICKPULSE_HOME``, default ``./.clickpulse``)."""
+    return Path(os.environ.get("CLICKPULSE_HOME", ".clickpulse")).resolve()
+
+
+class Connections(BaseSettings):
+    """Where the services are. Every field names the environment variable it is read from."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
+    )
+    """``KAFKA_BOOTSTRAP_SERVERS``: comma-separated ``host:port`` list (default ``127.0.0.1:9092``)."""
+
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), validation_alias=AliasChoices("REDIS_URL", "redis_url")
+    )
+    """``REDIS_URL``: ``redis://[:password@]host:port/db`` (default ``redis://127.0.0.1:6379/0``)."""
+
+    clickhouse_url: SecretStr = Field(
+        SecretStr("http://127.0.0.1:8123"), validation_alias=AliasChoices("CLICKHOUSE_URL", "clickhouse_url")
+    )
+    """``CLICKHOUSE_URL``: ``http://[user:password@]host:port`` (default ``http://127.0.0.1:8123``)."""
+
+    topic_prefix: str = Field("", validation_alias=AliasChoices("CLICKPULSE_TOPIC_PREFIX", "topic_prefix"))
+    """``CLICKPULSE_TOPIC_PREFIX``: prepended to every contract topic name (default empty)."""
+
+    def topic(self, name: str) -> str:
+        """Full name of a contract topic, with the configured prefix."""
+        return f"{self.topic_prefix}{name}"
+
+
+def load_connections(home: Path | None = None) -> Connections:
+    """Build :class:`Connections` from the environment, falling back to ``<home>/stack.env``."""
+    env_file = (home or home_dir()) / "stack.env"
+    if env_file.is_file():
+        return Connections(_env_file=env_file)  # type: ignore[call-arg]
+    return Connections()

@@ -1,0 +1,501 @@
+"""The local stack: a real Kafka broker (KRaft), Redis and the embedded ClickHouse endpoint.
+
+``clickpulse stack up`` starts whatever is not configured externally, waits until each service is
+healthy, creates the contract topics and writes ``<home>/stack.env``. ``down`` stops exactly the
+processes ``up`` started (by PID, verified against the command line it recorded), ``status`` reports
+health. Everything binds to loopback and lives under ``<home>`` (default ``./.clickpulse``):
+
+    <home>/stack.json      what up started: pid, ports, command marker per service
+    <home>/stack.env       KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, CLICKHOUSE_URL
+    <home>/logs/*.log      one log per service
+    <home>/kafka/          server.properties, log4j2.properties, data/ (formatted on first start)
+    <home>/redis/          appendonly data
+    <home>/clickhouse/     the chDB data directory (owned by the endpoint process only)
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from connectors import kafka as kafka_io
+from connectors.settings import CONTRACT_TOPICS
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("kafka", "redis", "clickhouse")
+ENV_VARS = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "redis": "REDIS_URL", "clickhouse": "CLICKHOUSE_URL"}
+
+
+class StackError(RuntimeError):
+    """A problem the user can fix; the message is one line saying what to do."""
+
+
+class StackSettings(BaseSettings):
+    """Options of the local stack, read from ``CLICKPULSE_*`` environment variables."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_prefix="CLICKPULSE_")
+
+    home: Path = Path(".clickpulse")
+    """``CLICKPULSE_HOME``: state directory (default ``.clickpulse``)."""
+    jars_dir: Path | None = None
+    """``CLICKPULSE_JARS_DIR``: where ``make jars`` put the jars (default ``<repo>/.clickpulse/jars``)."""
+    kafka_port: int | None = None
+    """``CLICKPULSE_KAFKA_PORT``: broker port (default: last used, else a free port)."""
+    kafka_controller_port: int | None = None
+    """``CLICKPULSE_KAFKA_CONTROLLER_PORT``: KRaft controller port (default: last used, else free)."""
+    redis_port: int | None = None
+    """``CLICKPULSE_REDIS_PORT``: Redis port (default: last used, else a free port)."""
+    clickhouse_port: int | None = None
+    """``CLICKPULSE_CLICKHOUSE_PORT``: ClickHouse HTTP port (default: last used, else a free port)."""
+    kafka_heap: str = "768m"
+    """``CLICKPULSE_KAFKA_HEAP``: broker JVM heap (default ``768m``)."""
+    topic_partitions: int = Field(4, validation_alias=AliasChoices("CLICKPULSE_TOPIC_PARTITIONS"))
+    """``CLICKPULSE_TOPIC_PARTITIONS``: partitions of each contract topic created (default 4)."""
+    topic_prefix: str = ""
+    """``CLICKPULSE_TOPIC_PREFIX``: prefix of every contract topic name (default empty)."""
+    startup_timeout_s: float = 120.0
+    """``CLICKPULSE_STARTUP_TIMEOUT_S``: how long ``up`` waits for health (default 120)."""
+
+    @property
+    def root(self) -> Path:
+        """Absolute state directory."""
+        return self.home.resolve()
+
+    @property
+    def jars(self) -> Path:
+        """Absolute jar cache directory."""
+        return (self.jars_dir or REPO_ROOT / ".clickpulse" / "jars").resolve()
+
+
+@dataclass
+class ServiceState:
+    """What ``up`` recorded about one service."""
+
+    name: str
+    url: str
+    external: bool = False
+    pid: int | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    marker: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        """Plain dict for stack.json."""
+        return {
+            "url": self.url,
+            "external": self.external,
+            "pid": self.pid,
+            "ports": self.ports,
+            "marker": self.marker,
+        }
+
+
+# --------------------------------------------------------------------------- processes and ports
+
+
+def pid_alive(pid: int | None, marker: str = "") -> bool:
+    """True when ``pid`` runs and (if given) its command line contains ``marker``."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # zombie: exited, not yet reaped
+        return False
+    return marker in cmdline
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``host:port`` and we may bind it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel says is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def stop_pid(pid: int, marker: str, *, timeout_s: float = 30.0) -> None:
+    """SIGTERM the process group we started, then SIGKILL after ``timeout_s``."""
+    if not pid_alive(pid, marker):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid, marker):
+            return
+        time.sleep(0.2)
+    log.warning("pid %d did not stop within %.0fs; killing it", pid, timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for _ in range(50):
+        if not pid_alive(pid, marker):
+            return
+        time.sleep(0.1)
+
+
+def _spawn(cmd: list[str], log_file: Path, cwd: Path) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(  # noqa: S603 - fixed argv built here
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+class Stack:
+    """Start, stop and inspect the local services described by :class:`StackSettings`."""
+
+    def __init__(self, settings: StackSettings, environ: dict[str, str] | None = None) -> None:
+        """Use ``environ`` (default ``os.environ``) to find externally configured services."""
+        self.settings = settings
+        self.environ = dict(os.environ if environ is None else environ)
+        self.root = settings.root
+        self.logs = self.root / "logs"
+        self.state_file = self.root / "stack.json"
+        self.env_file = self.root / "stack.env"
+
+    # state ------------------------------------------------------------------------------------
+    def load_state(self) -> dict[str, ServiceState]:
+        """Read stack.json (empty when absent or unreadable)."""
+        try:
+            raw = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        out: dict[str, ServiceState] = {}
+        for name, item in raw.get("services", {}).items():
+            out[name] = ServiceState(
+                name=name,
+                url=str(item.get("url", "")),
+                external=bool(item.get("external", False)),
+                pid=item.get("pid"),
+                ports={k: int(v) for k, v in item.get("ports", {}).items()},
+                marker=str(item.get("marker", "")),
+            )
+        return out
+
+    def save_state(self, state: dict[str, ServiceState]) -> None:
+        """Write stack.json atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"services": {n: s.to_json() for n, s in state.items()}}, indent=2))
+        tmp.replace(self.state_file)
+
+    def write_env(self, state: dict[str, ServiceState]) -> None:
+        """Write stack.env with one line per service."""
+        lines = [f"{ENV_VARS[name]}={state[name].url}" for name in SERVICES if name in state]
+        if self.settings.topic_prefix:
+            lines.append(f"CLICKPULSE_TOPIC_PREFIX={self.settings.topic_prefix}")
+        tmp = self.env_file.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.env_file)
+
+    def external_url(self, name: str, state: dict[str, ServiceState]) -> str | None:
+        """The URL of an externally configured service, or None when we should run it ourselves."""
+        value = self.environ.get(ENV_VARS[name])
+        if not value:
+            return None
+        mine = state.get(name)
+        if mine and not mine.external and mine.url == value:
+            return None  # the user sourced our own stack.env
+        return value
+
+    # health -----------------------------------------------------------------------------------
+    @staticmethod
+    def healthy(name: str, url: str) -> bool:
+        """Probe one service."""
+        if name == "kafka":
+            return kafka_io.is_healthy(url, timeout_s=2.0)
+        if name == "redis":
+            import redis
+
+            try:
+                return bool(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping())
+            except redis.RedisError:
+                return False
+        try:
+            base = url.split("@", 1)[-1] if "@" in url else url.split("://", 1)[-1]
+            scheme = url.split("://", 1)[0]
+            with urllib.request.urlopen(f"{scheme}://{base.rstrip('/')}/ping", timeout=2) as r:  # noqa: S310
+                return bool(r.status == 200)
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    # up ---------------------------------------------------------------------------------------
+    def _port(self, name: str, key: str, configured: int | None, previous: ServiceState | None) -> int:
+        if configured:
+            if not port_free(configured):
+                raise StackError(
+                    f"{name}: port {configured} is taken by another process; "
+                    f"set CLICKPULSE_{key.upper()}_PORT to a free port or stop that process"
+                )
+            return configured
+        if previous and key in previous.ports and port_free(previous.ports[key]):
+            return previous.ports[key]
+        return free_port()
+
+    def up(self, *, progress: Callable[[str], None] = log.info) -> dict[str, ServiceState]:
+        """Start what is not running or external, wait for health, create topics, write stack.env."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        state = self.load_state()
+        new_state: dict[str, ServiceState] = {}
+        started: list[str] = []
+        for name in SERVICES:
+            ext = self.external_url(name, state)
+            if ext:
+                progress(f"{name}: using external {ENV_VARS[name]}")
+                new_state[name] = ServiceState(name=name, url=ext, external=True)
+                continue
+            prev = state.get(name)
+            if prev and not prev.external and pid_alive(prev.pid, prev.marker):
+                progress(f"{name}: already running (pid {prev.pid})")
+                new_state[name] = prev
+                continue
+            new_state[name] = getattr(self, f"_start_{name}")(prev if prev and not prev.external else None)
+            started.append(name)
+            self.save_state({**state, **new_state})
+        try:
+            for name in SERVICES:
+                self._wait(name, new_state[name])
+                if name in started:
+                    progress(f"{name}: started (pid {new_state[name].pid}) at {new_state[name].url}")
+        except BaseException:
+            self.save_state({**state, **new_state})
+            raise
+        self.save_state(new_state)
+        self.write_env(new_state)
+        created = kafka_io.ensure_topics(
+            new_state["kafka"].url,
+            {f"{self.settings.topic_prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()},
+            partitions=self.settings.topic_partitions,
+        )
+        if created:
+            progress(f"kafka: created topics {', '.join(created)}")
+        return new_state
+
+    def _wait(self, name: str, svc: ServiceState) -> None:
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.healthy(name, svc.url):
+                return
+            if not svc.external and not pid_alive(svc.pid, svc.marker):
+                raise StackError(f"{name} exited during start-up; see {self.logs / (name + '.log')}")
+            time.sleep(0.3)
+        raise StackError(
+            f"{name} at {svc.url} not healthy after {self.settings.startup_timeout_s:.0f}s; "
+            f"see {self.logs / (name + '.log')}"
+        )
+
+    def _start_kafka(self, prev: ServiceState | None) -> ServiceState:
+        java = shutil.which("java")
+        if not java:
+            raise StackError(
+                "java not found: install a Java 17 runtime "
+                "(apt-get install openjdk-17-jre-headless) or put it on PATH"
+            )
+        jars = self.settings.jars / "kafka"
+        if not any(jars.glob("kafka_*.jar")):
+            raise StackError(f"Kafka broker jars not found in {jars}: run `make jars`")
+        port = self._port("kafka", "kafka", self.settings.kafka_port, prev)
+        cport = self._port("kafka", "kafka_controller", self.settings.kafka_controller_port, prev)
+        while cport == port:
+            cport = free_port()
+        kdir = self.root / "kafka"
+        data = kdir / "data"
+        kdir.mkdir(parents=True, exist_ok=True)
+        props = kdir / "server.properties"
+        props.write_text(
+            _KAFKA_PROPERTIES.format(
+                port=port, cport=cport, data=data, partitions=self.settings.topic_partitions
+            )
+        )
+        log4j = kdir / "log4j2.properties"
+        log4j.write_text(_KAFKA_LOG4J)
+        classpath = f"{jars}/*"
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            fmt = subprocess.run(  # noqa: S603
+                [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.tools.StorageTool",
+                 "format", "-t", cluster_id, "-c", str(props), "--ignore-formatted"],
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                raise StackError(f"kafka storage format failed: {fmt.stderr.strip().splitlines()[-1:]}")
+        heap = self.settings.kafka_heap
+        cmd = [
+            java, f"-Xms{heap}", f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}",
+            "-cp", classpath, "kafka.Kafka", str(props),
+        ]  # fmt: skip
+        pid = _spawn(cmd, self.logs / "kafka.log", self.root)
+        return ServiceState(
+            name="kafka",
+            url=f"127.0.0.1:{port}",
+            pid=pid,
+            ports={"kafka": port, "kafka_controller": cport},
+            marker=str(props),
+        )
+
+    def _start_redis(self, prev: ServiceState | None) -> ServiceState:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise StackError(
+                "redis-server not found: run `make sysdeps` as root or `sudo apt-get install redis-server`"
+            )
+        port = self._port("redis", "redis", self.settings.redis_port, prev)
+        rdir = self.root / "redis"
+        rdir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(rdir),
+            "--appendonly", "yes", "--save", "", "--daemonize", "no",
+            "--logfile", str(self.logs / "redis.log"), "--pidfile", str(rdir / "redis.pid"),
+        ]  # fmt: skip
+        pid = _spawn(cmd, self.logs / "redis.stdout.log", self.root)
+        return ServiceState(
+            name="redis", url=f"redis://127.0.0.1:{port}/0", pid=pid, ports={"redis": port}, marker=f":{port}"
+        )
+
+    def _start_clickhouse(self, prev: ServiceState | None) -> ServiceState:
+        port = self._port("clickhouse", "clickhouse", self.settings.clickhouse_port, prev)
+        data = self.root / "clickhouse"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "connectors.chserver", "--host", "127.0.0.1", "--port", str(port),
+            "--data-dir", str(data), "--log-file", str(self.logs / "clickhouse.log"),
+        ]  # fmt: skip
+        pid = _spawn(cmd, self.logs / "clickhouse.stdout.log", REPO_ROOT)
+        return ServiceState(
+            name="clickhouse",
+            url=f"http://127.0.0.1:{port}",
+            pid=pid,
+            ports={"clickhouse": port},
+            marker="connectors.chserver",
+        )
+
+    # down / status ------------------------------------------------------------------------------
+    def down(self, *, progress: Callable[[str], None] = log.info) -> list[str]:
+        """Stop the processes ``up`` started; keep their data and remembered ports."""
+        state = self.load_state()
+        stopped: list[str] = []
+        for name in reversed(SERVICES):
+            svc = state.get(name)
+            if not svc or svc.external or not svc.pid:
+                continue
+            if pid_alive(svc.pid, svc.marker):
+                progress(f"{name}: stopping pid {svc.pid}")
+                stop_pid(svc.pid, svc.marker)
+                stopped.append(name)
+            svc.pid = None
+        self.save_state(state)
+        self.env_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> list[dict[str, object]]:
+        """One row per service: name, source, url, pid, healthy."""
+        state = self.load_state()
+        rows: list[dict[str, object]] = []
+        for name in SERVICES:
+            ext = self.external_url(name, state)
+            svc = state.get(name)
+            if ext:
+                rows.append({"service": name, "source": "external", "url": ext, "pid": None,
+                             "healthy": self.healthy(name, ext)})  # fmt: skip
+            elif svc and pid_alive(svc.pid, svc.marker):
+                rows.append({"service": name, "source": "embedded", "url": svc.url, "pid": svc.pid,
+                             "healthy": self.healthy(name, svc.url)})  # fmt: skip
+            else:
+                rows.append({"service": name, "source": "embedded", "url": "", "pid": None, "healthy": False})
+        return rows
+
+
+_KAFKA_PROPERTIES = """\
+# Written by `clickpulse stack up`: a single-node KRaft broker+controller on loopback.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{cport}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data}
+num.partitions={partitions}
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+# Flink's exactly-once sinks keep transactions open for a checkpoint interval plus restart time;
+# 15 min is the broker's ceiling for transaction.timeout.ms (Kafka's default, stated explicitly).
+transaction.max.timeout.ms=900000
+# Local data is kept by size, not age: simulated and replayed traffic may carry old timestamps.
+log.retention.ms=-1
+log.retention.bytes=1073741824
+log.segment.bytes=134217728
+"""
+
+_KAFKA_LOG4J = """\
+# Written by `clickpulse stack up`: broker logs to stdout (-> logs/kafka.log), WARN+ for chatty loggers.
+status = warn
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.stdout.ref = STDOUT
+logger.kafka.name = kafka
+logger.kafka.level = warn
+logger.controller.name = org.apache.kafka.controller
+logger.controller.level = warn
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.storage.name = org.apache.kafka.storage
+logger.storage.level = warn
+"""

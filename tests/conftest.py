@@ -1,0 +1,63 @@
+"""Shared fixtures: one real local stack per test session (Kafka, Redis, ClickHouse endpoint).
+
+If ``KAFKA_BOOTSTRAP_SERVERS``, ``REDIS_URL`` and ``CLICKHOUSE_URL`` are all set, the tests use those
+services instead and start nothing. Each test creates its own topics and ClickHouse databases.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connectors import kafka as kafka_io
+from connectors.settings import Connections
+from connectors.stack import SERVICES, Stack, StackSettings, pid_alive
+
+
+@pytest.fixture(scope="session")
+def stack_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """State directory of the test session's stack."""
+    return tmp_path_factory.mktemp("clickpulse-home")
+
+
+@pytest.fixture(scope="session")
+def stack(stack_home: Path) -> Iterator[Stack]:
+    """The running stack (started here unless all three services are external)."""
+    st = Stack(StackSettings(home=stack_home))
+    state = st.up()
+    yield st
+    st.down()
+    for name in SERVICES:
+        svc = state[name]
+        assert svc.external or not pid_alive(svc.pid, svc.marker), f"{name} still running after down"
+
+
+@pytest.fixture(scope="session")
+def connections(stack: Stack) -> Connections:
+    """Connection settings pointing at the session's stack."""
+    env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+    return Connections(**env)
+
+
+@pytest.fixture()
+def topic_factory(connections: Connections, request: pytest.FixtureRequest) -> Iterator:
+    """Create uniquely named topics for one test and delete them afterwards."""
+    made: list[str] = []
+
+    def make(suffix: str = "t", partitions: int = 4, config: dict[str, str] | None = None) -> str:
+        name = f"t_{request.node.name[:40]}_{suffix}_{uuid.uuid4().hex[:8]}".replace("[", "_").replace(
+            "]", "_"
+        )
+        kafka_io.ensure_topics(
+            connections.kafka_bootstrap_servers, {name: config or {}}, partitions=partitions
+        )
+        made.append(name)
+        return name
+
+    yield make
+    if made and not os.environ.get("CLICKPULSE_KEEP_TOPICS"):
+        kafka_io.delete_topics(connections.kafka_bootstrap_servers, made)
