@@ -1,0 +1,1319 @@
+"""Embedded ClickHouse endpoint: chDB (the in-process ClickHouse engine) on ClickHouse's HTTP interface.
+
+A chDB data directory can be opened by one process only, so this module runs a small HTTP server that is
+the single owner of one data directory and speaks enough of ClickHouse's HTTP protocol for
+``clickhouse-connect`` (default settings, compression on), ``curl`` and ``urllib`` to use it like a real
+server. Every other part of the project connects through :func:`connectors.clickhouse.client_from_url`
+and cannot tell the difference, so pointing ``CLICKHOUSE_URL`` at a real server needs no code change.
+
+Run it as::
+
+    python -m connectors.chserver --host 127.0.0.1 --port 8123 --data-dir DIR \\
+        [--log-file FILE] [--user U --password-env VAR] [--port-file FILE]
+
+What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does not):
+
+* ``GET /ping``, ``GET /`` -> ``Ok.``; queries via ``GET /?query=...`` (read-only, like ClickHouse) or
+  ``POST`` with the query in the ``query`` parameter and/or the body (ClickHouse joins them with a
+  newline). ``INSERT ... FORMAT X`` followed by data is streamed into chDB with ``send_insert``.
+* Settings as URL parameters, ``database`` (or ``X-ClickHouse-Database``), ``default_format`` (or
+  ``X-ClickHouse-Format``), ``param_*`` query parameters, ``query_id``, ``session_id`` /
+  ``session_timeout`` / ``session_check`` / ``close_session``. URL settings apply to that request only;
+  each ClickHouse session gets its own chDB connection, so ``SET``, ``USE`` and temporary tables persist
+  within the session exactly as on a server.
+* Request bodies compressed with ``Content-Encoding`` lz4 (frame), zstd, gzip, deflate, br (if installed),
+  xz, bz2; responses compressed when the client sends ``Accept-Encoding`` (ClickHouse's preference
+  order: zstd, br, lz4, gzip, deflate) unless ``enable_http_compression=0``.
+* Errors as ClickHouse sends them: status from ClickHouse's exception-code mapping,
+  ``X-ClickHouse-Exception-Code`` header, ``Code: N. DB::Exception: ... (NAME) (version V)`` body.
+* Optional authentication (HTTP basic, ``X-ClickHouse-User``/``X-ClickHouse-Key``, ``user``/``password``
+  parameters); ``AUTHENTICATION_FAILED`` (516) -> 403, no credentials -> 401 ``REQUIRED_PASSWORD``.
+* Response headers ``X-ClickHouse-Summary``, ``X-ClickHouse-Query-Id``, ``X-ClickHouse-Format`` (only for
+  statements that produce a result set, as clickhouse-connect's ``command`` relies on),
+  ``X-ClickHouse-Timezone``, ``X-ClickHouse-Server-Display-Name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import bz2
+import email.parser
+import email.policy
+import fcntl
+import gzip
+import hmac
+import json
+import logging
+import lzma
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import parse_qsl, urlsplit
+
+logger = logging.getLogger("connectors.chserver")
+
+DEFAULT_FORMAT = "TabSeparated"
+DEFAULT_SESSION_TIMEOUT_S = 60
+MAX_SESSION_TIMEOUT_S = 3600
+KEEP_ALIVE_TIMEOUT_S = 30
+
+# ClickHouse error codes this module raises itself (numbers as in ClickHouse's ErrorCodes.cpp).
+BAD_ARGUMENTS = 36
+NOT_IMPLEMENTED = 48
+SYNTAX_ERROR = 62
+UNKNOWN_COMPRESSION_METHOD = 89
+READONLY = 164
+REQUIRED_PASSWORD = 194
+TOO_MANY_SIMULTANEOUS_QUERIES = 202
+ABORTED = 236
+CANNOT_DECOMPRESS = 271
+SESSION_NOT_FOUND = 372
+SESSION_IS_LOCKED = 373
+INVALID_SESSION_TIMEOUT = 374
+AUTHENTICATION_FAILED = 516
+STD_EXCEPTION = 1001
+
+_ERROR_NAMES = {
+    BAD_ARGUMENTS: "BAD_ARGUMENTS",
+    NOT_IMPLEMENTED: "NOT_IMPLEMENTED",
+    SYNTAX_ERROR: "SYNTAX_ERROR",
+    UNKNOWN_COMPRESSION_METHOD: "UNKNOWN_COMPRESSION_METHOD",
+    READONLY: "READONLY",
+    REQUIRED_PASSWORD: "REQUIRED_PASSWORD",
+    TOO_MANY_SIMULTANEOUS_QUERIES: "TOO_MANY_SIMULTANEOUS_QUERIES",
+    ABORTED: "ABORTED",
+    CANNOT_DECOMPRESS: "CANNOT_DECOMPRESS",
+    SESSION_NOT_FOUND: "SESSION_NOT_FOUND",
+    SESSION_IS_LOCKED: "SESSION_IS_LOCKED",
+    INVALID_SESSION_TIMEOUT: "INVALID_SESSION_TIMEOUT",
+    AUTHENTICATION_FAILED: "AUTHENTICATION_FAILED",
+    STD_EXCEPTION: "STD_EXCEPTION",
+}
+
+# ClickHouse's exceptionCodeToHTTPStatus, keyed by error name (chDB messages end with the name).
+_HTTP_STATUS_BY_ERROR: dict[str, int] = {
+    "REQUIRED_PASSWORD": 401,
+    **dict.fromkeys(
+        ("UNKNOWN_USER", "WRONG_PASSWORD", "AUTHENTICATION_FAILED", "SET_NON_GRANTED_ROLE", "ACCESS_DENIED"),
+        403,
+    ),
+    **dict.fromkeys(
+        (
+            "BAD_ARGUMENTS CANNOT_COMPILE_REGEXP CANNOT_PARSE_TEXT CANNOT_PARSE_ESCAPE_SEQUENCE "
+            "CANNOT_PARSE_QUOTED_STRING CANNOT_PARSE_DATE CANNOT_PARSE_DATETIME CANNOT_PARSE_NUMBER "
+            "CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING CANNOT_PARSE_IPV4 CANNOT_PARSE_IPV6 "
+            "CANNOT_PARSE_INPUT_ASSERTION_FAILED CANNOT_PARSE_UUID DUPLICATE_COLUMN ILLEGAL_COLUMN "
+            "UNKNOWN_ELEMENT_IN_AST UNKNOWN_TYPE_OF_AST_NODE THERE_IS_NO_COLUMN TOO_DEEP_AST TOO_BIG_AST "
+            "UNEXPECTED_AST_STRUCTURE SYNTAX_ERROR INCORRECT_DATA TYPE_MISMATCH "
+            "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE"
+        ).split(),
+        400,
+    ),
+    **dict.fromkeys(
+        (
+            "UNKNOWN_TABLE UNKNOWN_FUNCTION UNKNOWN_IDENTIFIER UNKNOWN_TYPE UNKNOWN_STORAGE UNKNOWN_DATABASE "
+            "UNKNOWN_SETTING UNKNOWN_DIRECTION_OF_SORTING UNKNOWN_AGGREGATE_FUNCTION UNKNOWN_FORMAT "
+            "UNKNOWN_DATABASE_ENGINE UNKNOWN_TYPE_OF_QUERY UNKNOWN_ROLE"
+        ).split(),
+        404,
+    ),
+    "QUERY_IS_TOO_LARGE": 413,
+    "NOT_IMPLEMENTED": 501,
+    "SOCKET_TIMEOUT": 503,
+    "CANNOT_OPEN_FILE": 503,
+    "CANNOT_SCHEDULE_TASK": 503,
+    "HTTP_LENGTH_REQUIRED": 411,
+    "TIMEOUT_EXCEEDED": 408,
+    "UNSUPPORTED_MEDIA_TYPE": 415,
+}
+
+# URL parameters that belong to the HTTP interface, not to the query's settings.
+_RESERVED_PARAMS = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "user",
+        "password",
+        "quota_key",
+        "query_id",
+        "stacktrace",
+        "buffer_size",
+        "wait_end_of_query",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "close_session",
+        "client_protocol_version",
+        "compress",
+        "decompress",
+        "role",
+    }
+)
+# Settings that only steer ClickHouse's HTTP layer; this server consumes them and never forwards them.
+_TRANSPORT_SETTINGS = frozenset(
+    {
+        "enable_http_compression",
+        "send_progress_in_http_headers",
+        "cancel_http_readonly_queries_on_client_close",
+        "add_http_cors_header",
+        "output_format_enable_streaming",
+    }
+)
+_READ_ONLY_KINDS = frozenset(
+    {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "SET", "USE"}
+)
+_RESULT_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK"})
+_SETTING_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CODE_RE = re.compile(r"Code: (\d+)\.")
+_NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)(?:\s*\(version [^)]*\))?\s*\Z")
+_VERSION_RE = re.compile(r"\(version [^)]*\)\s*\Z")
+_CONTENT_TYPES = {
+    "tabseparated": "text/tab-separated-values; charset=UTF-8",
+    "tsv": "text/tab-separated-values; charset=UTF-8",
+    "csv": "text/csv; charset=UTF-8; header=absent",
+    "csvwithnames": "text/csv; charset=UTF-8; header=present",
+    "json": "application/json; charset=UTF-8",
+    "jsoncompact": "application/json; charset=UTF-8",
+    "jsoneachrow": "application/x-ndjson; charset=UTF-8",
+    "native": "application/octet-stream",
+    "rowbinary": "application/octet-stream",
+    "arrow": "application/octet-stream",
+    "arrowstream": "application/octet-stream",
+    "parquet": "application/octet-stream",
+}
+
+
+class ClickHouseError(Exception):
+    """An error reported to the client the way ClickHouse reports it (code, name, message)."""
+
+    def __init__(self, code: int, message: str, name: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.name = name or _ERROR_NAMES.get(code, "")
+        self.message = message
+
+    def text(self, version: str) -> str:
+        """The response body ClickHouse would send: ``Code: N. DB::Exception: ... (NAME) (version V)``."""
+        msg = self.message
+        if not msg.startswith("Code: "):
+            msg = f"Code: {self.code}. DB::Exception: {msg}"
+            if self.name:
+                msg += f" ({self.name})"
+        if not _VERSION_RE.search(msg):
+            msg += f" (version {version})"
+        return msg
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status ClickHouse uses for this exception code."""
+        return _HTTP_STATUS_BY_ERROR.get(self.name, 500)
+
+    @classmethod
+    def from_engine(cls, exc: BaseException) -> ClickHouseError:
+        """Convert a chDB exception (``Code: 60. DB::Exception: ...``) into a :class:`ClickHouseError`."""
+        raw = str(exc)
+        idx = raw.find("Code: ")
+        msg = raw[idx:].strip() if idx >= 0 else raw.strip()
+        m = _CODE_RE.match(msg)
+        if not m:
+            return cls(STD_EXCEPTION, msg or type(exc).__name__)
+        name_m = _NAME_RE.search(msg)
+        return cls(int(m.group(1)), msg, name_m.group(1) if name_m else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SQL scanning: just enough lexing to split "INSERT ... FORMAT X <data>", find the output format, the
+# statement kind and multi-statements, without ever looking inside string literals or comments.
+# ----------------------------------------------------------------------------------------------------
+_TOKEN_RE = re.compile(
+    rb"""
+      (?P<ws>\s+)
+    | (?P<comment>--[^\n]*|\#[ !][^\n]*|/\*.*?(?:\*/|\Z))
+    | (?P<string>'(?:[^'\\]|\\.|'')*(?:'|\Z))
+    | (?P<quoted>"(?:[^"\\]|\\.|"")*(?:"|\Z)|`(?:[^`\\]|\\.|``)*(?:`|\Z))
+    | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
+    | (?P<number>[0-9][0-9A-Za-z_.]*)
+    | (?P<other>.)
+    """,
+    re.DOTALL | re.VERBOSE,
+)
+
+
+@dataclass
+class Statement:
+    """One request's statement, split the way ClickHouse's HTTP handler sees it."""
+
+    kind: str
+    """First keyword, upper case (``SELECT``, ``INSERT``, ``CREATE``...); empty for an empty query."""
+    sql: str
+    """The SQL to run; for an insert with data, the ``INSERT INTO t (cols) [SETTINGS ...]`` head only."""
+    insert_format: str | None = None
+    """Input format when data follows the statement (``INSERT ... FORMAT X <data>``)."""
+    data: bytes = b""
+    output_format: str | None = None
+    """Explicit ``FORMAT X`` of a non-insert statement (validated against the known output formats)."""
+    temporary: bool = False
+    """``CREATE TEMPORARY TABLE``: changes connection state."""
+
+
+@dataclass
+class _Scan:
+    kind: str = ""
+    second: str = ""
+    format_kw: int = -1
+    format_name: str | None = None
+    data_start: int = -1
+    output_format: str | None = None
+    multi: bool = False
+
+
+def _scan(text: bytes, input_formats: Mapping[str, str], output_formats: Mapping[str, str]) -> _Scan:
+    res = _Scan()
+    depth = 0
+    pending_format = -1
+    prev = b""
+    after_semicolon = False
+    for m in _TOKEN_RE.finditer(text):
+        group = m.lastgroup
+        if group in ("ws", "comment"):
+            continue
+        if after_semicolon:
+            res.multi = True
+            break
+        tok = m.group()
+        if pending_format >= 0:
+            kw_at, pending_format = pending_format, -1
+            if group == "word":
+                name = tok.decode()
+                if res.kind == "INSERT" and name.lower() in input_formats:
+                    res.format_kw, res.format_name = kw_at, input_formats[name.lower()]
+                    pos = m.end()
+                    while pos < len(text) and text[pos] in b" \t":
+                        pos += 1
+                    if text.startswith(b"\r\n", pos):
+                        pos += 2
+                    elif text.startswith(b"\n", pos):
+                        pos += 1
+                    res.data_start = pos
+                    return res
+                if res.kind != "INSERT" and name.lower() in output_formats:
+                    res.output_format = output_formats[name.lower()]
+                    prev = tok
+                    continue
+        if group == "word":
+            up = tok.upper().decode()
+            if not res.kind:
+                res.kind = up
+            elif not res.second:
+                res.second = up
+            if depth == 0 and up == "FORMAT" and prev != b".":
+                pending_format = m.start()
+            elif res.kind == "INSERT" and depth == 0 and up in ("VALUES", "SELECT", "WITH"):
+                return res  # inline data or INSERT ... SELECT: the whole text is the statement
+        elif tok in (b"(", b"["):
+            depth += 1
+        elif tok in (b")", b"]"):
+            depth = max(0, depth - 1)
+        elif tok == b";" and depth == 0:
+            after_semicolon = True
+        prev = tok
+    return res
+
+
+def parse_statement(
+    query_param: str | None,
+    body: bytes,
+    input_formats: Mapping[str, str],
+    output_formats: Mapping[str, str],
+) -> Statement:
+    """Build the statement of one HTTP request from the ``query`` parameter and the (decoded) body.
+
+    As in ClickHouse, the query is the ``query`` parameter, a newline, then the body; for ``INSERT ... FORMAT
+    X`` the data starts after the format name (skipping blanks and one line break). ``input_formats`` /
+    ``output_formats`` map lower-case format names to their canonical spelling.
+    """
+    if query_param:
+        head = query_param.encode()
+        sc = _scan(head, input_formats, output_formats)
+        if sc.format_name is not None:
+            inline = head[sc.data_start :]
+            data = body if not inline else (inline + b"\n" + body if body else inline)
+            return Statement("INSERT", head[: sc.format_kw].decode(), sc.format_name, data)
+        text = head + b"\n" + body if body else head
+        if body:
+            sc = _scan(text, input_formats, output_formats)
+    else:
+        text = body
+        sc = _scan(text, input_formats, output_formats)
+        if sc.format_name is not None:
+            return Statement("INSERT", text[: sc.format_kw].decode(), sc.format_name, text[sc.data_start :])
+    sql = text.decode("utf-8", errors="replace")
+    if not sql.strip() or not sc.kind:
+        raise ClickHouseError(SYNTAX_ERROR, "Empty query")
+    if sc.multi:
+        raise ClickHouseError(
+            SYNTAX_ERROR, "Syntax error: Multi-statements are not allowed (send one statement per request)"
+        )
+    return Statement(
+        sc.kind,
+        sql,
+        output_format=sc.output_format,
+        temporary=sc.kind == "CREATE" and sc.second == "TEMPORARY",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compression
+# ----------------------------------------------------------------------------------------------------
+def _brotli() -> Any | None:
+    try:
+        import brotli
+    except ImportError:
+        return None
+    return brotli
+
+
+def _lz4_frames(data: bytes) -> bytes:
+    import lz4.frame
+
+    out: list[bytes] = []
+    while data:
+        dec = lz4.frame.LZ4FrameDecompressor()
+        out.append(dec.decompress(data))
+        if not dec.eof:
+            raise ValueError("truncated lz4 frame")
+        data = dec.unused_data
+    return b"".join(out)
+
+
+def _zstd_frames(data: bytes) -> bytes:
+    import io
+
+    import zstandard
+
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as reader:
+        return reader.read()
+
+
+def decompress_body(data: bytes, encoding: str) -> bytes:
+    """Decode a request body sent with ``Content-Encoding`` (several concatenated frames allowed)."""
+    enc = encoding.strip().lower()
+    if not enc or enc == "identity" or not data:
+        return data
+    try:
+        if enc == "lz4":
+            return _lz4_frames(data)
+        if enc == "zstd":
+            return _zstd_frames(data)
+        if enc in ("gzip", "x-gzip"):
+            return gzip.decompress(data)
+        if enc == "deflate":
+            return zlib.decompress(data)
+        if enc == "xz":
+            return lzma.decompress(data)
+        if enc in ("bz2", "bzip2"):
+            return bz2.decompress(data)
+        if enc == "br" and (brotli := _brotli()) is not None:
+            return bytes(brotli.decompress(data))
+    except Exception as exc:  # any codec error means the client sent something we cannot read
+        raise ClickHouseError(CANNOT_DECOMPRESS, f"Cannot decompress request body ({enc}): {exc}") from exc
+    raise ClickHouseError(UNKNOWN_COMPRESSION_METHOD, f"Unknown HTTP compression method: {encoding}")
+
+
+def choose_response_encoding(accept_encoding: str) -> str | None:
+    """Pick a response encoding from ``Accept-Encoding`` in ClickHouse's order of preference."""
+    offered = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
+    for enc in ("zstd", "br", "lz4", "gzip", "deflate"):
+        if enc in offered and (enc != "br" or _brotli() is not None):
+            return enc
+    return None
+
+
+def compress_body(data: bytes | memoryview, encoding: str, level: int) -> bytes:
+    """Compress a response body with one of the encodings :func:`choose_response_encoding` returns."""
+    if encoding == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=min(max(level, 1), 22)).compress(data)
+    if encoding == "lz4":
+        import lz4.frame
+
+        return bytes(lz4.frame.compress(data))
+    if encoding == "gzip":
+        comp = zlib.compressobj(min(max(level, 0), 9), zlib.DEFLATED, 31)
+        return comp.compress(data) + comp.flush()
+    if encoding == "deflate":
+        return zlib.compress(data, min(max(level, 0), 9))
+    brotli = _brotli()
+    if encoding == "br" and brotli is not None:
+        return bytes(brotli.compress(bytes(data)))
+    raise ValueError(f"unsupported encoding {encoding}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The engine: chDB connections, sessions, per-request settings
+# ----------------------------------------------------------------------------------------------------
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _quote_ident(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def _setting_name(name: str) -> str:
+    if not _SETTING_NAME_RE.match(name):
+        raise ClickHouseError(BAD_ARGUMENTS, f"Invalid setting name: {name!r}")
+    return name
+
+
+@dataclass
+class QueryRequest:
+    """Everything the engine needs from one HTTP request."""
+
+    query_param: str | None = None
+    body: bytes = b""
+    settings: dict[str, str] = field(default_factory=dict)
+    query_params: dict[str, str] = field(default_factory=dict)
+    database: str | None = None
+    default_format: str | None = None
+    session_id: str | None = None
+    session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
+    session_check: bool = False
+    close_session: bool = False
+    readonly: bool = False
+
+
+@dataclass
+class QueryResult:
+    """The outcome of one statement: body bytes (kept alive by ``keepalive``) and summary counters."""
+
+    body: bytes | memoryview
+    output_format: str | None
+    summary: dict[str, str]
+    keepalive: Any = None
+
+
+class _Handle:
+    """One chDB connection plus what this server layered on top of it (request settings, database)."""
+
+    __slots__ = ("conn", "lock", "applied", "saved", "base_db", "cur_db", "last_used", "timeout_s", "sid")
+
+    def __init__(self, conn: Any, default_db: str, sid: str | None = None) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.applied: dict[str, str] = {}
+        self.saved: dict[str, tuple[str, bool]] = {}
+        self.base_db = default_db
+        self.cur_db = default_db
+        self.last_used = time.monotonic()
+        self.timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
+        self.sid = sid
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # closing is best effort
+            logger.debug("error closing chDB connection", exc_info=True)
+
+
+class ChdbEngine:
+    """Single owner of a chDB data directory; runs statements for the HTTP layer.
+
+    chDB allows many connections to the one engine a process hosts, each with its own settings, current
+    database and temporary tables, and runs them concurrently (it releases the GIL). Requests without a
+    ``session_id`` borrow a connection from a small pool; each ClickHouse session gets a connection of its
+    own. URL settings are applied with ``SET`` before the statement and, when a later request on the same
+    connection does not carry them, restored to their previous value, so nothing leaks between requests.
+    """
+
+    def __init__(self, data_dir: str | Path, *, pool_size: int = 4, max_sessions: int = 256) -> None:
+        import chdb  # heavy import, deferred so importing this module stays cheap
+
+        self._chdb = chdb
+        self.data_dir = Path(data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._acquire_dir_lock()
+        self.pool_size = pool_size
+        self.max_sessions = max_sessions
+        self._pool: list[_Handle] = []
+        self._sessions: dict[str, _Handle] = {}
+        self._mutex = threading.Lock()
+        self._idle = threading.Condition(self._mutex)
+        self._inflight = 0
+        self._closing = False
+        self._last_reap = 0.0
+        try:
+            self._anchor = self._chdb.connect(str(self.data_dir))
+            row = self._anchor.query("SELECT version(), timezone(), currentDatabase()", "TabSeparated")
+            self.version, self.timezone, self.default_db = row.bytes().decode().rstrip("\n").split("\t")
+            fmts = self._anchor.query("SELECT name, is_input, is_output FROM system.formats", "JSONEachRow")
+        except Exception:
+            self._release_dir_lock()
+            raise
+        self.input_formats: dict[str, str] = {}
+        self.output_formats: dict[str, str] = {}
+        for line in fmts.bytes().splitlines():
+            rec = json.loads(line)
+            if rec["is_input"]:
+                self.input_formats[rec["name"].lower()] = rec["name"]
+            if rec["is_output"]:
+                self.output_formats[rec["name"].lower()] = rec["name"]
+        logger.info("chDB %s opened at %s (timezone %s)", self.version, self.data_dir, self.timezone)
+
+    # -- data directory ownership ------------------------------------------------------------------
+    def _acquire_dir_lock(self) -> IO[str]:
+        fh = open(self.data_dir / ".chserver.lock", "a+")  # noqa: SIM115 - held for the engine's lifetime
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.close()
+            raise RuntimeError(f"data directory {self.data_dir} is already owned by another process") from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        return fh
+
+    def _release_dir_lock(self) -> None:
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        finally:
+            self._lock_file.close()
+
+    # -- connections ---------------------------------------------------------------------------------
+    def _open(self, sid: str | None = None) -> _Handle:
+        return _Handle(self._chdb.connect(str(self.data_dir)), self.default_db, sid)
+
+    def _acquire(self, req: QueryRequest) -> _Handle:
+        with self._mutex:
+            if self._closing:
+                raise ClickHouseError(ABORTED, "Server is shutting down")
+            self._inflight += 1
+        try:
+            if req.session_id is None:
+                with self._mutex:
+                    handle = self._pool.pop() if self._pool else None
+                if handle is None:
+                    handle = self._open()
+                handle.lock.acquire()
+                return handle
+            return self._acquire_session(req)
+        except BaseException:
+            self._done()
+            raise
+
+    def _acquire_session(self, req: QueryRequest) -> _Handle:
+        assert req.session_id is not None
+        sid = req.session_id
+        with self._mutex:
+            self._reap_locked()
+            handle = self._sessions.get(sid)
+            if handle is None:
+                if req.session_check:
+                    raise ClickHouseError(SESSION_NOT_FOUND, f"Session {sid} not found")
+                if len(self._sessions) >= self.max_sessions:
+                    self._evict_one_locked()
+                handle = self._open(sid)
+                self._sessions[sid] = handle
+            if not handle.lock.acquire(blocking=False):
+                raise ClickHouseError(SESSION_IS_LOCKED, f"Session {sid} is locked by a concurrent client")
+            handle.timeout_s = req.session_timeout_s
+            return handle
+
+    def _release(self, handle: _Handle, *, discard: bool, close_session: bool) -> None:
+        handle.last_used = time.monotonic()
+        handle.lock.release()
+        to_close: _Handle | None = None
+        with self._mutex:
+            if handle.sid is None:
+                if discard or self._closing or len(self._pool) >= self.pool_size:
+                    to_close = handle
+                else:
+                    self._pool.append(handle)
+            elif close_session and self._sessions.get(handle.sid) is handle:
+                del self._sessions[handle.sid]
+                to_close = handle
+        if to_close is not None:
+            to_close.close()
+        self._done()
+
+    def _done(self) -> None:
+        with self._mutex:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.notify_all()
+
+    def _reap_locked(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap < 1.0:
+            return
+        self._last_reap = now
+        for sid, handle in list(self._sessions.items()):
+            if now - handle.last_used > handle.timeout_s and handle.lock.acquire(blocking=False):
+                del self._sessions[sid]
+                handle.lock.release()
+                handle.close()
+                logger.debug("session %s expired", sid)
+
+    def _evict_one_locked(self) -> None:
+        idle = sorted(self._sessions.items(), key=lambda kv: kv[1].last_used)
+        for sid, handle in idle:
+            if handle.lock.acquire(blocking=False):
+                del self._sessions[sid]
+                handle.lock.release()
+                handle.close()
+                logger.info("session %s evicted (max %d sessions)", sid, self.max_sessions)
+                return
+        raise ClickHouseError(TOO_MANY_SIMULTANEOUS_QUERIES, f"Too many sessions ({self.max_sessions})")
+
+    @property
+    def session_count(self) -> int:
+        """Number of open ClickHouse sessions."""
+        with self._mutex:
+            return len(self._sessions)
+
+    # -- settings overlay ----------------------------------------------------------------------------
+    def _snapshot(self, handle: _Handle, names: list[str]) -> None:
+        in_list = ", ".join(_quote_literal(n) for n in names)
+        res = handle.conn.query(
+            f"SELECT name, value, changed FROM system.settings WHERE name IN ({in_list})", "JSONEachRow"
+        )
+        for line in res.bytes().splitlines():
+            rec = json.loads(line)
+            handle.saved[rec["name"]] = (rec["value"], bool(rec["changed"]))
+        for name in names:
+            handle.saved.setdefault(name, ("", False))
+
+    @staticmethod
+    def _restore_expr(name: str, saved: tuple[str, bool]) -> str:
+        value, changed = saved
+        if not changed:
+            return f"{name} = DEFAULT"
+        literal = value if len(value) >= 2 and value[0] == value[-1] == "'" else _quote_literal(value)
+        return f"{name} = {literal}"
+
+    def _reset_overlay(self, handle: _Handle) -> None:
+        """Undo every request-level setting on this connection (individually, best effort)."""
+        for name in list(handle.applied):
+            try:
+                handle.conn.query(f"SET {self._restore_expr(name, handle.saved[name])}", "TabSeparated")
+            except RuntimeError:
+                logger.debug("could not restore setting %s", name, exc_info=True)
+        handle.applied.clear()
+        handle.saved.clear()
+
+    def _prepare(self, handle: _Handle, settings: Mapping[str, str], database: str | None) -> None:
+        target_db = database or handle.base_db
+        if target_db != handle.cur_db:
+            try:
+                handle.conn.query(f"USE {_quote_ident(target_db)}", "TabSeparated")
+            except RuntimeError as exc:
+                raise ClickHouseError.from_engine(exc) from None
+            handle.cur_db = target_db
+        stale = [n for n in handle.applied if n not in settings]
+        new = {_setting_name(k): v for k, v in settings.items() if handle.applied.get(k) != v}
+        if not new and not stale:
+            return
+        try:
+            missing = [n for n in new if n not in handle.saved]
+            if missing:
+                self._snapshot(handle, missing)
+            changes = [self._restore_expr(n, handle.saved[n]) for n in stale]
+            changes += [f"{k} = {_quote_literal(v)}" for k, v in new.items()]
+            handle.conn.query("SET " + ", ".join(changes), "TabSeparated")
+        except RuntimeError as exc:
+            for name in new:
+                handle.applied[name] = "\0"  # state unknown: make the reset below restore it
+                handle.saved.setdefault(name, ("", False))
+            self._reset_overlay(handle)
+            raise ClickHouseError.from_engine(exc) from None
+        for name in stale:
+            del handle.applied[name]
+            del handle.saved[name]
+        handle.applied.update(new)
+
+    # -- execution -----------------------------------------------------------------------------------
+    def execute(self, req: QueryRequest) -> QueryResult:
+        """Run the statement of one request; raises :class:`ClickHouseError` on failure."""
+        stmt = parse_statement(req.query_param, req.body, self.input_formats, self.output_formats)
+        settings = dict(req.settings)
+        readonly = req.readonly or settings.pop("readonly", "0") not in ("0", "")
+        if readonly and stmt.kind not in _READ_ONLY_KINDS:
+            raise ClickHouseError(
+                READONLY,
+                "Cannot execute query in readonly mode. For queries over HTTP, method GET implies readonly. "
+                "You should use method POST for modifying queries",
+            )
+        changes_state = stmt.kind in ("SET", "USE") or stmt.temporary
+        handle = self._acquire(req)
+        discard = False
+        try:
+            if stmt.kind == "SET":
+                self._reset_overlay(handle)
+                if req.database and req.database != handle.cur_db:
+                    self._prepare(handle, {}, req.database)
+            else:
+                self._prepare(handle, settings, req.database)
+            result = self._run(handle, stmt, req)
+            if stmt.kind == "USE":
+                row = handle.conn.query("SELECT currentDatabase()", "TabSeparated")
+                handle.cur_db = handle.base_db = row.bytes().decode().strip()
+            discard = changes_state and handle.sid is None
+            return result
+        except BaseException:
+            discard = handle.sid is None and changes_state
+            raise
+        finally:
+            self._release(handle, discard=discard, close_session=req.close_session)
+
+    def _run(self, handle: _Handle, stmt: Statement, req: QueryRequest) -> QueryResult:
+        started = time.perf_counter_ns()
+        if stmt.insert_format is not None:
+            try:
+                inserter = handle.conn.send_insert(stmt.sql, stmt.insert_format)
+            except RuntimeError as exc:
+                raise ClickHouseError.from_engine(exc) from None
+            try:
+                if stmt.data:
+                    inserter.append(stmt.data)
+                done = inserter.finish()
+            except RuntimeError as exc:
+                try:
+                    inserter.cancel()
+                except RuntimeError:
+                    logger.debug("cancel after failed insert", exc_info=True)
+                raise ClickHouseError.from_engine(exc) from None
+            elapsed = time.perf_counter_ns() - started
+            rows, nbytes = str(done.rows_written), str(done.bytes_written)
+            summary = _summary(rows, nbytes, rows, nbytes, rows, nbytes, elapsed)
+            return QueryResult(b"", None, summary)
+        fmt = stmt.output_format or req.default_format or DEFAULT_FORMAT
+        try:
+            res = handle.conn.query(stmt.sql, fmt, params=req.query_params or None)
+        except RuntimeError as exc:
+            raise ClickHouseError.from_engine(exc) from None
+        wrapper = res.get_memview() if res.size() else None
+        body: bytes | memoryview = wrapper.view() if wrapper is not None else b""
+        elapsed = time.perf_counter_ns() - started
+        produces = stmt.output_format is not None or stmt.kind in _RESULT_KINDS
+        summary = _summary(
+            str(res.rows_read()),
+            str(res.bytes_read()),
+            str(res.rows_written()),
+            str(res.bytes_written()),
+            "0",
+            str(len(body)),
+            elapsed,
+        )
+        return QueryResult(body, fmt if produces else None, summary, keepalive=(res, wrapper))
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new statements, wait for running ones (up to ``timeout_s``), close every connection."""
+        with self._mutex:
+            self._closing = True
+            deadline = time.monotonic() + timeout_s
+            while self._inflight > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("closing chDB with %d statement(s) still running", self._inflight)
+                    break
+                self._idle.wait(remaining)
+            handles = self._pool + list(self._sessions.values())
+            self._pool, self._sessions = [], {}
+        for handle in handles:
+            handle.close()
+        try:
+            self._anchor.close()
+        finally:
+            self._release_dir_lock()
+        logger.info("chDB at %s closed", self.data_dir)
+
+
+def _summary(
+    read_rows: str,
+    read_bytes: str,
+    written_rows: str,
+    written_bytes: str,
+    result_rows: str,
+    result_bytes: str,
+    ns: int,
+) -> dict[str, str]:
+    return {
+        "read_rows": read_rows,
+        "read_bytes": read_bytes,
+        "written_rows": written_rows,
+        "written_bytes": written_bytes,
+        "total_rows_to_read": read_rows,
+        "result_rows": result_rows,
+        "result_bytes": result_bytes,
+        "elapsed_ns": str(ns),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# HTTP layer
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Credentials:
+    """The one user this endpoint accepts (ClickHouse's ``default`` user, typically)."""
+
+    user: str
+    password: str
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "clickpulse-chserver"
+
+    def version_string(self) -> str:
+        """The ``Server`` response header."""
+        return self.server_version
+
+    timeout = KEEP_ALIVE_TIMEOUT_S
+    server: _HTTPServer
+
+    # ------------------------------------------------------------------ plumbing
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        logger.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        self._dispatch()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def _send(self, status: int, body: bytes | memoryview, headers: Mapping[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("X-ClickHouse-Server-Display-Name", self.server.display_name)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.server.stopping.is_set():
+            self.close_connection = True
+        self.send_header("Connection", "close" if self.close_connection else "Keep-Alive")
+        if not self.close_connection:
+            self.send_header("Keep-Alive", f"timeout={KEEP_ALIVE_TIMEOUT_S}")
+        self.end_headers()
+        if self.command != "HEAD" and len(body):
+            self.wfile.write(body)
+
+    def _send_error(self, err: ClickHouseError, extra: Mapping[str, str] | None = None) -> None:
+        body = (err.text(self.server.engine.version) + "\n").encode()
+        headers = {"Content-Type": "text/plain; charset=UTF-8", "X-ClickHouse-Exception-Code": str(err.code)}
+        if err.code == REQUIRED_PASSWORD:
+            headers["WWW-Authenticate"] = 'Basic realm="ClickHouse server HTTP API"'
+        headers.update(extra or {})
+        self._send(err.http_status, body, headers)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks: list[bytes] = []
+            while True:
+                line = self.rfile.readline(65537)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    self.close_connection = True
+                    raise ClickHouseError(BAD_ARGUMENTS, "Malformed chunked request body") from None
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                chunk = self.rfile.read(size)
+                if len(chunk) != size:
+                    self.close_connection = True
+                    raise ClickHouseError(BAD_ARGUMENTS, "Truncated chunked request body")
+                chunks.append(chunk)
+                self.rfile.readline(3)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        data = self.rfile.read(length) if length > 0 else b""
+        if len(data) != length:
+            self.close_connection = True
+            raise ClickHouseError(BAD_ARGUMENTS, "Truncated request body")
+        return data
+
+    # ------------------------------------------------------------------ auth
+    def _authenticate(self, params: Mapping[str, str]) -> None:
+        expected = self.server.credentials
+        if expected is None:
+            return
+        hdr_user = self.headers.get("X-ClickHouse-User", "")
+        hdr_key = self.headers.get("X-ClickHouse-Key", "")
+        auth = self.headers.get("Authorization", "")
+        in_params = "user" in params or "password" in params
+        if hdr_user or hdr_key:
+            if auth or in_params:
+                raise ClickHouseError(
+                    AUTHENTICATION_FAILED,
+                    "Invalid authentication: it is not allowed to use X-ClickHouse HTTP headers and other "
+                    "authentication methods simultaneously",
+                )
+            user, password = hdr_user or "default", hdr_key
+        elif auth:
+            if in_params:
+                raise ClickHouseError(
+                    AUTHENTICATION_FAILED,
+                    "Invalid authentication: it is not allowed to use Authorization HTTP header and "
+                    "authentication via parameters simultaneously",
+                )
+            scheme, _, info = auth.partition(" ")
+            if scheme.lower() != "basic":
+                raise ClickHouseError(
+                    AUTHENTICATION_FAILED,
+                    f"Invalid authentication: '{scheme}' HTTP Authorization scheme is not supported",
+                )
+            try:
+                user, _, password = base64.b64decode(info.strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise ClickHouseError(
+                    AUTHENTICATION_FAILED, "Invalid authentication: malformed Basic credentials"
+                ) from None
+        elif in_params:
+            user, password = params.get("user", "default"), params.get("password", "")
+        else:
+            raise ClickHouseError(
+                REQUIRED_PASSWORD,
+                "Authentication required: send a user and password (HTTP basic auth, X-ClickHouse-User/"
+                "X-ClickHouse-Key headers or user/password parameters)",
+            )
+        ok_user = hmac.compare_digest(user.encode(), expected.user.encode())
+        ok_pass = hmac.compare_digest(password.encode(), expected.password.encode())
+        if not (ok_user and ok_pass):
+            raise ClickHouseError(
+                AUTHENTICATION_FAILED,
+                f"{user}: Authentication failed: password is incorrect, or there is no user with such name.",
+            )
+
+    # ------------------------------------------------------------------ requests
+    def _dispatch(self) -> None:
+        started = time.perf_counter()
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        if path in ("/ping", "/replicas_status") or (
+            path == "/" and self.command != "POST" and not url.query
+        ):
+            if self.command == "POST":
+                self._read_body()
+            self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
+            return
+        if path not in ("/", "/query"):
+            self.close_connection = True
+            msg = f"There is no handle {url.path}\n\nUse / or /ping for health checks.\n".encode()
+            self._send(404, msg, {"Content-Type": "text/plain; charset=UTF-8"})
+            return
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        query_id = params.get("query_id") or self.headers.get("X-ClickHouse-Query-Id") or str(uuid.uuid4())
+        ids = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": self.server.engine.timezone}
+        try:
+            try:
+                self._authenticate(params)
+            except ClickHouseError:
+                self.close_connection = True  # the body was not read
+                raise
+            result, encoding = self._query(params)
+        except ClickHouseError as err:
+            logger.info("query %s failed: %s", query_id, err.text(self.server.engine.version))
+            self._send_error(err, ids)
+            return
+        except Exception:
+            logger.exception("query %s: internal error", query_id)
+            self._send_error(ClickHouseError(STD_EXCEPTION, "Internal error in the embedded endpoint"), ids)
+            return
+        headers = {
+            **ids,
+            "X-ClickHouse-Summary": json.dumps(result.summary, separators=(",", ":")),
+        }
+        fmt = result.output_format
+        if fmt is not None:
+            headers["X-ClickHouse-Format"] = fmt
+            headers["Content-Type"] = _CONTENT_TYPES.get(fmt.lower(), "text/plain; charset=UTF-8")
+        else:
+            headers["Content-Type"] = "text/plain; charset=UTF-8"
+        body: bytes | memoryview = result.body
+        if encoding and len(body):
+            level = int(params.get("http_zlib_compression_level") or 3)
+            body = compress_body(body, encoding, level)
+            headers["Content-Encoding"] = encoding
+        self._send(200, body, headers)
+        logger.debug(
+            "query %s ok: %s bytes in %.1f ms", query_id, len(body), (time.perf_counter() - started) * 1000
+        )
+
+    def _query(self, params: dict[str, str]) -> tuple[QueryResult, str | None]:
+        req = QueryRequest(readonly=self.command in ("GET", "HEAD"))
+        body = self._read_body() if self.command == "POST" else b""
+        if _truthy(params.get("decompress")) or _truthy(params.get("compress")):
+            raise ClickHouseError(
+                NOT_IMPLEMENTED,
+                "ClickHouse-native block compression (compress/decompress=1) is not supported",
+            )
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.lower().startswith("multipart/form-data"):
+            params = {**params, **self._form_fields(ctype, body)}
+            body = b""
+        else:
+            body = decompress_body(body, self.headers.get("Content-Encoding", ""))
+        req.query_param = params.get("query")
+        req.body = body
+        req.database = self.headers.get("X-ClickHouse-Database") or params.get("database") or None
+        req.default_format = self.headers.get("X-ClickHouse-Format") or params.get("default_format") or None
+        if req.default_format:
+            req.default_format = self.server.engine.output_formats.get(
+                req.default_format.lower(), req.default_format
+            )
+        req.session_id = params.get("session_id") or None
+        if req.session_id is not None:
+            raw_timeout = params.get("session_timeout")
+            if raw_timeout:
+                if not raw_timeout.isdigit():
+                    raise ClickHouseError(
+                        INVALID_SESSION_TIMEOUT, f"Invalid session timeout: '{raw_timeout}'"
+                    )
+                if int(raw_timeout) > MAX_SESSION_TIMEOUT_S:
+                    raise ClickHouseError(
+                        INVALID_SESSION_TIMEOUT,
+                        f"Session timeout '{raw_timeout}' is larger than max_session_timeout: "
+                        f"{MAX_SESSION_TIMEOUT_S}",
+                    )
+                req.session_timeout_s = int(raw_timeout)
+            req.session_check = _truthy(params.get("session_check"))
+            req.close_session = _truthy(params.get("close_session"))
+        for key, value in params.items():
+            if key.startswith("param_"):
+                req.query_params[key[len("param_") :]] = value
+            elif (
+                key
+                and key not in _RESERVED_PARAMS
+                and key not in _TRANSPORT_SETTINGS
+                and not key.startswith("http_")
+            ):
+                req.settings[key] = value
+        result = self.server.engine.execute(req)
+        encoding = None
+        if params.get("enable_http_compression", "1").strip().lower() not in ("0", "false"):
+            encoding = choose_response_encoding(self.headers.get("Accept-Encoding", ""))
+        return result, encoding
+
+    @staticmethod
+    def _form_fields(ctype: str, body: bytes) -> dict[str, str]:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + body
+        )
+        fields: dict[str, str] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if not isinstance(name, str):
+                continue
+            if part.get_filename() is not None and name != "query" and not name.startswith("param_"):
+                raise ClickHouseError(
+                    NOT_IMPLEMENTED, "External data (multipart file parts) is not supported"
+                )
+            payload = part.get_payload(decode=True)
+            fields[name] = payload.decode() if isinstance(payload, bytes) else str(part.get_payload())
+        return fields
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        engine: ChdbEngine,
+        credentials: Credentials | None,
+        display_name: str,
+    ) -> None:
+        self.engine = engine
+        self.credentials = credentials
+        self.display_name = display_name
+        self.stopping = threading.Event()
+        super().__init__(address, _Handler)
+
+
+class ChServer:
+    """The endpoint: a :class:`ChdbEngine` behind a threaded HTTP server.
+
+    Use :meth:`start` / :meth:`stop` to run it in the background (tests), or :meth:`serve_forever` in the
+    foreground. :meth:`stop` stops accepting, waits for running statements, closes chDB.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        data_dir: str | Path,
+        *,
+        credentials: Credentials | None = None,
+        display_name: str | None = None,
+    ) -> None:
+        self.engine = ChdbEngine(data_dir)
+        try:
+            self.httpd = _HTTPServer(
+                (host, port), self.engine, credentials, display_name or socket.gethostname()
+            )
+        except BaseException:
+            self.engine.close()
+            raise
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        return int(self.httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of this endpoint."""
+        host = self.httpd.server_address[0]
+        return f"http://{host if isinstance(host, str) else host.decode()}:{self.port}"
+
+    def serve_forever(self) -> None:
+        """Serve requests in the calling thread until :meth:`stop` is called from another thread."""
+        logger.info("ClickHouse HTTP endpoint listening on %s (data dir %s)", self.url, self.engine.data_dir)
+        self.httpd.serve_forever(poll_interval=0.2)
+
+    def start(self) -> ChServer:
+        """Serve in a background thread; returns ``self``."""
+        self._thread = threading.Thread(target=self.serve_forever, name="chserver", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        """True while the background serving thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting connections, finish running statements, close the chDB engine. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.httpd.stopping.set()
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(timeout_s)
+        self.httpd.server_close()
+        self.engine.close(timeout_s)
+
+
+def serve(
+    host: str,
+    port: int,
+    data_dir: str | Path,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    display_name: str | None = None,
+) -> ChServer:
+    """Start the endpoint in a background thread of this process and return it (call ``.stop()``).
+
+    ``user``/``password``: when either is given, requests must authenticate as that user (``user``
+    defaults to ``default``, ``password`` to empty).
+    """
+    creds = None
+    if user is not None or password is not None:
+        creds = Credentials(user or "default", password or "")
+    return ChServer(host, port, data_dir, credentials=creds, display_name=display_name).start()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m connectors.chserver",
+        description="Serve a chDB data directory on ClickHouse's HTTP interface (its single owner).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8123, help="TCP port (default 8123; 0 picks a free port)")
+    p.add_argument("--data-dir", required=True, help="chDB data directory (created if missing)")
+    p.add_argument("--log-file", help="append logs to this file instead of stderr")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--user", help="require this user (default: no authentication)")
+    p.add_argument("--password-env", help="name of the environment variable holding the password")
+    p.add_argument("--port-file", help="write the bound port to this file once listening")
+    p.add_argument("--display-name", help="X-ClickHouse-Server-Display-Name (default: host name)")
+    return p
+
+
+def _setup_logging(log_file: str | None, level: str) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code (0 after a clean SIGTERM/SIGINT shutdown)."""
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_file, args.log_level)
+    creds: Credentials | None = None
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            logger.error("environment variable %s (--password-env) is not set", args.password_env)
+            return 2
+        creds = Credentials(args.user or "default", password)
+    elif args.user:
+        creds = Credentials(args.user, "")
+    try:
+        server = ChServer(
+            args.host, args.port, args.data_dir, credentials=creds, display_name=args.display_name
+        )
+    except (OSError, RuntimeError) as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous: dict[signal.Signals, Callable[..., Any] | int | None] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, _on_signal)
+    try:
+        server.start()
+        if args.port_file:
+            Path(args.port_file).write_text(f"{server.port}\n")
+        while not stop.wait(0.5):
+            if not server.running:
+                logger.error("HTTP server thread died")
+                break
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("stopped")
+    return 0 if stop.is_set() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The embedded ClickHouse endpoint (``python -m connectors.chserver``) against real clients.
+
+Starts the server as a subprocess on a free loopback port (once without and once with authentication) and
+drives it with clickhouse-connect (default settings: compression on, sessions on), urllib and curl.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import zstandard
+from clickhouse_connect.driver.exceptions import DatabaseError
+from clickhouse_connect.driver.summary import QuerySummary
+
+from connectors.clickhouse import client_from_url, redact_url, wait_healthy
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "s3cret:with@odd/chars"
+
+
+@dataclass
+class Endpoint:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_file: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Endpoint:
+    port = _free_port()
+    log_file = tmp / "chserver.log"
+    cmd = [sys.executable, "-m", "connectors.chserver", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--data-dir", str(tmp / "data"), "--log-file", str(log_file), *extra]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 60)
+    except TimeoutError:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"server did not start: {err.decode()[-2000:]}") from None
+    return Endpoint(url, port, proc, log_file)
+
+
+def _stop(ep: Endpoint) -> None:
+    if ep.proc.poll() is None:
+        ep.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = ep.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        ep.proc.kill()
+        ep.proc.wait(timeout=10)
+        raise AssertionError("server did not stop within 30s of SIGTERM") from None
+    assert rc == 0, f"server exited with {rc}: {ep.log_file.read_text()[-2000:]}"
+    assert "chDB at" in ep.log_file.read_text() and "closed" in ep.log_file.read_text()
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    ep = _start(tmp_path_factory.mktemp("chserver"))
+    yield ep
+    _stop(ep)
+
+
+@pytest.fixture(scope="module")
+def auth_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    ep = _start(
+        tmp_path_factory.mktemp("chserver_auth"),
+        "--user",
+        "loader",
+        "--password-env",
+        "CHSERVER_TEST_PASSWORD",
+        env={"CHSERVER_TEST_PASSWORD": PASSWORD},
+    )
+    yield ep
+    _stop(ep)
+
+
+def _http(
+    url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) without raising on HTTP errors."""
+    req = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _q(endpoint: Endpoint, sql: str, **params: str) -> str:
+    return f"{endpoint.url}/?" + urllib.parse.urlencode({"query": sql, **params})
+
+
+# ------------------------------------------------------------------------------------------ plain HTTP
+def test_ping_root_and_get_query(endpoint: Endpoint) -> None:
+    assert _http(f"{endpoint.url}/ping")[2] == b"Ok.\n"
+    assert _http(f"{endpoint.url}/")[2] == b"Ok.\n"
+    status, headers, body = _http(f"{endpoint.url}/?query=SELECT%201")
+    assert (status, body) == (200, b"1\n")
+    assert headers["X-ClickHouse-Format"] == "TabSeparated"
+    assert headers["X-ClickHouse-Timezone"] in ("UTC", "Etc/UTC")
+    assert headers["X-ClickHouse-Query-Id"]
+    assert headers["X-ClickHouse-Server-Display-Name"]
+    assert json.loads(headers["X-ClickHouse-Summary"])["read_rows"] == "1"
+    # query in the POST body, and the query parameter + body joined with a newline like ClickHouse does
+    assert _http(f"{endpoint.url}/", data=b"SELECT 1 + 1")[2] == b"2\n"
+    assert _http(_q(endpoint, "SELECT"), data=b"40 + 2 AS x FORMAT JSONEachRow")[2] == b'{"x":42}\n'
+    # settings and query parameters in the URL apply to that request only
+    got = _http(
+        _q(endpoint, "SELECT getSetting('max_block_size'), {n:UInt8}", max_block_size="777", param_n="5")
+    )
+    assert got[2] == b"777\t5\n"
+    assert _http(_q(endpoint, "SELECT getSetting('max_block_size') = 777"))[2] == b"0\n"
+    # GET implies readonly, as on ClickHouse
+    status, headers, body = _http(_q(endpoint, "CREATE TABLE nope_ro (a UInt8) ENGINE = Memory"))
+    assert status != 200 and headers["X-ClickHouse-Exception-Code"] == "164"
+    assert _http(f"{endpoint.url}/nowhere")[0] == 404
+
+
+def test_curl_binary(endpoint: Endpoint) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    out = subprocess.run([curl, "-sS", f"{endpoint.url}/?query=SELECT%201"], capture_output=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == b"1\n"
+    out = subprocess.run(
+        [curl, "-sS", "--compressed", "--data-binary", "SELECT number FROM numbers(3)", f"{endpoint.url}/"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.stdout == b"0\n1\n2\n"
+
+
+def test_http_compression_both_ways(endpoint: Endpoint) -> None:
+    status, headers, body = _http(
+        _q(endpoint, "SELECT count() FROM numbers(1000)"), headers={"Accept-Encoding": "gzip, zstd"}
+    )
+    assert headers["Content-Encoding"] == "zstd"
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(body) == b"1000\n"
+    status, headers, body = _http(
+        _q(endpoint, "SELECT 7", enable_http_compression="0"), headers={"Accept-Encoding": "gzip"}
+    )
+    assert "Content-Encoding" not in headers and body == b"7\n"
+    status, _, body = _http(
+        f"{endpoint.url}/", data=gzip.compress(b"SELECT 'gz'"), headers={"Content-Encoding": "gzip"}
+    )
+    assert (status, body) == (200, b"gz\n")
+
+
+# ---------------------------------------------------------------------------------- clickhouse-connect
+def test_rollup_mv_from_insert_arrow_matches_python(endpoint: Endpoint) -> None:
+    client = client_from_url(endpoint.url)  # default settings: compression and sessions on
+    assert client.compression  # the client negotiated response compression
+    client.command("CREATE DATABASE IF NOT EXISTS rollup_test")
+    db = client_from_url(endpoint.url + "/rollup_test")
+    db.command(
+        "CREATE TABLE events (ts DateTime, user_id String, event LowCardinality(String)) "
+        "ENGINE = MergeTree ORDER BY (event, ts)"
+    )
+    db.command(
+        "CREATE TABLE per_minute (minute DateTime, event LowCardinality(String), "
+        "events AggregateFunction(count), users AggregateFunction(uniqExact, String)) "
+        "ENGINE = AggregatingMergeTree ORDER BY (minute, event)"
+    )
+    db.command(
+        "CREATE MATERIALIZED VIEW per_minute_mv TO per_minute AS "
+        "SELECT toStartOfMinute(ts) AS minute, event, countState() AS events, "
+        "uniqExactState(user_id) AS users FROM events GROUP BY minute, event"
+    )
+    rng = random.Random(7)
+    n = 100_000
+    t0 = datetime(2026, 11, 22, 20, 0, tzinfo=UTC)
+    ts = [t0 + timedelta(seconds=rng.randrange(3600)) for _ in range(n)]
+    users = [f"u{rng.randrange(5000)}" for _ in range(n)]
+    names = [
+        rng.choice(["Page Viewed", "Product Viewed", "Product Added", "Order Completed"]) for _ in range(n)
+    ]
+    table = pa.table(
+        {
+            "ts": pa.array(ts, pa.timestamp("s", tz="UTC")),
+            "user_id": pa.array(users),
+            "event": pa.array(names),
+        }
+    )
+    started = time.perf_counter()
+    summary = db.insert_arrow("events", table)
+    elapsed = time.perf_counter() - started
+    print(f"insert_arrow: {n} rows in {elapsed:.3f}s = {n / elapsed:,.0f} rows/s (compression on)")
+    assert summary.written_rows >= n
+
+    expected_count: collections.Counter[tuple[datetime, str]] = collections.Counter()
+    expected_users: dict[tuple[datetime, str], set[str]] = collections.defaultdict(set)
+    for t, u, e in zip(ts, users, names, strict=True):
+        key = (t.replace(second=0, tzinfo=None), e)
+        expected_count[key] += 1
+        expected_users[key].add(u)
+    rows = db.query(
+        "SELECT minute, event, countMerge(events), uniqExactMerge(users) "
+        "FROM per_minute GROUP BY minute, event"
+    ).result_rows
+    got = {(m, e): (c, u) for m, e, c, u in rows}
+    assert got == {k: (expected_count[k], len(expected_users[k])) for k in expected_count}
+
+    arrow = db.query_arrow("SELECT event, count() AS c FROM events GROUP BY event ORDER BY event")
+    assert arrow.column_names == ["event", "c"]
+    assert dict(zip(arrow["event"].to_pylist(), arrow["c"].to_pylist(), strict=True)) == dict(
+        collections.Counter(names)
+    )
+
+
+def test_command_insert_native_and_query(endpoint: Endpoint) -> None:
+    client = client_from_url(endpoint.url)
+    assert client.command("SELECT 40 + 2") == 42
+    assert isinstance(
+        client.command(
+            "CREATE TABLE native_t (id UInt32, name String, tag LowCardinality(String), at DateTime) "
+            "ENGINE = MergeTree ORDER BY id"
+        ),
+        QuerySummary,
+    )
+    rows = [[i, f"name-{i}", f"tag{i % 3}", datetime(2026, 1, 1, 0, 0, i % 60)] for i in range(1000)]
+    summary = client.insert("native_t", rows, column_names=["id", "name", "tag", "at"])
+    assert summary.written_rows == 1000
+    assert client.command("SELECT count() FROM native_t") == 1000
+    back = client.query("SELECT id, name, tag, at FROM native_t ORDER BY id").result_rows
+    assert [list(r) for r in back] == rows
+    df = client.query_df("SELECT id FROM native_t WHERE id < 3 ORDER BY id")
+    assert df["id"].tolist() == [0, 1, 2]
+
+
+def test_session_settings_persist_and_url_settings_do_not_leak(endpoint: Endpoint) -> None:
+    a = client_from_url(endpoint.url)
+    b = client_from_url(endpoint.url)
+    a.command("SET max_block_size = 1234")
+    a.command("CREATE TEMPORARY TABLE tmp_a (x UInt8)")
+    assert a.command("SELECT getSetting('max_block_size')") == 1234
+    assert a.command("SELECT getSetting('max_block_size')", settings={"max_block_size": 777}) == 777
+    assert a.command("SELECT getSetting('max_block_size')") == 1234  # back to the session's value
+    assert b.command("SELECT getSetting('max_block_size')") != 1234  # other session untouched
+    assert a.command("EXISTS TEMPORARY TABLE tmp_a") == 1
+    assert b.command("EXISTS TEMPORARY TABLE tmp_a") == 0
+
+
+def test_concurrent_clients(endpoint: Endpoint) -> None:
+    setup = client_from_url(endpoint.url)
+    setup.command(
+        "CREATE TABLE conc (writer UInt8, seq UInt32, v UInt64) ENGINE = MergeTree ORDER BY (writer, seq)"
+    )
+    errors: list[BaseException] = []
+    batches, per_batch = 8, 5_000
+
+    def work(writer: int) -> None:
+        try:
+            c = client_from_url(endpoint.url)
+            for b in range(batches):
+                seq = pa.array(range(b * per_batch, (b + 1) * per_batch), pa.uint32())
+                tbl = pa.table(
+                    {
+                        "writer": pa.array([writer] * per_batch, pa.uint8()),
+                        "seq": seq,
+                        "v": pa.compute.cast(seq, pa.uint64()),
+                    }
+                )
+                c.insert_arrow("conc", tbl)
+                got = c.query(
+                    "SELECT count(), sum(v) FROM conc WHERE writer = {w:UInt8}", parameters={"w": writer}
+                )
+                n = (b + 1) * per_batch
+                assert got.result_rows[0] == (n, n * (n - 1) // 2)
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert setup.command("SELECT count() FROM conc") == 2 * batches * per_batch
+
+
+def test_errors_are_clickhouse_errors_and_server_survives(endpoint: Endpoint) -> None:
+    client = client_from_url(endpoint.url)
+    with pytest.raises(DatabaseError) as info:
+        client.query("SELECT * FROM no_such_table")
+    assert "Code: 60" in str(info.value) and "UNKNOWN_TABLE" in str(info.value)
+    with pytest.raises(DatabaseError, match="SYNTAX_ERROR"):
+        client.command("SELEKT 1")
+
+    status, headers, body = _http(f"{endpoint.url}/", data=b"SELEKT 1")
+    assert status == 400 and headers["X-ClickHouse-Exception-Code"] == "62"
+    assert body.startswith(b"Code: 62. DB::Exception: ") and b"(SYNTAX_ERROR)" in body
+    status, headers, body = _http(f"{endpoint.url}/", data=b"SELECT * FROM no_such_table")
+    assert status == 404 and headers["X-ClickHouse-Exception-Code"] == "60"
+    status, headers, _ = _http(f"{endpoint.url}/", data=b"SELECT 1; SELECT 2")
+    assert status != 200 and headers["X-ClickHouse-Exception-Code"] == "62"
+    # a failed insert leaves the connection usable
+    status, _, _ = _http(_q(endpoint, "INSERT INTO no_such_table FORMAT CSV"), data=b"1,2\n")
+    assert status == 404
+    assert _http(_q(endpoint, "SELECT 1"))[2] == b"1\n"
+    assert client.command("SELECT 1") == 1
+
+
+def test_insert_deduplication_token(endpoint: Endpoint) -> None:
+    client = client_from_url(endpoint.url)
+    client.command(
+        "CREATE TABLE dedup (k UInt32) ENGINE = MergeTree ORDER BY k "
+        "SETTINGS non_replicated_deduplication_window = 100"
+    )
+
+    def batch(start: int) -> pa.Table:
+        return pa.table({"k": pa.array(range(start, start + 1000), pa.uint32())})
+
+    client.insert_arrow("dedup", batch(0), settings={"insert_deduplication_token": "load-p0-o0"})
+    client.insert_arrow("dedup", batch(0), settings={"insert_deduplication_token": "load-p0-o0"})  # a retry
+    assert client.command("SELECT count() FROM dedup") == 1000
+    client.insert_arrow("dedup", batch(1000), settings={"insert_deduplication_token": "load-p0-o1"})
+    assert client.command("SELECT count() FROM dedup") == 2000
+    # the token must not stick to later inserts of the same session
+    client.insert_arrow("dedup", batch(2000))
+    client.insert_arrow("dedup", batch(3000))
+    assert client.command("SELECT count() FROM dedup") == 4000
+
+
+# ------------------------------------------------------------------------------------------------ auth
+def test_auth_off_accepts_anyone(endpoint: Endpoint) -> None:
+    assert _http(_q(endpoint, "SELECT 1"))[0] == 200
+
+
+def test_auth_on(auth_endpoint: Endpoint) -> None:
+    ep = auth_endpoint
+    assert _http(f"{ep.url}/ping")[2] == b"Ok.\n"  # health checks need no credentials
+    status, headers, _ = _http(_q(ep, "SELECT 1"))
+    assert status == 401 and headers["X-ClickHouse-Exception-Code"] == "194"
+    status, headers, body = _http(_q(ep, "SELECT 1", user="loader", password="wrong"))
+    assert (
+        status == 403 and headers["X-ClickHouse-Exception-Code"] == "516" and b"AUTHENTICATION_FAILED" in body
+    )
+
+    assert _http(_q(ep, "SELECT 1", user="loader", password=PASSWORD))[2] == b"1\n"
+    assert (
+        _http(_q(ep, "SELECT 2"), headers={"X-ClickHouse-User": "loader", "X-ClickHouse-Key": PASSWORD})[2]
+        == b"2\n"
+    )
+    basic = base64.b64encode(f"loader:{PASSWORD}".encode()).decode()
+    assert _http(_q(ep, "SELECT 3"), headers={"Authorization": f"Basic {basic}"})[2] == b"3\n"
+
+    quoted = urllib.parse.quote(PASSWORD, safe="")
+    url = f"http://loader:{quoted}@127.0.0.1:{ep.port}"
+    assert "***" in redact_url(url) and quoted not in redact_url(url)
+    assert client_from_url(url).command("SELECT 4") == 4
+    with pytest.raises(DatabaseError, match="516"):
+        client_from_url(f"http://loader:nope@127.0.0.1:{ep.port}")
