@@ -33,6 +33,7 @@ import zstandard
 from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.summary import QuerySummary
 
+from connectors.chserver import ClickHouseError, parse_statement
 from connectors.clickhouse import client_from_url, redact_url, wait_healthy
 
 pytestmark = pytest.mark.integration
@@ -387,3 +388,75 @@ def test_auth_on(auth_endpoint: Endpoint) -> None:
     assert client_from_url(url).command("SELECT 4") == 4
     with pytest.raises(DatabaseError, match="516"):
         client_from_url(f"http://loader:nope@127.0.0.1:{ep.port}")
+
+
+# ------------------------------------------------------------------------------------------- lifecycle
+def test_data_dir_has_a_single_owner(endpoint: Endpoint) -> None:
+    data_dir = endpoint.log_file.parent / "data"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "connectors.chserver",
+            "--port",
+            str(_free_port()),
+            "--data-dir",
+            str(data_dir),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and b"already owned" in proc.stderr
+    assert _http(_q(endpoint, "SELECT 1"))[2] == b"1\n"  # the owner is unaffected
+
+
+def test_sigterm_finishes_running_query_then_exits_cleanly(tmp_path: Path) -> None:
+    ep = _start(tmp_path)
+    result: dict[str, object] = {}
+
+    def slow() -> None:
+        result["rows"] = (
+            client_from_url(ep.url).query("SELECT sum(sleepEachRow(0.3)) FROM numbers(4)").result_rows
+        )
+
+    client_from_url(ep.url)  # connect before the signal
+    worker = threading.Thread(target=slow)
+    worker.start()
+    time.sleep(0.4)
+    ep.proc.send_signal(signal.SIGTERM)
+    worker.join(30)
+    assert result.get("rows") == [(0,)]
+    _stop(ep)  # exit code 0, chDB closed
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{ep.url}/ping", timeout=5)
+
+
+def test_wait_healthy_times_out_on_a_closed_port() -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        wait_healthy(f"http://127.0.0.1:{_free_port()}", 0.5)
+    assert time.monotonic() - started < 5
+
+
+def test_statement_parsing() -> None:
+    fmts = {
+        "native": "Native",
+        "arrow": "Arrow",
+        "csv": "CSV",
+        "json": "JSON",
+        "tabseparated": "TabSeparated",
+    }
+    st = parse_statement("INSERT INTO t (a, `format`) FORMAT Arrow", b"\x00ARROW", fmts, fmts)
+    assert (st.sql, st.insert_format, st.data) == ("INSERT INTO t (a, `format`) ", "Arrow", b"\x00ARROW")
+    st = parse_statement(None, b"INSERT INTO db.t FORMAT Native\n\x01\x02\n", fmts, fmts)
+    assert (st.sql, st.insert_format, st.data) == ("INSERT INTO db.t ", "Native", b"\x01\x02\n")
+    st = parse_statement("INSERT INTO t VALUES", b"(1, 'FORMAT CSV;')", fmts, fmts)
+    assert st.insert_format is None and st.sql == "INSERT INTO t VALUES\n(1, 'FORMAT CSV;')"
+    st = parse_statement(None, b"SELECT 'a;b' AS format -- FORMAT CSV\nFROM t FORMAT JSON;", fmts, fmts)
+    assert (st.kind, st.output_format) == ("SELECT", "JSON")
+    assert parse_statement(None, b"CREATE TEMPORARY TABLE x (a UInt8)", fmts, fmts).temporary
+    for bad in (b"", b"  -- only a comment", b"SELECT 1; SELECT 2"):
+        with pytest.raises(ClickHouseError) as info:
+            parse_statement(None, bad, fmts, fmts)
+        assert info.value.code == 62
