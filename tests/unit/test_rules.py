@@ -149,7 +149,10 @@ def test_bool_is_not_a_number_in_where() -> None:
             {"action": {"webhook": {"url": "ftp://127.0.0.1/x"}}},
             "rule 'deal_promo': action.webhook.url: scheme",
         ),
-        ({"action": {"webhook": {"url": "http://u:p@127.0.0.1/x"}}}, "rule 'deal_promo': action.webhook.url: credentials"),
+        (
+            {"action": {"webhook": {"url": "http://u:p@127.0.0.1/x"}}},
+            "rule 'deal_promo': action.webhook.url: credentials",
+        ),
         (
             {"action": {"webhook": {"url": "http://127.0.0.1/", "secret_env": "not a name"}}},
             "rule 'deal_promo': action.webhook.secret_env:",

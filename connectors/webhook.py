@@ -1,0 +1,503 @@
+"""Webhook delivery for trigger actions: HMAC-signed POSTs with retries, per-destination isolation.
+
+Why asyncio (on one background thread) rather than a thread pool: a dead or slow endpoint keeps many
+requests waiting in timeouts and back-off sleeps; as coroutines those cost almost nothing, while a
+thread pool would need a thread per waiting request or would let one endpoint starve the others. The
+Flink Python function calling :meth:`WebhookDispatcher.submit` is synchronous, so the event loop runs
+on its own daemon thread and ``submit`` is thread-safe and never blocks.
+
+Isolation: every destination (scheme, host, port) gets its own lane: a queue, ``concurrency`` worker
+tasks and its own ``httpx.AsyncClient`` connection pool. A slow or dead endpoint only fills its own
+lane; when a lane's queue is full, new actions for it go to ``on_dead`` at once instead of blocking.
+
+Request (contract): ``POST`` with the action JSON as body and headers ``Content-Type:
+application/json``, ``X-Clickpulse-Signature: sha256=<hex HMAC-SHA256(secret, body)>``,
+``X-Clickpulse-Action-Id`` and ``Idempotency-Key`` (both the action id). Redirects are never followed.
+
+Retries: 5xx, timeouts and connection errors are retried with exponential back-off and full jitter;
+429 is retried after ``Retry-After`` (seconds or HTTP date) when given; any other status (3xx, 4xx)
+is final. After ``max_attempts`` (or a final status) ``on_dead(action, attempts, last_error)`` is
+called; the triggers job sends that to ``actions.dlq`` (see :func:`dead_letter_record`). Callbacks run
+on the dispatcher thread.
+
+tenacity is not used: its async retrying cannot express "sleep exactly Retry-After for this response,
+jittered back-off otherwise" plus cancellation-to-dead-letter on shutdown more simply than the ten
+lines of loop below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from udfs.rules import LOOPBACK_ONLY, Allowlist, Rule, RuleError
+
+__all__ = [
+    "DEFAULT_SECRET_ENV",
+    "Destination",
+    "RetryPolicy",
+    "WebhookDispatcher",
+    "dead_letter_record",
+    "destination_for",
+    "parse_retry_after",
+    "sign",
+    "verify_signature",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment variable holding the HMAC secret for rules that do not name ``secret_env``.
+DEFAULT_SECRET_ENV = "CLICKPULSE_WEBHOOK_SECRET"  # noqa: S105 - a variable name, not a secret
+SIGNATURE_HEADER = "X-Clickpulse-Signature"
+ACTION_ID_HEADER = "X-Clickpulse-Action-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+OnDead = Callable[[dict[str, Any], int, str], None]
+OnDelivered = Callable[[dict[str, Any], int], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# signing
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-Clickpulse-Signature`` value: ``sha256=<hex HMAC-SHA256(secret, body)>``."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: bytes | str, body: bytes, header: str | None) -> bool:
+    """Check an ``X-Clickpulse-Signature`` header against the raw request body (constant time)."""
+    if not header:
+        return False
+    key = secret.encode("utf-8") if isinstance(secret, str) else secret
+    return hmac.compare_digest(sign(key, body), header.strip())
+
+
+# --------------------------------------------------------------------------------------------------
+# destinations and policy
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where to POST one rule's actions. The secret never appears in ``repr``."""
+
+    url: str
+    secret: bytes = field(repr=False)
+    timeout_s: float = 5.0
+    rule_id: str = ""
+
+    @property
+    def key(self) -> str:
+        """The isolation key ``scheme://host:port`` (``invalid`` when the URL does not parse)."""
+        try:
+            parts = urlsplit(self.url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return "invalid"
+        host = parts.hostname or ""
+        return f"{parts.scheme}://[{host}]:{port}" if ":" in host else f"{parts.scheme}://{host}:{port}"
+
+
+def destination_for(
+    rule: Rule,
+    environ: Mapping[str, str],
+    *,
+    default_secret_env: str = DEFAULT_SECRET_ENV,
+    default_timeout_s: float = 5.0,
+) -> Destination:
+    """Resolve a rule's webhook into a :class:`Destination`, reading its secret from ``environ``.
+
+    Uses ``action.webhook.secret_env`` or, when the rule names none, ``default_secret_env``. Raises
+    :class:`RuleError` (naming the variable, never its value) when the secret is missing or empty:
+    unsigned webhooks are not sent.
+    """
+    env_name = rule.action.secret_env or default_secret_env
+    secret = environ.get(env_name, "")
+    if not secret:
+        raise RuleError(
+            f"rule {rule.id!r}: action.webhook.secret_env: environment variable {env_name} is not set"
+        )
+    return Destination(
+        url=rule.action.url,
+        secret=secret.encode("utf-8"),
+        timeout_s=rule.action.timeout_s or default_timeout_s,
+        rule_id=rule.id,
+    )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts and back-off. Delay before retry *n* is uniform in ``[0, min(max, base * 2**(n-1))]``."""
+
+    max_attempts: int = 6
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    max_retry_after_s: float = 300.0
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Full-jitter delay after the ``attempt``-th failed attempt (1-based)."""
+        return rng.uniform(0.0, min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1))))
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date); ``None`` if unusable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def dead_letter_record(action: Mapping[str, Any], attempts: int, last_error: str) -> dict[str, Any]:
+    """The ``actions.dlq`` value: the action plus ``attempts`` and ``last_error``."""
+    return {**action, "attempts": attempts, "last_error": last_error}
+
+
+# --------------------------------------------------------------------------------------------------
+# stats
+
+
+@dataclass
+class _LaneStats:
+    ok: int = 0
+    retried: int = 0
+    failed: int = 0
+    rejected: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        return {
+            "ok": self.ok,
+            "retried": self.retried,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "latency_p50_ms": _quantile(lat, 0.50),
+            "latency_p99_ms": _quantile(lat, 0.99),
+            "latency_max_ms": lat[-1] if lat else None,
+        }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatcher
+
+
+@dataclass
+class _Item:
+    action: dict[str, Any]
+    body: bytes
+    destination: Destination
+    submitted: float
+
+
+class _Lane:
+    def __init__(self, key: str, client: httpx.AsyncClient, max_queue: int) -> None:
+        self.key = key
+        self.client = client
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        self.workers: list[asyncio.Task[None]] = []
+
+
+class WebhookDispatcher:
+    """Delivers action records to webhooks; see the module docstring for the guarantees.
+
+    Use as a context manager or call :meth:`start` / :meth:`close`. ``on_dead`` receives actions that
+    could not be delivered; ``on_delivered`` (optional) receives ``(action, attempts)`` on success.
+    """
+
+    def __init__(
+        self,
+        on_dead: OnDead,
+        *,
+        policy: RetryPolicy | None = None,
+        concurrency_per_destination: int = 4,
+        max_queue_per_destination: int = 10_000,
+        allowlist: Allowlist = LOOPBACK_ONLY,
+        on_delivered: OnDelivered | None = None,
+        user_agent: str = "clickpulse-webhook/1",
+        ssl_context: ssl.SSLContext | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self._on_dead = on_dead
+        self._on_delivered = on_delivered
+        self._policy = policy or RetryPolicy()
+        self._concurrency = concurrency_per_destination
+        self._max_queue = max_queue_per_destination
+        self._allowlist = allowlist
+        self._user_agent = user_agent
+        self._ssl_context = ssl_context
+        self._rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lanes: dict[str, _Lane] = {}
+        self._stats: dict[str, _LaneStats] = {}
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
+        self._outstanding = 0
+        self._closing = False
+        self._started = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> WebhookDispatcher:
+        """Start the delivery thread (idempotent)."""
+        with self._lock:
+            if self._thread is not None:
+                return self
+            if self._ssl_context is None:
+                # built once, off the event loop: creating one per lane would stall every lane ~50 ms
+                self._ssl_context = httpx.create_ssl_context(trust_env=False)
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._run_loop, name="webhook-dispatcher", daemon=True)
+            self._thread.start()
+        self._started.wait()
+        return self
+
+    def _run_loop(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        self._loop.call_soon(self._started.set)
+        self._loop.run_forever()
+        self._loop.close()
+
+    def __enter__(self) -> WebhookDispatcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every submitted action is delivered or dead-lettered; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._settled:
+            while self._outstanding > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._settled.wait(remaining)
+        return True
+
+    def close(self, deadline_s: float = 10.0) -> None:
+        """Stop accepting, drain for up to ``deadline_s``, then dead-letter whatever is left.
+
+        Nothing is dropped silently: undelivered actions reach ``on_dead`` with last_error
+        ``shutdown: ...``.
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        drained = self.flush(deadline_s)
+        if not drained:
+            log.warning("webhook dispatcher: %d actions undelivered at shutdown deadline", self._outstanding)
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        try:
+            future.result(timeout=max(5.0, deadline_s))
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5.0)
+
+    async def _shutdown(self) -> None:
+        for lane in self._lanes.values():
+            for task in lane.workers:
+                task.cancel()
+        for lane in self._lanes.values():
+            await asyncio.gather(*lane.workers, return_exceptions=True)
+            while not lane.queue.empty():
+                item = lane.queue.get_nowait()
+                self._dead(item, 0, "shutdown: not attempted before the shutdown deadline")
+            await lane.client.aclose()
+
+    # -- submit ------------------------------------------------------------------------------------
+
+    def submit(self, action: Mapping[str, Any], destination: Destination) -> None:
+        """Queue ``action`` for delivery to ``destination``. Thread-safe; never blocks on the network."""
+        item = _Item(dict(action), orjson.dumps(action), destination, time.monotonic())
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("webhook dispatcher is closed")
+            self._outstanding += 1
+        if self._thread is None:
+            self.start()
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._enqueue, item)
+
+    def _enqueue(self, item: _Item) -> None:
+        dest = item.destination
+        try:
+            self._allowlist.check_url(dest.url)
+            key = dest.key
+        except ValueError as exc:
+            self._dead(item, 0, f"destination refused: {exc}")
+            return
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._new_lane(key)
+        try:
+            lane.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            with self._lock:
+                self._stats[key].rejected += 1
+            self._dead(item, 0, f"queue full: {self._max_queue} actions already waiting for {key}")
+
+    def _new_lane(self, key: str) -> _Lane:
+        client = httpx.AsyncClient(
+            follow_redirects=False,
+            limits=httpx.Limits(
+                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+            ),
+            headers={"User-Agent": self._user_agent},
+            verify=self._ssl_context or True,
+            trust_env=False,
+        )
+        lane = _Lane(key, client, self._max_queue)
+        lane.workers = [asyncio.create_task(self._worker(lane)) for _ in range(self._concurrency)]
+        self._lanes[key] = lane
+        with self._lock:
+            self._stats.setdefault(key, _LaneStats())
+        return lane
+
+    # -- delivery ----------------------------------------------------------------------------------
+
+    async def _worker(self, lane: _Lane) -> None:
+        while True:
+            item = await lane.queue.get()
+            await self._deliver(lane, item)
+
+    async def _deliver(self, lane: _Lane, item: _Item) -> None:
+        dest = item.destination
+        action_id = str(item.action.get("action_id", ""))
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(dest.secret, item.body),
+            ACTION_ID_HEADER: action_id,
+            IDEMPOTENCY_HEADER: action_id,
+        }
+        attempts = 0
+        last_error = ""
+        try:
+            while True:
+                attempts += 1
+                retry_after: float | None = None
+                try:
+                    response = await lane.client.post(
+                        dest.url, content=item.body, headers=headers, timeout=dest.timeout_s
+                    )
+                except httpx.TimeoutException as exc:
+                    last_error, retryable = f"timeout after {dest.timeout_s:g}s ({type(exc).__name__})", True
+                except httpx.TransportError as exc:
+                    last_error, retryable = f"connection error: {type(exc).__name__}: {exc}", True
+                else:
+                    status = response.status_code
+                    if 200 <= status < 300:
+                        self._delivered(lane.key, item, attempts)
+                        return
+                    last_error = f"HTTP {status}"
+                    retryable = status == 429 or status >= 500
+                    if status == 429:
+                        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if not retryable or attempts >= self._policy.max_attempts:
+                    self._dead(item, attempts, last_error)
+                    return
+                with self._lock:
+                    self._stats[lane.key].retried += 1
+                if retry_after is not None:
+                    delay = min(retry_after, self._policy.max_retry_after_s)
+                else:
+                    delay = self._policy.backoff(attempts, self._rng)
+                log.debug(
+                    "webhook %s attempt %d failed (%s); retry in %.3fs", lane.key, attempts, last_error, delay
+                )
+                await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._dead(
+                item,
+                attempts,
+                f"shutdown: not delivered before the deadline (last error: {last_error or 'none'})",
+            )
+            raise
+
+    def _delivered(self, key: str, item: _Item, attempts: int) -> None:
+        latency_ms = (time.monotonic() - item.submitted) * 1000.0
+        with self._lock:
+            stats = self._stats[key]
+            stats.ok += 1
+            stats.latencies_ms.append(latency_ms)
+        if self._on_delivered is not None:
+            try:
+                self._on_delivered(item.action, attempts)
+            except Exception:
+                log.exception("webhook on_delivered callback failed")
+        self._settle()
+
+    def _dead(self, item: _Item, attempts: int, last_error: str) -> None:
+        with self._lock:
+            self._stats.setdefault(item.destination.key, _LaneStats()).failed += 1
+        log.warning(
+            "webhook action %s for rule %s dead after %d attempts: %s",
+            item.action.get("action_id"),
+            item.destination.rule_id,
+            attempts,
+            last_error,
+        )
+        try:
+            self._on_dead(item.action, attempts, last_error)
+        except Exception:
+            log.exception("webhook on_dead callback failed")
+        self._settle()
+
+    def _settle(self) -> None:
+        with self._settled:
+            self._outstanding -= 1
+            self._settled.notify_all()
+
+    # -- stats -------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters overall and per destination: ok, retried, failed, rejected, latency p50/p99/max (ms).
+
+        Latency is from :meth:`submit` to the 2xx response, retries included.
+        """
+        with self._lock:
+            per = {key: s.summary() for key, s in self._stats.items()}
+            total = _LaneStats()
+            for s in self._stats.values():
+                total.ok += s.ok
+                total.retried += s.retried
+                total.failed += s.failed
+                total.rejected += s.rejected
+                total.latencies_ms.extend(s.latencies_ms)
+            outstanding = self._outstanding
+        return {**total.summary(), "outstanding": outstanding, "destinations": per}
