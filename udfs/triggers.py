@@ -85,7 +85,7 @@ class Event:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Event:
-        """Build from an enriched event dict (``timestamp`` as ISO-8601 or epoch ms)."""
+        """Build from an enriched event dict (``event_time_ms``, else ISO-8601 or epoch-ms ``timestamp``)."""
         message_id = record.get("message_id")
         user_key = record.get("user_key")
         if not isinstance(message_id, str) or not message_id:
@@ -93,7 +93,8 @@ class Event:
         if not isinstance(user_key, str) or not user_key:
             raise EventError(f"enriched event {message_id} without user_key")
         try:
-            ts_ms = parse_timestamp_ms(record.get("timestamp"))
+            fast = record.get("event_time_ms")  # set by the enricher, same instant as ``timestamp``
+            ts_ms = fast if type(fast) is int else parse_timestamp_ms(record.get("timestamp"))
         except TimestampError as exc:
             raise EventError(f"enriched event {message_id}: timestamp: {exc}") from None
         name = record.get("event")

@@ -478,6 +478,8 @@ def test_event_from_record_validation() -> None:
     )
     assert ok.ts_ms == T0 and ok.name == "E"
     assert Event.from_record({"message_id": "m", "user_key": "u", "timestamp": T0}).ts_ms == T0
+    fast = {"message_id": "m", "user_key": "u", "timestamp": "2026-11-22T20:00:00Z", "event_time_ms": T0 + 1}
+    assert Event.from_record(fast).ts_ms == T0 + 1  # the enricher's epoch-ms field wins
     for bad in (
         {"user_key": "u", "timestamp": T0},
         {"message_id": "m", "timestamp": T0},
