@@ -263,6 +263,10 @@ def test_command_insert_native_and_query(endpoint: Endpoint) -> None:
     assert [list(r) for r in back] == rows
     df = client.query_df("SELECT id FROM native_t WHERE id < 3 ORDER BY id")
     assert df["id"].tolist() == [0, 1, 2]
+    # bind parameters too long for the URL travel as multipart/form-data
+    assert client.query("SELECT length({p:String})", parameters={"p": "x" * 20_000}).result_rows == [
+        (20_000,)
+    ]
 
 
 def test_session_settings_persist_and_url_settings_do_not_leak(endpoint: Endpoint) -> None:
