@@ -89,7 +89,7 @@ def ensure_topics(
             except TopicAlreadyExistsError:
                 log.debug("topic %s appeared concurrently", topic.name)
         if created:
-            log.info("created topics: %s", ", ".join(created))
+            log.debug("created topics: %s", ", ".join(created))
         return created
     finally:
         client.close()
