@@ -390,23 +390,21 @@ def _dt_to_ms(dt: datetime) -> int:
     return (delta.days * 86400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
-_DATE_CACHE: dict[int, str] = {}
+_MINUTE_PREFIX: dict[int, str] = {}  # epoch minute -> "YYYY-MM-DDTHH:MM:" (a few thousand entries per run)
 
 
 def _iso(ms: int, offset_min: int = 0) -> str:
     """ISO-8601 with milliseconds; ``Z`` for UTC, else the local time with its ``±hh:mm`` offset."""
-    sec, frac = divmod(ms + offset_min * 60_000, 1000)
-    day, sod = divmod(sec, 86400)
-    date = _DATE_CACHE.get(day)
-    if date is None:
-        date = _DATE_CACHE[day] = (_EPOCH + timedelta(days=day)).date().isoformat()
-    hh, rem = divmod(sod, 3600)
-    mi, ss = divmod(rem, 60)
+    minute, rest = divmod(ms + offset_min * 60_000, 60_000)
+    prefix = _MINUTE_PREFIX.get(minute)
+    if prefix is None:
+        prefix = _MINUTE_PREFIX[minute] = (_EPOCH + timedelta(minutes=minute)).strftime("%Y-%m-%dT%H:%M:")
+    ss, frac = divmod(rest, 1000)
     if offset_min == 0:
-        return f"{date}T{hh:02d}:{mi:02d}:{ss:02d}.{frac:03d}Z"
+        return f"{prefix}{ss:02d}.{frac:03d}Z"
     sign = "+" if offset_min > 0 else "-"
     oh, om = divmod(abs(offset_min), 60)
-    return f"{date}T{hh:02d}:{mi:02d}:{ss:02d}.{frac:03d}{sign}{oh:02d}:{om:02d}"
+    return f"{prefix}{ss:02d}.{frac:03d}{sign}{oh:02d}:{om:02d}"
 
 
 def _day(ms: int) -> str:
@@ -638,6 +636,7 @@ _TRAFFIC_SOURCES = (
     ("affiliate", 4.0),
     ("display", 3.0),
 )
+_UUID_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 _CLICK_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
@@ -750,8 +749,8 @@ class _Sim:
         return self.rng.choices(items, cum_weights=cum)[0]
 
     def uuid(self) -> str:
-        h = f"{self.rng.getrandbits(128):032x}"
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+        h = self.rng.randbytes(16).hex()
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
     def token(self, n: int) -> str:
         return "".join(self.rng.choices(_CLICK_ID_ALPHABET, k=n))
