@@ -102,7 +102,8 @@ class SimConfig:
     #: so small runs span hours and 200k records span more than three days.
     span_s: int | None = None
     #: Approximate number of human visitors (devices); default derived from ``events`` (about one
-    #: per 13 human events). More are created if the event budget needs them.
+    #: per 13 human events). It cannot exceed the number of sessions (about one per 8 human events),
+    #: and more visitors are created when the span leaves too little room for return visits.
     users: int | None = None
     #: Share of all records that are byte-identical redeliveries of an earlier valid record.
     duplicate_fraction: float = 0.03
@@ -114,7 +115,8 @@ class SimConfig:
     out_of_order_fraction: float = 0.05
     #: Share of valid unique events sent by bots (crawlers and scrapers).
     bot_fraction: float = 0.03
-    #: Share of human devices whose clock is off by minutes to days.
+    #: Share of human devices whose clock is off by minutes (85 %) or days (15 %); approximate, since
+    #: the 3 % of devices whose old SDK sends no ``sent_at`` always have a correct clock.
     skewed_clock_fraction: float = 0.03
     #: Payload size cap in bytes; ``size_exceeded`` records are larger, every other record smaller.
     max_payload_bytes: int = 32 * 1024
@@ -141,6 +143,12 @@ class SimConfig:
             raise ValueError("max_payload_bytes must be >= 4096 (valid events are up to ~2 KiB)")
         if self.span_s is not None and self.span_s < 3600:
             raise ValueError("span_s must be >= 3600")
+
+    @classmethod
+    def ending_at(cls, end: datetime, **kwargs: Any) -> SimConfig:
+        """A config whose simulated period ends at ``end`` (e.g. now), so no record is in the future."""
+        probe = cls(**kwargs)
+        return cls(**{**kwargs, "start": end - probe.span})
 
     @property
     def span(self) -> timedelta:
@@ -243,7 +251,21 @@ class TruthSession(NamedTuple):
 
 @dataclass(frozen=True)
 class Truth:
-    """Ground truth of one simulation. Serialise with :meth:`to_json`, load with :meth:`from_json`."""
+    """Ground truth of one simulation. Serialise with :meth:`to_json`, load with :meth:`from_json`.
+
+    Positions are indexes into the produced record sequence. ``valid`` lists the unique valid events
+    (first delivery) with their resolved ``user_key`` and skew-corrected ``timestamp_ms``; sessions
+    are computed over those timestamps regardless of lateness. ``users`` counts ``user_keys``,
+    ``anonymous_ids``, ``identified_users``, ``human_devices``, ``bot_runs`` and
+    ``skewed_clock_devices``. ``aggregates`` holds ``events_by_type``, ``track_events`` (per event
+    name), ``page_views``, ``orders``, ``revenue`` (per currency), ``bot_events``, ``events_per_day``,
+    ``daily_active_users`` (distinct user_keys per UTC day, bots included),
+    ``daily_active_users_humans``, ``sessions_per_day`` (by session start), ``deal_promo`` (the
+    ARCHITECTURE ``deal_promo`` rule evaluated on event time: ``fires`` = ``[user_key, deal_id,
+    fired_at_ms]`` when the 4th view of a deal by a user_key falls within 30 min (inclusive) of the
+    first, then a 24 h cooldown), ``cart_adds_without_order_30m`` and ``traffic_sources`` (landing
+    sessions per simulated source).
+    """
 
     config: dict[str, Any]
     records: int

@@ -491,6 +491,9 @@ def test_default_span_scales_with_events() -> None:
     assert SimConfig(events=10_000).span == timedelta(hours=4)
     assert SimConfig(events=200_000).span > timedelta(days=3)
     assert SimConfig(events=10_000_000).span <= timedelta(days=5)
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    ending = SimConfig.ending_at(now, events=2000, seed=1)
+    assert ending.end == now and ending.events == 2000 and ending.seed == 1
     with pytest.raises(ValueError):
         SimConfig(start=datetime(2026, 11, 22))  # naive
     with pytest.raises(ValueError):
