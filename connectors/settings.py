@@ -64,5 +64,5 @@ def load_connections(home: Path | None = None) -> Connections:
     """Build :class:`Connections` from the environment, falling back to ``<home>/stack.env``."""
     env_file = (home or home_dir()) / "stack.env"
     if env_file.is_file():
-        return Connections(_env_file=env_file)  # type: ignore[call-arg]
+        return Connections(_env_file=env_file)
     return Connections()

@@ -1,0 +1,224 @@
+"""PyFlink plumbing shared by the jobs: settings common to every job, the environment, Kafka DDL.
+
+Nothing here runs at import time. ``jobs/<name>.py`` builds its frozen settings in ``main()``, calls
+:func:`create_table_env` and then only wires sources, operators and sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StartingOffsets(StrEnum):
+    """Where a job starts reading when it has no checkpoint to restore."""
+
+    EARLIEST = "earliest"
+    LATEST = "latest"
+    COMMITTED = "committed"  # the group's committed offsets, falling back to earliest
+
+
+class JobSettings(BaseSettings):
+    """Settings every job has. Environment variables are named in each field's docstring."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
+    """``KAFKA_BOOTSTRAP_SERVERS``: Kafka bootstrap servers (default ``127.0.0.1:9092``)."""
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), alias="REDIS_URL")
+    """``REDIS_URL``: Redis for identity links and profiles (default ``redis://127.0.0.1:6379/0``)."""
+    topic_prefix: str = Field("", alias="CLICKPULSE_TOPIC_PREFIX")
+    """``CLICKPULSE_TOPIC_PREFIX``: prefix of every contract topic (default empty)."""
+    group_id: str = Field("", alias="CLICKPULSE_GROUP_ID")
+    """``CLICKPULSE_GROUP_ID`` / ``--group-id``: consumer group (default ``clickpulse-<job>``)."""
+    starting_offsets: StartingOffsets = Field(StartingOffsets.COMMITTED, alias="CLICKPULSE_STARTING_OFFSETS")
+    """``CLICKPULSE_STARTING_OFFSETS`` / ``--starting-offsets``: earliest, latest or committed (default)."""
+    bounded: bool = Field(False, alias="CLICKPULSE_BOUNDED")
+    """``CLICKPULSE_BOUNDED`` / ``--bounded``: stop at the offsets that were latest at start (default off)."""
+    parallelism: int = Field(1, alias="CLICKPULSE_PARALLELISM")
+    """``CLICKPULSE_PARALLELISM`` / ``--parallelism``: operator parallelism (default 1)."""
+    checkpoint_interval_ms: int = Field(5000, alias="CLICKPULSE_CHECKPOINT_INTERVAL_MS")
+    """``CLICKPULSE_CHECKPOINT_INTERVAL_MS``: exactly-once commit cadence (default 5000)."""
+    checkpoint_dir: Path | None = Field(None, alias="CLICKPULSE_CHECKPOINT_DIR")
+    """``CLICKPULSE_CHECKPOINT_DIR``: checkpoint storage (default ``<home>/flink/<job>/checkpoints``)."""
+    restore: str = Field("auto", alias="CLICKPULSE_RESTORE")
+    """``CLICKPULSE_RESTORE`` / ``--restore``: ``auto`` (latest retained checkpoint), ``none`` or a path."""
+    transaction_timeout_ms: int = Field(600_000, alias="CLICKPULSE_TRANSACTION_TIMEOUT_MS")
+    """``CLICKPULSE_TRANSACTION_TIMEOUT_MS``: Kafka transaction timeout (default 600000 = 10 min: below the
+    broker's 15 min ``transaction.max.timeout.ms``, far above checkpoint interval + restart time)."""
+    python_executable: str = Field("", alias="CLICKPULSE_PYTHON_EXECUTABLE")
+    """``CLICKPULSE_PYTHON_EXECUTABLE``: Python of the UDF workers (default: the one running the job)."""
+    jars_dir: Path | None = Field(None, alias="CLICKPULSE_JARS_DIR")
+    """``CLICKPULSE_JARS_DIR``: connector jars from ``make jars`` (default ``<repo>/.clickpulse/jars``)."""
+    home: Path = Field(Path(".clickpulse"), alias="CLICKPULSE_HOME")
+    """``CLICKPULSE_HOME``: local state directory (default ``.clickpulse``)."""
+
+    def topic(self, name: str) -> str:
+        """Full name of a contract topic."""
+        return f"{self.topic_prefix}{name}"
+
+
+def connector_jars(jars_dir: Path | None) -> list[str]:
+    """``file://`` URLs of the Flink connector jars resolved by ``make jars``."""
+    root = (jars_dir or REPO_ROOT / ".clickpulse" / "jars").resolve() / "flink"
+    jars = sorted(root.glob("*.jar"))
+    if not jars:
+        raise FileNotFoundError(f"no Flink connector jars in {root}: run `make jars`")
+    return [j.as_uri() for j in jars]
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest completed checkpoint (``chk-N`` with ``_metadata``) under ``checkpoint_dir``."""
+    found = [p.parent for p in checkpoint_dir.glob("*/chk-*/_metadata")]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def flink_config(job: str, s: JobSettings) -> dict[str, str]:
+    """The Flink configuration of a job (checkpointing, state, restore, Python workers)."""
+    ckpt = (s.checkpoint_dir or s.home / "flink" / job / "checkpoints").resolve()
+    ckpt.mkdir(parents=True, exist_ok=True)
+    conf = {
+        "pipeline.name": f"clickpulse-{job}",
+        "pipeline.jars": ";".join(connector_jars(s.jars_dir)),
+        "parallelism.default": str(s.parallelism),
+        "execution.checkpointing.interval": f"{s.checkpoint_interval_ms} ms",
+        "execution.checkpointing.mode": "EXACTLY_ONCE",
+        "execution.checkpointing.min-pause": f"{max(s.checkpoint_interval_ms // 4, 100)} ms",
+        "execution.checkpointing.timeout": "2 min",
+        "execution.checkpointing.dir": ckpt.as_uri(),
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "execution.checkpointing.num-retained": "3",
+        "execution.checkpointing.incremental": "true",
+        "state.backend.type": "rocksdb",
+        "restart-strategy.type": "exponential-delay",
+        "table.local-time-zone": "UTC",
+        # SQL operators get uids derived from the plan (stable while the plan is unchanged), so state
+        # in savepoints maps back to the same operators after a restart or an upgrade.
+        "table.exec.uid.generation": "ALWAYS",
+        "table.exec.source.idle-timeout": "5 s",
+        "python.executable": s.python_executable or sys.executable,
+        "python.client.executable": s.python_executable or sys.executable,
+        "python.fn-execution.bundle.time": "100",
+        "python.fn-execution.arrow.batch.size": "2000",
+        "python.fn-execution.bundle.size": "2000",
+    }
+    if s.restore == "auto":
+        latest = latest_checkpoint(ckpt)
+        if latest is not None:
+            log.info("restoring %s from %s", job, latest)
+            conf["execution.state-recovery.path"] = latest.as_uri()
+    elif s.restore not in ("", "none"):
+        conf["execution.state-recovery.path"] = Path(s.restore).resolve().as_uri()
+    return conf
+
+
+def create_table_env(job: str, s: JobSettings, extra: Mapping[str, str] | None = None) -> Any:
+    """A ``StreamTableEnvironment`` configured for ``job`` (returns ``(env, t_env)``)."""
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+    from pyflink.table import EnvironmentSettings, StreamTableEnvironment
+
+    conf = Configuration()
+    for k, v in {**flink_config(job, s), **(extra or {})}.items():
+        conf.set_string(k, v)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env, EnvironmentSettings.new_instance().in_streaming_mode().build())
+    return env, t_env
+
+
+# ------------------------------------------------------------------------------------------ DDL
+
+
+def _quote_option(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _quote_ident(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def with_clause(options: Mapping[str, str]) -> str:
+    """``WITH (...)`` with every key and value quoted safely."""
+    return (
+        "WITH (\n  "
+        + ",\n  ".join(f"{_quote_option(k)} = {_quote_option(v)}" for k, v in options.items())
+        + "\n)"
+    )
+
+
+def kafka_source_options(
+    s: JobSettings, topic: str, group_id: str, *, key_fields: str | None = None, value_format: str = "raw"
+) -> dict[str, str]:
+    """Options of a Kafka source table reading ``topic`` (read_committed)."""
+    startup = {
+        StartingOffsets.EARLIEST: "earliest-offset",
+        StartingOffsets.LATEST: "latest-offset",
+        StartingOffsets.COMMITTED: "group-offsets",
+    }[s.starting_offsets]
+    opts = {
+        "connector": "kafka",
+        "topic": topic,
+        "properties.bootstrap.servers": s.kafka_bootstrap_servers,
+        "properties.group.id": group_id,
+        "properties.isolation.level": "read_committed",
+        "properties.auto.offset.reset": "earliest",
+        "properties.partition.discovery.interval.ms": "60000",
+        "scan.startup.mode": startup,
+        "value.format": value_format,
+    }
+    if key_fields:
+        opts.update({"key.format": "raw", "key.fields": key_fields, "value.fields-include": "EXCEPT_KEY"})
+    if s.bounded:
+        opts["scan.bounded.mode"] = "latest-offset"
+    return opts
+
+
+def kafka_sink_options(
+    s: JobSettings, topic: str, transactional_id_prefix: str, *, exactly_once: bool = True
+) -> dict[str, str]:
+    """Options of a Kafka sink table with a raw ``k`` key column and raw ``v`` value column."""
+    opts = {
+        "connector": "kafka",
+        "topic": topic,
+        "properties.bootstrap.servers": s.kafka_bootstrap_servers,
+        "key.format": "raw",
+        "key.fields": "k",
+        "value.format": "raw",
+        "value.fields-include": "EXCEPT_KEY",
+        "sink.partitioner": "default",
+        "properties.compression.type": "lz4",
+        "properties.linger.ms": "5",
+    }
+    if exactly_once:
+        opts.update(
+            {
+                "sink.delivery-guarantee": "exactly-once",
+                "sink.transactional-id-prefix": transactional_id_prefix,
+                "properties.transaction.timeout.ms": str(s.transaction_timeout_ms),
+            }
+        )
+    else:
+        opts["sink.delivery-guarantee"] = "at-least-once"
+    return opts
+
+
+def create_table(t_env: Any, name: str, columns: str, options: Mapping[str, str]) -> None:
+    """``CREATE TEMPORARY TABLE name (columns) WITH (options)``."""
+    t_env.execute_sql(f"CREATE TEMPORARY TABLE {_quote_ident(name)} (\n{columns}\n) {with_clause(options)}")
+
+
+def env_or_default(name: str, default: str) -> str:
+    """Read one environment variable (only from ``main()`` code paths)."""
+    return os.environ.get(name, default)
