@@ -39,6 +39,8 @@ from udfs.timeutil import format_ms, format_ms_or_none
 from udfs.validation import ValidEvent
 
 __all__ = [
+    "CLICK_IDS",
+    "DEFAULT_OPTIONS",
     "ENRICHED_FIELDS",
     "EMAIL_DOMAINS",
     "SEARCH_DOMAINS",
@@ -55,6 +57,7 @@ __all__ = [
     "to_json",
     "to_json_batch",
     "ua_info",
+    "warm_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ ENRICHED_FIELDS: tuple[str, ...] = (
 _UA_CACHE_SIZE = 16384
 _IP_CACHE_SIZE = 65536
 _HOST_CACHE_SIZE = 8192
+_URL_BASE_CACHE_SIZE = 16384
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,24 +402,35 @@ def _query_params(query: str) -> tuple[str, str, str, str, str, str]:
     )
 
 
-def parse_page_url(url: str | None) -> UrlInfo:
-    """Split a page URL into host (lower-case, no port), path, UTM fields and click-id type.
-
-    Never raises: garbage yields empty fields. Percent-encoding in the path is kept as sent;
-    query values are decoded. Repeated parameters: the first non-empty value wins.
-    """
-    if not url or not isinstance(url, str):
-        return _EMPTY_URL
-    parts = _split(url.strip())
+@functools.lru_cache(maxsize=_URL_BASE_CACHE_SIZE)
+def _host_and_path(base: str) -> tuple[str, str]:
+    """Host and path of a URL without query and fragment (cached: pages repeat, queries do not)."""
+    parts = _split(base)
     if parts is None:
-        return _EMPTY_URL
+        return "", ""
     host = _host_of_netloc(parts.netloc) if parts.netloc else ""
     path = parts.path
     if host:
         path = path or "/"
     elif not path.startswith("/"):
         path = ""
-    return UrlInfo(host, path, *_query_params(parts.query))
+    return host, path
+
+
+def parse_page_url(url: str | None) -> UrlInfo:
+    """Split a page URL into host (lower-case, no port), path, UTM fields and click-id type.
+
+    Never raises: garbage yields empty fields. Percent-encoding in the path is kept as sent;
+    query values are decoded. Repeated parameters: the first non-empty value wins. Parameters in
+    the fragment are ignored.
+    """
+    if not url or not isinstance(url, str):
+        return _EMPTY_URL
+    # same split order as urllib.parse.urlsplit: fragment first, then query
+    base, _, _fragment = url.strip().partition("#")
+    base, _, query = base.partition("?")
+    host, path = _host_and_path(base)
+    return UrlInfo(host, path, *_query_params(query))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -573,6 +588,8 @@ def enrich(event: ValidEvent, user_key: str, options: EnrichOptions = DEFAULT_OP
     country = country_of(ip) if options.geoip and ip else ""
     if options.anonymize_ip and ip:
         ip = anonymize_ip(ip)
+    event_time_ms = event.event_time_ms
+    timestamp = format_ms(event_time_ms)
 
     return {
         "message_id": data["message_id"],
@@ -582,9 +599,11 @@ def enrich(event: ValidEvent, user_key: str, options: EnrichOptions = DEFAULT_OP
         "user_id": _str_or_none(data.get("user_id")),
         "previous_id": _str_or_none(data.get("previous_id")),
         "user_key": user_key,
-        "timestamp": format_ms(event.event_time_ms),
-        "event_time_ms": event.event_time_ms,
-        "original_timestamp": format_ms(event.timestamp_ms),
+        "timestamp": timestamp,
+        "event_time_ms": event_time_ms,
+        "original_timestamp": timestamp
+        if event.timestamp_ms == event_time_ms
+        else format_ms(event.timestamp_ms),
         "sent_at": format_ms_or_none(event.sent_at_ms),
         "received_at": format_ms(event.received_at_ms),
         "ip": ip,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import sys
 import time
@@ -26,6 +27,7 @@ from udfs.enrich import (
     to_json,
     to_json_batch,
     ua_info,
+    warm_up,
 )
 from udfs.validation import ValidEvent, validate
 
@@ -275,6 +277,12 @@ def test_referrer_classification(
     assert classify_referrer(referrer, page_host, utm_medium, INTERNAL) == (expected_type, expected_host)
 
 
+def test_options_pickle_for_udf_shipping() -> None:
+    restored = pickle.loads(pickle.dumps(INTERNAL))
+    assert restored == INTERNAL
+    assert classify_referrer("https://x.shop-blog.example/", "shop.example", "", restored)[0] == "internal"
+
+
 def test_options_normalize_internal_domains() -> None:
     assert INTERNAL.internal_domains == ("shop-blog.example", "checkout.example")
     assert EnrichOptions() == EnrichOptions()
@@ -306,6 +314,7 @@ def test_options_normalize_internal_domains() -> None:
     ],
 )
 def test_country_of(ip: str, country: str) -> None:
+    warm_up()
     assert country_of(ip) == country
 
 

@@ -12,7 +12,15 @@ import pytest
 
 from udfs.dlq import decode_payload, dlq_record, dlq_record_for
 from udfs.timeutil import TimestampError, format_ms, parse_iso8601_ms, parse_timestamp_ms
-from udfs.validation import ErrorCode, Invalid, ValidEvent, validate, validate_batch
+from udfs.validation import (
+    ErrorCode,
+    Invalid,
+    ValidEvent,
+    _validators_by_type,
+    raw_event_validator,
+    validate,
+    validate_batch,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -375,6 +383,33 @@ def test_fuzz_random_json_and_mutated_events_never_raise() -> None:
             payload[rng.randrange(len(payload))] = rng.randrange(256)
         assert_result(bytes(payload))
     assert {"valid", "schema_violation"} <= seen
+
+
+def test_per_type_validators_agree_with_the_full_schema() -> None:
+    fast = _validators_by_type()
+    assert set(fast) == {"track", "page", "identify", "alias"}  # the shipped schema is specialisable
+    full = raw_event_validator()
+
+    def verdict(validator: Any, data: Any) -> bool:
+        try:
+            validator(data)
+        except Exception:
+            return False
+        return True
+
+    rng = random.Random(99)
+    agreements = {True: 0, False: 0}
+    for _ in range(3000):
+        ev = event(type=rng.choice(["track", "page", "identify", "alias"]))
+        for _ in range(rng.randint(0, 3)):
+            key = rng.choice(["event", "user_id", "anonymous_id", "previous_id", "timestamp", "context"])
+            ev[key] = rng.choice([None, "", "x", 5, random_json(rng, depth=3)])
+            if rng.random() < 0.2:
+                ev.pop(key)
+        expected = verdict(full, ev)
+        assert verdict(fast[ev["type"]], ev) is expected, ev
+        agreements[expected] += 1
+    assert min(agreements.values()) > 300  # both outcomes were exercised
 
 
 # ---------------------------------------------------------------------------------------- timeutil
