@@ -6,6 +6,7 @@ Nothing here runs at import time. ``jobs/<name>.py`` builds its frozen settings 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -222,3 +223,24 @@ def create_table(t_env: Any, name: str, columns: str, options: Mapping[str, str]
 def env_or_default(name: str, default: str) -> str:
     """Read one environment variable (only from ``main()`` code paths)."""
     return os.environ.get(name, default)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options every job accepts (``clickpulse run <job>`` passes them through)."""
+    p.add_argument("--group-id", default=None, help="consumer group (default clickpulse-<job>)")
+    p.add_argument(
+        "--starting-offsets",
+        choices=["earliest", "latest", "committed"],
+        default=None,
+        help="where to start without a checkpoint (default committed, falling back to earliest)",
+    )
+    p.add_argument("--parallelism", type=int, default=None, help="operator parallelism (default 1)")
+    p.add_argument(
+        "--bounded", action="store_const", const=True, default=None, help="stop at today's end offsets"
+    )
+    p.add_argument(
+        "--restore", default=None, help="auto (latest checkpoint, default), none, or a checkpoint path"
+    )
+    p.add_argument(
+        "--checkpoint-interval-ms", type=int, default=None, help="checkpoint interval (default 5000)"
+    )

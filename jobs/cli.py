@@ -88,9 +88,8 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``clickpulse simulate``: seeded clickstream into ``events.raw``."""
-    from connectors.simulate import SimulateOptions, run_simulation
-
     from connectors.settings import load_connections
+    from connectors.simulate import SimulateOptions, run_simulation
 
     conn = load_connections()
     opts = SimulateOptions(
@@ -119,7 +118,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     """``clickpulse query "<SQL>"``: run SQL (or a saved query file) and print the result."""
     from connectors.clickhouse import client_from_url
-
     from connectors.query import render_result, resolve_sql
     from connectors.settings import load_connections
 
@@ -143,6 +141,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from connectors.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(events=args.events, seed=args.seed, keep_running=args.keep_running), console)
+
+
+# --------------------------------------------------------------------------- run
+
+JOBS = ("ingest", "sessionize", "load", "triggers", "dispatch")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``clickpulse run <job> [job options]``: run one job in the foreground (local mini-cluster)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"jobs.{args.job}")
+    except ModuleNotFoundError as e:
+        if e.name != f"jobs.{args.job}":
+            raise
+        console.print(f"[red]error:[/] job {args.job!r} is not part of this build")
+        return 2
+    return int(module.main(args.job_args))
 
 
 # --------------------------------------------------------------------------- parser
@@ -177,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--malformed", type=float, default=0.02, help="fraction malformed (default 0.02)")
     sim.add_argument("--late", type=float, default=0.01, help="fraction delivered hours late (default 0.01)")
     sim.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser(
+        "run",
+        help="run a job: ingest, sessionize, load, triggers, dispatch (`clickpulse run JOB --help`)",
+    )
+    r.add_argument("job", choices=JOBS, help="the job to run")
+    r.add_argument(
+        "job_args",
+        nargs=argparse.REMAINDER,
+        help="job options, e.g. --group-id ID --starting-offsets earliest|latest|committed [--rules FILE]",
+    )
+    r.set_defaults(func=cmd_run)
 
     q = sub.add_parser("query", help="run SQL or a saved query (sql/queries/NAME) against ClickHouse")
     q.add_argument("sql", help="SQL text, a path to a .sql file, or the name of a saved query")

@@ -32,6 +32,7 @@ from pyflink.table.udf import FunctionContext, ScalarFunction, udf
 
 from connectors.flink import (
     JobSettings,
+    add_common_args,
     create_table,
     create_table_env,
     kafka_sink_options,
@@ -248,27 +249,6 @@ def parse_args(argv: Sequence[str] | None) -> IngestSettings:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     env_file = home_dir() / "stack.env"
     return IngestSettings(_env_file=env_file if env_file.is_file() else None, **overrides)
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Options every job accepts (``clickpulse run <job>`` passes them through)."""
-    p.add_argument("--group-id", default=None, help="consumer group (default clickpulse-<job>)")
-    p.add_argument(
-        "--starting-offsets",
-        choices=["earliest", "latest", "committed"],
-        default=None,
-        help="where to start without a checkpoint (default committed, falling back to earliest)",
-    )
-    p.add_argument("--parallelism", type=int, default=None, help="operator parallelism (default 1)")
-    p.add_argument(
-        "--bounded", action="store_const", const=True, default=None, help="stop at today's end offsets"
-    )
-    p.add_argument(
-        "--restore", default=None, help="auto (latest checkpoint, default), none, or a checkpoint path"
-    )
-    p.add_argument(
-        "--checkpoint-interval-ms", type=int, default=None, help="checkpoint interval (default 5000)"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
