@@ -63,6 +63,9 @@ class JobSettings(BaseSettings):
     """``CLICKPULSE_PYTHON_EXECUTABLE``: Python of the UDF workers (default: the one running the job)."""
     jars_dir: Path | None = Field(None, alias="CLICKPULSE_JARS_DIR")
     """``CLICKPULSE_JARS_DIR``: connector jars from ``make jars`` (default ``<repo>/.clickpulse/jars``)."""
+    flink_rest_url: str = Field("", alias="CLICKPULSE_FLINK_REST_URL")
+    """``CLICKPULSE_FLINK_REST_URL``: JobManager REST URL for the counter log (default: the local
+    mini-cluster's, on a free loopback port; empty under ``flink run`` unless set)."""
     home: Path = Field(Path(".clickpulse"), alias="CLICKPULSE_HOME")
     """``CLICKPULSE_HOME``: local state directory (default ``.clickpulse``)."""
 
@@ -84,6 +87,30 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest completed checkpoint (``chk-N`` with ``_metadata``) under ``checkpoint_dir``."""
     found = [p.parent for p in checkpoint_dir.glob("*/chk-*/_metadata")]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr; re-enable our loggers (PyFlink's import configures logging and disables them)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in (
+            "clickpulse",
+            "connectors",
+            "jobs",
+            "udfs",
+        ):
+            logger.disabled = False
+    for top in ("clickpulse", "connectors", "jobs", "udfs"):  # the gateway later sets root to WARNING
+        logging.getLogger(top).setLevel(level)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def flink_config(job: str, s: JobSettings) -> dict[str, str]:
@@ -115,6 +142,11 @@ def flink_config(job: str, s: JobSettings) -> dict[str, str]:
         "python.fn-execution.arrow.batch.size": "2000",
         "python.fn-execution.bundle.size": "2000",
     }
+    if "PYFLINK_GATEWAY_PORT" not in os.environ:  # local mini-cluster (not under `flink run`)
+        conf["rest.address"] = "127.0.0.1"
+        conf["rest.bind-address"] = "127.0.0.1"
+        conf["rest.port"] = str(_free_port())
+        conf["metrics.fetcher.update-interval"] = "1000"  # fresh numbers for the counter log
     if s.restore == "auto":
         latest = latest_checkpoint(ckpt)
         if latest is not None:
@@ -244,3 +276,24 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-interval-ms", type=int, default=None, help="checkpoint interval (default 5000)"
     )
+
+
+def execute_and_log(job: str, statements: Any, t_env: Any, s: JobSettings, interval_s: float = 10.0) -> None:
+    """Execute a statement set, log the job's counters every ``interval_s`` and once at the end."""
+    from connectors.flink_metrics import CounterLogger
+
+    rest = s.flink_rest_url
+    if not rest and "PYFLINK_GATEWAY_PORT" not in os.environ:
+        rest = f"http://127.0.0.1:{t_env.get_config().get('rest.port', '')}"
+    result = statements.execute()
+    if rest:
+        log.info("%s: Flink REST API (metrics, job status) at %s", job, rest)
+    logger = CounterLogger(job, rest, interval_s) if rest else None
+    if logger is not None:
+        logger.start()
+    try:
+        result.wait()
+    finally:
+        if logger is not None:
+            logger.stop()
+            logger.poll()  # final counts while the job is still known to the JobManager

@@ -12,8 +12,9 @@ Plan (``EXPLAIN`` shows it):
    * valid rows -> Flink SQL deduplication on ``message_id`` (keep first row, proctime order; JVM
      keyed state in RocksDB with TTL = the dedup window) -> ``events.enriched`` (exactly-once).
 
-Duplicates are counted by the dedup operator (numRecordsIn - numRecordsOut) and reported by
-:mod:`connectors.flink_metrics`; the stage counts records in, valid, DLQ by reason and store fallbacks.
+Counters (Flink metrics, and one log line every ``--log-interval-s`` from the driver via
+:mod:`connectors.flink_metrics`): records_in, valid, dlq and dlq_reason.<code> and redis_fallbacks
+from the stage; duplicates = what the Deduplicate operator read minus what it wrote (= enriched).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from connectors.flink import (
     add_common_args,
     create_table,
     create_table_env,
+    execute_and_log,
     kafka_sink_options,
     kafka_source_options,
+    setup_logging,
 )
 
 log = logging.getLogger("clickpulse.ingest")
@@ -253,12 +256,12 @@ def parse_args(argv: Sequence[str] | None) -> IngestSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ingest job (blocks until it ends: bounded runs end, unbounded ones run until killed)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     settings = parse_args(argv)
     _, t_env = create_table_env(JOB, settings)
     statements = build(t_env, settings)
     log.info("submitting %s (group %s)", JOB, settings.group_id or f"clickpulse-{JOB}")
-    statements.execute().wait()
+    execute_and_log(JOB, statements, t_env, settings, settings.log_interval_s)
     return 0
 
 

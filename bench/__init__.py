@@ -1,0 +1,1 @@
+"""Benchmarks (``make bench``): each module prints markdown table rows; ``python -m bench`` collects them."""
