@@ -1,0 +1,1055 @@
+"""Kafka -> ClickHouse loader: ``events.enriched`` -> ``events``, ``sessions`` -> ``sessions``, exactly once.
+
+A consumer-group job (kafka-python, ``read_committed``), not a Flink operator: PyFlink gives a Python sink
+no checkpoint hooks, and exactly-once into ClickHouse needs *deterministic* insert boundaries. The scheme
+(``docs/adr/003-loader-exactly-once.md``):
+
+1. Records are buffered per partition; a batch is cut by rows or age. Its ranges ``[start, end)`` per
+   partition (``start`` = where the previous batch ended) are grouped into *insert units*, one per topic
+   (= table), split further if the intent would not fit Kafka's offset-metadata limit.
+2. **Intent**: for every partition of the batch, offset ``start`` is committed with metadata
+   ``cp1:intent:<p>:<start>-<end>,...`` naming the whole unit.
+3. **Insert**: one ``insert_arrow`` per unit with ``insert_deduplication_token =
+   "<db>.<table>:<topic>:<p>:<start>-<end>,..."`` and ``deduplicate_blocks_in_dependent_materialized_views
+   = 1``; every table in the chain keeps ``non_replicated_deduplication_window``, so a repeat of the same
+   unit is dropped by the table *and* by every rollup.
+4. Records that cannot be converted go to ``events.dlq`` (``error_code = load_error``), flushed.
+5. **High-water marks**: ``<db>.loader_offsets`` gets ``end`` per partition; records below the mark are
+   never inserted again, whatever the batch boundaries (group reset, new group id).
+6. **Commit** ``end`` with empty metadata.
+
+On (re)assignment, a partition whose committed metadata holds an intent has its unit replayed first,
+exactly as recorded (a side consumer reads the ranges, even of partitions now owned by another member), so
+the insert repeats with the same token and ClickHouse drops whatever already landed.
+
+ClickHouse or Kafka unavailable: the batch is kept and retried with exponential backoff (the group
+membership is kept alive by polling paused partitions); nothing is committed until it lands. A rebalance
+while retrying abandons the batch: its intent stays in Kafka and whoever owns the partitions replays it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any, NamedTuple, TypeVar
+
+import orjson
+import pyarrow as pa
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from connectors.clickhouse import client_from_url, redact_url
+from connectors.migrate import validate_identifier
+from udfs.dlq import dlq_record
+from udfs.timeutil import TimestampError, parse_timestamp_ms
+
+log = logging.getLogger(__name__)
+
+LOAD_ERROR = "load_error"
+INTENT_PREFIX = "cp1:intent:"
+#: Kafka's default ``offset.metadata.max.bytes`` is 4096; stay well below it.
+MAX_INTENT_BYTES = 3000
+#: Settings of every data insert (see the module docstring).
+DEDUP_SETTINGS: dict[str, Any] = {
+    "insert_deduplicate": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+}
+# DateTime64(3) covers 1900-01-01 .. 2299-12-31.
+_MIN_DT64_MS = -2208988800000
+_MAX_DT64_MS = 10413791999999
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+_DECIMAL_LIMIT = Decimal(10) ** 14  # Decimal(18, 4): 14 integer digits
+_FOUR_PLACES = Decimal("0.0001")
+_T = TypeVar("_T")
+
+
+# ================================================================================ record conversion
+
+
+class ConversionError(ValueError):
+    """A record (or one of its fields) cannot become a row of the target table."""
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    raise ConversionError(f"expected a string, got {type(v).__name__}")
+
+
+def _required_text(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConversionError("required non-empty string is missing")
+    return v
+
+
+def _ts(v: Any) -> int:
+    if v is None:
+        raise ConversionError("required timestamp is missing")
+    try:
+        ms = parse_timestamp_ms(v)
+    except TimestampError as exc:
+        raise ConversionError(str(exc)) from None
+    if not _MIN_DT64_MS <= ms <= _MAX_DT64_MS:
+        raise ConversionError(f"timestamp outside ClickHouse DateTime64 range: {v!r}")
+    return ms
+
+
+def _ts_or_none(v: Any) -> int | None:
+    return None if v is None else _ts(v)
+
+
+def _json_text(v: Any) -> str:
+    if v is None:
+        return "{}"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict | list):
+        return orjson.dumps(v).decode()
+    raise ConversionError(f"expected a JSON object, got {type(v).__name__}")
+
+
+def _flag(v: Any) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise ConversionError(f"expected a boolean, got {v!r}")
+
+
+def _count(v: Any, limit: int = _UINT32_MAX) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConversionError(f"expected a non-negative integer, got {v!r}")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ConversionError(f"expected an integer, got {v!r}")
+        v = int(v)
+    if not 0 <= v <= limit:
+        raise ConversionError(f"integer out of range: {v!r}")
+    return int(v)
+
+
+def _required_uint64(v: Any) -> int:
+    if v is None:
+        raise ConversionError("required integer is missing")
+    return _count(v, _UINT64_MAX)
+
+
+def _number(v: Any) -> float:
+    if v is None:
+        return 0.0
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ConversionError(f"expected a number, got {v!r}")
+    f = float(v)
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ConversionError(f"expected a finite number, got {v!r}")
+    return f
+
+
+def _money(v: Any) -> Decimal:
+    if v is None:
+        return Decimal(0).quantize(_FOUR_PLACES)
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise ConversionError(f"expected a decimal amount, got {v!r}")
+    try:
+        d = Decimal(repr(v) if isinstance(v, float) else str(v)).quantize(_FOUR_PLACES)
+    except InvalidOperation:
+        raise ConversionError(f"expected a decimal amount, got {v!r}") from None
+    if not d.is_finite() or abs(d) >= _DECIMAL_LIMIT:
+        raise ConversionError(f"amount out of range for Decimal(18, 4): {v!r}")
+    return d
+
+
+class Column(NamedTuple):
+    """One ClickHouse column the loader fills: name, Arrow type, and the JSON-value converter."""
+
+    name: str
+    arrow_type: pa.DataType
+    convert: Callable[[Any], Any]
+    source: str | None = None
+    """JSON field the value comes from (default: ``name``)."""
+
+
+_TS = pa.timestamp("ms", tz="UTC")
+_S = pa.string()
+
+#: ``events`` columns filled from an ``events.enriched`` record (plus ``kafka_partition``/``kafka_offset``).
+EVENT_COLUMNS: tuple[Column, ...] = (
+    Column("message_id", _S, _required_text),
+    Column("type", _S, _required_text),
+    Column("event", _S, _text),
+    Column("anonymous_id", _S, _text),
+    Column("user_id", _S, _text),
+    Column("previous_id", _S, _text),
+    Column("user_key", _S, _required_text),
+    Column("timestamp", _TS, _ts),
+    Column("sent_at", _TS, _ts_or_none),
+    Column("received_at", _TS, _ts),
+    Column("ip", _S, _text),
+    Column("user_agent", _S, _text),
+    Column("page_url", _S, _text),
+    Column("page_path", _S, _text),
+    Column("page_host", _S, _text),
+    Column("page_title", _S, _text),
+    Column("referrer", _S, _text),
+    Column("locale", _S, _text),
+    Column("properties", _S, _json_text),
+    Column("traits", _S, _json_text),
+    Column("browser", _S, _text),
+    Column("browser_version", _S, _text),
+    Column("os", _S, _text),
+    Column("device_type", _S, _text),
+    Column("is_bot", pa.bool_(), _flag),
+    Column("country", _S, _text),
+    Column("utm_source", _S, _text),
+    Column("utm_medium", _S, _text),
+    Column("utm_campaign", _S, _text),
+    Column("utm_term", _S, _text),
+    Column("utm_content", _S, _text),
+    Column("click_id_type", _S, _text),
+    Column("referrer_type", _S, _text),
+    Column("referrer_host", _S, _text),
+)
+
+#: ``sessions`` columns filled from a ``sessions`` record. ``retracted`` is ``true`` on the version that
+#: withdraws a session (merged into another); absent means false.
+SESSION_COLUMNS: tuple[Column, ...] = (
+    Column("session_id", _S, _required_text),
+    Column("user_key", _S, _text),
+    Column("anonymous_id", _S, _text),
+    Column("start", _TS, _ts),
+    Column("end", _TS, _ts),
+    Column("duration_s", pa.float64(), _number),
+    Column("events", pa.uint32(), _count),
+    Column("page_views", pa.uint32(), _count),
+    Column("entry_page", _S, _text),
+    Column("exit_page", _S, _text),
+    Column("utm_source", _S, _text),
+    Column("utm_medium", _S, _text),
+    Column("utm_campaign", _S, _text),
+    Column("utm_term", _S, _text),
+    Column("utm_content", _S, _text),
+    Column("referrer_type", _S, _text),
+    Column("country", _S, _text),
+    Column("device_type", _S, _text),
+    Column("is_bounce", pa.bool_(), _flag),
+    Column("converted", pa.bool_(), _flag),
+    Column("revenue", pa.decimal128(18, 4), _money),
+    Column("version", pa.uint64(), _required_uint64),
+    Column("retracted", pa.uint8(), lambda v: int(_flag(v))),
+)
+
+_LINEAGE: tuple[Column, ...] = (
+    Column("kafka_partition", pa.uint32(), int),
+    Column("kafka_offset", pa.uint64(), int),
+)
+
+
+class Msg(NamedTuple):
+    """A Kafka record as the loader needs it (kafka-python's ``ConsumerRecord`` has these attributes)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A target table and how records become its rows."""
+
+    table: str
+    columns: tuple[Column, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Arrow schema of an insert (the loaded columns plus Kafka lineage)."""
+        return pa.schema([pa.field(c.name, c.arrow_type) for c in (*self.columns, *_LINEAGE)])
+
+
+EVENTS = TableSpec("events", EVENT_COLUMNS)
+SESSIONS = TableSpec("sessions", SESSION_COLUMNS)
+
+
+@dataclass
+class Converted:
+    """Rows of one insert unit, and the records that could not be converted (with the reason)."""
+
+    table: pa.Table
+    rejected: list[tuple[Msg, str]]
+
+
+def convert(spec: TableSpec, msgs: Iterable[Msg]) -> Converted:
+    """Parse (orjson) and convert records into an Arrow table matching ``spec``'s ClickHouse columns.
+
+    Records that are not JSON objects or whose fields do not fit their column are returned in
+    ``rejected`` and left out of the table; nothing raises.
+    """
+    cols = (*spec.columns, *_LINEAGE)
+    data: list[list[Any]] = [[] for _ in cols]
+    rejected: list[tuple[Msg, str]] = []
+    n_fields = len(spec.columns)
+    for msg in msgs:
+        try:
+            if msg.value is None:
+                raise ConversionError("empty record (tombstone)")
+            try:
+                rec = orjson.loads(msg.value)
+            except orjson.JSONDecodeError as exc:
+                raise ConversionError(f"invalid JSON: {exc}") from None
+            if not isinstance(rec, dict):
+                raise ConversionError("record is not a JSON object")
+            row = []
+            for col in spec.columns:
+                try:
+                    row.append(col.convert(rec.get(col.source or col.name)))
+                except ConversionError as exc:
+                    raise ConversionError(f"{col.name}: {exc}") from None
+        except ConversionError as exc:
+            rejected.append((msg, str(exc)))
+            continue
+        for i in range(n_fields):
+            data[i].append(row[i])
+        data[n_fields].append(msg.partition)
+        data[n_fields + 1].append(msg.offset)
+    arrays = [pa.array(values, type=c.arrow_type) for values, c in zip(data, cols, strict=True)]
+    return Converted(pa.Table.from_arrays(arrays, schema=spec.schema), rejected)
+
+
+# ================================================================================ ranges, tokens, intents
+
+
+@dataclass(frozen=True, order=True)
+class Range:
+    """Offsets ``[start, end)`` of one partition in one insert unit."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One insert: ranges of one topic into one table, identified by its deduplication token."""
+
+    topic: str
+    table: str
+    ranges: tuple[Range, ...]
+
+    def token(self, database: str) -> str:
+        """``<db>.<table>:<topic>:<p>:<start>-<end>[,<topic>:<p>:<start>-<end>...]`` (partition order)."""
+        return dedup_token(database, self.table, self.ranges)
+
+    @property
+    def intent(self) -> str:
+        """Offset-commit metadata recording this unit (see :func:`parse_intent`)."""
+        return intent_metadata(self.ranges)
+
+
+def dedup_token(database: str, table: str, ranges: Iterable[Range]) -> str:
+    """The ``insert_deduplication_token`` of an insert covering ``ranges`` (order-independent)."""
+    parts = ",".join(f"{r.topic}:{r.partition}:{r.start}-{r.end}" for r in sorted(ranges))
+    return f"{database}.{table}:{parts}"
+
+
+def intent_metadata(ranges: Iterable[Range]) -> str:
+    """``cp1:intent:<p>:<start>-<end>,...`` for ranges of one topic (partition order)."""
+    return INTENT_PREFIX + ",".join(f"{r.partition}:{r.start}-{r.end}" for r in sorted(ranges))
+
+
+def parse_intent(topic: str, metadata: str | None) -> tuple[Range, ...] | None:
+    """The ranges recorded by :func:`intent_metadata`, or ``None`` when ``metadata`` holds no intent."""
+    if not metadata or not metadata.startswith(INTENT_PREFIX):
+        return None
+    ranges = []
+    try:
+        for item in metadata[len(INTENT_PREFIX) :].split(","):
+            p, _, span = item.partition(":")
+            start, _, end = span.partition("-")
+            r = Range(topic, int(p), int(start), int(end))
+            if r.start > r.end or r.partition < 0 or r.start < 0:
+                raise ValueError(item)
+            ranges.append(r)
+    except ValueError:
+        log.error("ignoring malformed intent metadata on %s: %r", topic, metadata)
+        return None
+    return tuple(sorted(ranges)) or None
+
+
+def plan_units(
+    ranges: Iterable[Range], table_of: Mapping[str, str], max_intent_bytes: int = MAX_INTENT_BYTES
+) -> list[Unit]:
+    """Group a batch's ranges into insert units: one per topic, split so each intent fits the limit."""
+    by_topic: dict[str, list[Range]] = {}
+    for r in sorted(ranges):
+        by_topic.setdefault(r.topic, []).append(r)
+    units: list[Unit] = []
+    for topic, rs in by_topic.items():
+        chunk: list[Range] = []
+        for r in rs:
+            if chunk and len(intent_metadata([*chunk, r])) > max_intent_bytes:
+                units.append(Unit(topic, table_of[topic], tuple(chunk)))
+                chunk = []
+            chunk.append(r)
+        units.append(Unit(topic, table_of[topic], tuple(chunk)))
+    return units
+
+
+class BatchBuffer:
+    """Records polled since the last flush, per partition, with the offset each partition's range starts at.
+
+    ``start_at`` is set when a partition is (re)positioned and advanced by :meth:`take`, so consecutive
+    batches tile the offset space without gaps (transaction markers and aborted records included).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        """Empty buffer; ``clock`` (seconds) measures the age of the oldest buffered record."""
+        self.clock = clock
+        self.start_at: dict[tuple[str, int], int] = {}
+        self.records: dict[tuple[str, int], list[Msg]] = {}
+        self.rows = 0
+        self.first_at: float | None = None
+
+    def position(self, topic: str, partition: int, offset: int) -> None:
+        """The next batch of ``topic``/``partition`` starts at ``offset`` (after a seek)."""
+        self.start_at[(topic, partition)] = offset
+
+    def add(self, msgs: Iterable[Msg]) -> None:
+        """Append polled records (in partition order)."""
+        for m in msgs:
+            key = (m.topic, m.partition)
+            if key not in self.start_at:
+                self.start_at[key] = m.offset
+            self.records.setdefault(key, []).append(m)
+            self.rows += 1
+            if self.first_at is None:
+                self.first_at = self.clock()
+
+    def age(self) -> float:
+        """Seconds since the oldest buffered record arrived (0 when empty)."""
+        return 0.0 if self.first_at is None else self.clock() - self.first_at
+
+    def ready(self, max_rows: int, max_seconds: float) -> bool:
+        """True when the buffer should be flushed."""
+        return self.rows >= max_rows or (self.rows > 0 and self.age() >= max_seconds)
+
+    def take(self) -> tuple[list[Range], dict[tuple[str, int], list[Msg]]]:
+        """Cut a batch: its ranges and records; partitions' next ranges start at these ends."""
+        ranges = []
+        records = self.records
+        for (topic, p), msgs in records.items():
+            start = self.start_at[(topic, p)]
+            end = msgs[-1].offset + 1
+            ranges.append(Range(topic, p, start, end))
+            self.start_at[(topic, p)] = end
+        self.records = {}
+        self.rows = 0
+        self.first_at = None
+        return sorted(ranges), records
+
+    def clear(self) -> None:
+        """Forget everything (after a rebalance the consumer is repositioned from committed offsets)."""
+        self.start_at.clear()
+        self.records = {}
+        self.rows = 0
+        self.first_at = None
+
+
+# ================================================================================ the loader
+
+
+class StartingOffsets(StrEnum):
+    """Where a partition is read from when this process first gets it (after replaying any intent)."""
+
+    EARLIEST = "earliest"
+    LATEST = "latest"
+    COMMITTED = "committed"
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What the loader needs (``jobs/load.py`` builds it from the job's settings)."""
+
+    bootstrap_servers: str
+    clickhouse_url: str
+    database: str = "clickpulse"
+    events_topic: str = "events.enriched"
+    sessions_topic: str = "sessions"
+    dlq_topic: str = "events.dlq"
+    group_id: str = "clickpulse-load"
+    starting_offsets: StartingOffsets = StartingOffsets.COMMITTED
+    batch_max_rows: int = 50_000
+    batch_max_seconds: float = 1.0
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+    insert_timeout_s: float = 120.0
+    log_interval_s: float = 10.0
+    session_timeout_ms: int = 10_000
+    """Consumer-group session timeout: how long a crashed loader blocks its partitions (min. 6000)."""
+    bounded: bool = False
+    """Stop once every partition reached the end offsets seen at the first assignment (tests, backfills)."""
+    fail_after_inserts: int = 0
+    """Test hook: exit the process (status 17) right after the N-th data insert, before anything is
+    committed (``CLICKPULSE_LOADER_FAIL_AFTER_INSERT``); 0 = off."""
+
+    def table_of(self) -> dict[str, str]:
+        """Topic -> target table."""
+        return {self.events_topic: EVENTS.table, self.sessions_topic: SESSIONS.table}
+
+
+@dataclass
+class LoaderCounters:
+    """What the loader did (the periodic log line; tests and the benchmark read it)."""
+
+    rows: dict[str, int] = field(default_factory=lambda: {EVENTS.table: 0, SESSIONS.table: 0})
+    """Rows sent per table (an intent replay sends its rows again; ClickHouse drops the repeat)."""
+    batches: int = 0
+    inserts: int = 0
+    retries: int = 0
+    dlq: int = 0
+    skipped_loaded: int = 0
+    """Records below the high-water mark (already in ClickHouse), not inserted again."""
+    replays: int = 0
+    abandoned: int = 0
+    lag: int = 0
+
+    def line(self) -> str:
+        """One-line summary."""
+        rows = " ".join(f"{t}={n}" for t, n in self.rows.items())
+        return (
+            f"rows[{rows}] batches={self.batches} inserts={self.inserts} retries={self.retries} "
+            f"dlq={self.dlq} skipped_loaded={self.skipped_loaded} replays={self.replays} "
+            f"abandoned={self.abandoned} lag={self.lag}"
+        )
+
+
+class _Stopping(Exception):
+    """Stop was requested while a batch was being retried."""
+
+
+class _Abandon(Exception):
+    """The group rebalanced (or a commit was rejected) while a batch was in flight."""
+
+
+_RETRYABLE: tuple[type[BaseException], ...] = (ClickHouseError, KafkaError, OSError, TimeoutError)
+
+
+class Loader:
+    """The loader loop. ``run()`` until :meth:`stop` (or, when bounded, until caught up)."""
+
+    def __init__(self, config: LoaderConfig) -> None:
+        """Validate the config; connections are made in :meth:`run`."""
+        self.cfg = config
+        self.db = validate_identifier(config.database)
+        self.counters = LoaderCounters()
+        self.buffer = BatchBuffer()
+        self._stop = threading.Event()
+        self._table_of = config.table_of()
+        self._specs = {EVENTS.table: EVENTS, SESSIONS.table: SESSIONS}
+        self._hwm: dict[tuple[str, int], int] = {}
+        self._assigned: set[TopicPartition] = set()
+        self._seen: set[TopicPartition] = set()
+        self._needs_setup = False
+        self._rebalanced = False
+        self._stop_at: dict[TopicPartition, int] | None = None
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
+        self._client: Client | None = None
+        self._last_log = time.monotonic()
+        self._idle_since = time.monotonic()
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        """Ask the loop to finish (thread- and signal-safe): the current batch completes or is left for the
+        next run to replay; nothing is committed that is not loaded."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    def run(self) -> LoaderCounters:
+        """Consume, load and commit until stopped; returns the counters."""
+        cfg = self.cfg
+        log.info(
+            "loader starting: %s -> %s.%s, %s -> %s.%s, group %s, ClickHouse %s",
+            cfg.events_topic, self.db, EVENTS.table, cfg.sessions_topic, self.db, SESSIONS.table,
+            cfg.group_id, redact_url(cfg.clickhouse_url),
+        )  # fmt: skip
+        consumer = KafkaConsumer(
+            bootstrap_servers=cfg.bootstrap_servers,
+            group_id=cfg.group_id,
+            client_id=f"{cfg.group_id}-{os.getpid()}",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            max_poll_records=min(cfg.batch_max_rows, 10_000),
+            max_poll_interval_ms=600_000,
+            session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3),
+            fetch_max_bytes=16 * 1024 * 1024,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self._consumer = consumer
+        loader = self
+
+        class _Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                loader._on_revoked(revoked)
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                loader._on_assigned(assigned)
+
+        try:
+            consumer.subscribe([cfg.events_topic, cfg.sessions_topic], listener=_Listener())
+            self._loop()
+            self.counters.lag = self._lag()
+        finally:
+            self._close()
+        log.info("loader stopped: %s", self.counters.line())
+        return self.counters
+
+    def _close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except Exception:  # closing is best effort
+                log.debug("error closing consumer", exc_info=True)
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception:  # closing is best effort
+                log.debug("error closing producer", exc_info=True)
+        if self._client is not None:
+            self._client.close()
+
+    # ------------------------------------------------------------------ rebalance callbacks
+    def _on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        log.info("partitions revoked: %s", _fmt_tps(revoked))
+        self._rebalanced = True
+        self.buffer.clear()
+
+    def _on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        tps = set(assigned)
+        log.info("partitions assigned: %s", _fmt_tps(tps))
+        self._rebalanced = True
+        self._assigned = tps
+        self._needs_setup = True
+        self.buffer.clear()
+        if tps and self._consumer is not None:
+            self._consumer.pause(*tps)  # nothing is fetched until intents are replayed and positions set
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        consumer = self._require_consumer()
+        cfg = self.cfg
+        while True:
+            if self._stop.is_set():
+                self._final_flush()
+                return
+            if self._needs_setup:
+                try:
+                    self._setup_assignment()
+                except _Abandon:
+                    continue
+                except _Stopping:
+                    return
+            if self.buffer.ready(cfg.batch_max_rows, cfg.batch_max_seconds):
+                self._flush()
+                continue
+            if cfg.bounded and self._caught_up():
+                log.info("bounded run caught up")
+                return
+            wait_s = cfg.batch_max_seconds - self.buffer.age() if self.buffer.rows else cfg.batch_max_seconds
+            polled = consumer.poll(
+                timeout_ms=int(max(0.01, min(wait_s, 0.5)) * 1000),
+                max_records=max(1, cfg.batch_max_rows - self.buffer.rows),
+            )
+            if self._needs_setup:
+                continue  # a rebalance happened inside poll; anything returned belongs to the old assignment
+            n = 0
+            for tp_records in polled.values():
+                self.buffer.add(Msg(r.topic, r.partition, r.offset, r.key, r.value) for r in tp_records)
+                n += len(tp_records)
+            if n:
+                self._idle_since = time.monotonic()
+            self._maybe_log()
+
+    def _final_flush(self) -> None:
+        if self.buffer.rows and not self._needs_setup:
+            log.info("stopping: flushing %d buffered records", self.buffer.rows)
+            self._flush()
+
+    def _caught_up(self) -> bool:
+        if self._stop_at is None or self.buffer.rows:
+            return False
+        consumer = self._require_consumer()
+        for tp, end in self._stop_at.items():
+            if tp in self._assigned and consumer.position(tp) < end:
+                # transaction markers can leave the position one short of the end: accept when idle
+                if time.monotonic() - self._idle_since < max(5.0, 3 * self.cfg.batch_max_seconds):
+                    return False
+        return True
+
+    def _maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_log < self.cfg.log_interval_s:
+            return
+        self._last_log = now
+        self.counters.lag = self._lag()
+        log.info("load: %s", self.counters.line())
+
+    def _lag(self) -> int:
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        lag = 0
+        for tp in self._assigned:
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            try:
+                pos = consumer.position(tp, timeout_ms=0)
+            except KafkaError:
+                continue
+            if pos is not None:
+                lag += max(0, hw - pos)
+        return lag
+
+    # ------------------------------------------------------------------ assignment: intents, positions
+    def _setup_assignment(self) -> None:
+        consumer = self._require_consumer()
+        self._needs_setup = False
+        self._rebalanced = False
+        tps = set(self._assigned)
+        self.buffer.clear()
+        if not tps:
+            return
+        self._retry("read high-water marks", self._load_hwm)
+        committed = self._retry(
+            "read committed offsets", lambda: {tp: consumer.committed(tp, metadata=True) for tp in tps}
+        )
+        intents: dict[tuple[str, tuple[Range, ...]], None] = {}
+        for tp, om in committed.items():
+            ranges = parse_intent(tp.topic, om.metadata if om is not None else None)
+            if ranges is not None:
+                intents[(tp.topic, ranges)] = None
+        replayed_to: dict[TopicPartition, int] = {}
+        for topic, ranges in intents:
+            self._replay(Unit(topic, self._table_of[topic], ranges), tps)
+            for r in ranges:
+                tp = TopicPartition(r.topic, r.partition)
+                if tp in tps:
+                    replayed_to[tp] = r.end
+        first_time = tps - self._seen
+        for tp in sorted(tps):
+            om = committed.get(tp)
+            if tp in replayed_to:
+                consumer.seek(tp, replayed_to[tp])
+            elif tp in first_time and self.cfg.starting_offsets is StartingOffsets.EARLIEST:
+                consumer.seek_to_beginning(tp)
+            elif tp in first_time and self.cfg.starting_offsets is StartingOffsets.LATEST:
+                consumer.seek_to_end(tp)
+            elif om is not None and om.offset >= 0:
+                consumer.seek(tp, om.offset)
+            else:
+                consumer.seek_to_beginning(tp)
+            self.buffer.position(tp.topic, tp.partition, consumer.position(tp))
+        self._seen |= tps
+        if self.cfg.bounded and self._stop_at is None:
+            self._stop_at = dict(consumer.end_offsets(list(tps)))
+        if self._needs_setup or self._rebalanced:
+            raise _Abandon
+        consumer.resume(*tps)
+        self._idle_since = time.monotonic()
+        log.info(
+            "positions: %s",
+            ", ".join(f"{tp.topic}[{tp.partition}]@{consumer.position(tp)}" for tp in sorted(tps)),
+        )
+
+    def _replay(self, unit: Unit, owned: set[TopicPartition]) -> None:
+        """Insert an intent's unit again, exactly as recorded; commit the owned partitions at its ends."""
+        log.info("replaying intent %s", unit.token(self.db))
+        msgs = self._retry("read intent ranges", lambda: self._read_ranges(unit.ranges))
+        self._load_units([unit], _group(msgs))
+        commits = {
+            TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.end, "", -1)
+            for r in unit.ranges
+            if TopicPartition(r.topic, r.partition) in owned
+        }
+        self._commit(commits)
+        self.counters.replays += 1
+
+    def _read_ranges(self, ranges: Sequence[Range]) -> list[Msg]:
+        """Read exactly ``ranges`` with a group-less consumer (works for partitions owned by others)."""
+        side = KafkaConsumer(
+            bootstrap_servers=self.cfg.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        )
+        try:
+            want = {TopicPartition(r.topic, r.partition): r for r in ranges if r.end > r.start}
+            side.assign(list(want))
+            for tp, r in want.items():
+                side.seek(tp, r.start)
+            out: list[Msg] = []
+            pending = set(want)
+            deadline = time.monotonic() + 120
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"could not read intent ranges {sorted(want.values())}")
+                for tp, recs in side.poll(timeout_ms=500).items():
+                    end = want[tp].end
+                    out.extend(
+                        Msg(x.topic, x.partition, x.offset, x.key, x.value) for x in recs if x.offset < end
+                    )
+                for tp in list(pending):
+                    pos = side.position(tp)
+                    if pos is not None and pos >= want[tp].end:
+                        pending.discard(tp)
+                        side.pause(tp)
+            return out
+        finally:
+            side.close()
+
+    # ------------------------------------------------------------------ flush
+    def _flush(self) -> None:
+        ranges, records = self.buffer.take()
+        if not ranges:
+            return
+        units = plan_units(ranges, self._table_of)
+        try:
+            intents = {
+                TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.start, u.intent, -1)
+                for u in units
+                for r in u.ranges
+            }
+            self._commit(intents)
+            self._load_units(units, records)
+            self._commit(
+                {TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.end, "", -1) for r in ranges}
+            )
+        except _Abandon:
+            self.counters.abandoned += 1
+            log.warning("batch abandoned after a rebalance; its intent will be replayed by the new owner")
+            self._needs_setup = True
+            return
+        except _Stopping:
+            log.warning("stopped while retrying; the batch will be replayed on the next start")
+            self._needs_setup = True
+            return
+        self.counters.batches += 1
+        self._maybe_log()
+
+    def _load_units(self, units: Sequence[Unit], records: Mapping[tuple[str, int], list[Msg]]) -> None:
+        """Insert each unit (token), send its rejects to the DLQ, then record the high-water marks."""
+        dlq: list[tuple[Msg, str]] = []
+        for unit in units:
+            msgs: list[Msg] = []
+            for r in unit.ranges:
+                floor = max(self._hwm.get((r.topic, r.partition), 0), r.start)
+                part = records.get((r.topic, r.partition), [])
+                keep = [m for m in part if floor <= m.offset < r.end]
+                self.counters.skipped_loaded += len(part) - len(keep)
+                msgs.extend(keep)
+            if not msgs:
+                continue
+            spec = self._specs[unit.table]
+            converted = convert(spec, msgs)
+            dlq.extend(converted.rejected)
+            if converted.table.num_rows:
+                token = unit.token(self.db)
+                self._retry(
+                    f"insert into {unit.table}",
+                    functools.partial(self._insert, spec, converted.table, token),
+                )
+                self.counters.inserts += 1
+                self.counters.rows[unit.table] += converted.table.num_rows
+                if self.cfg.fail_after_inserts and self.counters.inserts >= self.cfg.fail_after_inserts:
+                    log.error(
+                        "CLICKPULSE_LOADER_FAIL_AFTER_INSERT reached: exiting before commit (test hook)"
+                    )
+                    logging.shutdown()
+                    os._exit(17)
+        if dlq:
+            self._retry("write events.dlq", lambda: self._send_dlq(dlq))
+            self.counters.dlq += len(dlq)
+        marks = [r for u in units for r in u.ranges if r.end > self._hwm.get((r.topic, r.partition), 0)]
+        if marks:
+            self._retry("write high-water marks", lambda: self._write_hwm(marks))
+
+    # ------------------------------------------------------------------ I/O
+    def _ch(self) -> Client:
+        if self._client is None:
+            self._client = client_from_url(
+                self.cfg.clickhouse_url,
+                database=self.db,
+                autogenerate_session_id=False,
+                connect_timeout=5,
+                send_receive_timeout=int(self.cfg.insert_timeout_s),
+            )
+        return self._client
+
+    def _insert(self, spec: TableSpec, table: pa.Table, token: str) -> None:
+        self._ch().insert_arrow(
+            spec.table,
+            table,
+            database=self.db,
+            settings={**DEDUP_SETTINGS, "insert_deduplication_token": token},
+        )
+
+    def _load_hwm(self) -> None:
+        rows = (
+            self._ch()
+            .query(
+                f"SELECT topic, partition, max(end_offset) FROM {self.db}.loader_offsets "
+                "WHERE topic IN {topics:Array(String)} GROUP BY topic, partition",
+                parameters={"topics": [self.cfg.events_topic, self.cfg.sessions_topic]},
+            )
+            .result_rows
+        )
+        self._hwm = {(str(t), int(p)): int(e) for t, p, e in rows}
+
+    def _write_hwm(self, ranges: Sequence[Range]) -> None:
+        self._ch().insert(
+            "loader_offsets",
+            [[r.topic, r.partition, r.end, self._table_of[r.topic]] for r in ranges],
+            database=self.db,
+            column_names=["topic", "partition", "end_offset", "loaded_table"],
+        )
+        for r in ranges:
+            key = (r.topic, r.partition)
+            self._hwm[key] = max(self._hwm.get(key, 0), r.end)
+
+    def _send_dlq(self, rejected: Sequence[tuple[Msg, str]]) -> None:
+        if self._producer is None:
+            from connectors.kafka import producer
+
+            self._producer = producer(self.cfg.bootstrap_servers, client_id=f"{self.cfg.group_id}-dlq")
+        now_ms = int(time.time() * 1000)
+        futures = [
+            self._producer.send(
+                self.cfg.dlq_topic,
+                key=msg.key,
+                value=dlq_record(
+                    msg.value,
+                    error_code=LOAD_ERROR,
+                    error_detail=detail[:1000],
+                    source_topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                    received_at_ms=now_ms,
+                ),
+            )
+            for msg, detail in rejected
+        ]
+        self._producer.flush(timeout=30)
+        for f in futures:
+            f.get(timeout=30)
+        log.warning("sent %d records to %s (%s)", len(rejected), self.cfg.dlq_topic, rejected[0][1])
+
+    def _commit(self, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None:
+        if not offsets:
+            return
+        consumer = self._require_consumer()
+        if self._rebalanced and self._needs_setup:
+            raise _Abandon
+
+        def commit() -> None:
+            try:
+                consumer.commit(dict(offsets))
+            except CommitFailedError as exc:
+                raise _Abandon from exc
+
+        self._retry("commit offsets", commit)
+
+    # ------------------------------------------------------------------ retries
+    def _retry(self, what: str, fn: Callable[[], _T]) -> _T:
+        delay = self.cfg.retry_initial_s
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except _RETRYABLE as exc:
+                attempt += 1
+                self.counters.retries += 1
+                level = logging.WARNING if attempt == 1 or attempt % 10 == 0 else logging.DEBUG
+                log.log(
+                    level, "%s failed (attempt %d, retrying in %.1fs): %s", what, attempt, delay, _short(exc)
+                )
+                if what.startswith("insert") and self._client is not None and attempt % 5 == 0:
+                    self._client.close()  # start from a fresh connection pool now and then
+                    self._client = None
+            if self._stop.is_set():
+                raise _Stopping
+            self._idle(delay)
+            delay = min(delay * 2, self.cfg.retry_max_s)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait while keeping the group membership alive (poll with every partition paused)."""
+        consumer = self._consumer
+        if consumer is None or not self._assigned:
+            self._stop.wait(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        paused = set(consumer.paused())
+        consumer.pause(*self._assigned)
+        try:
+            while not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    consumer.poll(timeout_ms=int(min(left, 0.5) * 1000))
+                except KafkaError as exc:
+                    log.debug("poll while idle failed: %s", exc)
+                    self._stop.wait(min(left, 0.5))
+                if self._rebalanced and self._needs_setup:
+                    raise _Abandon
+        finally:
+            if not self._needs_setup:
+                resume = [tp for tp in self._assigned if tp not in paused]
+                if resume:
+                    consumer.resume(*resume)
+
+    def _require_consumer(self) -> KafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("loader is not running")
+        return self._consumer
+
+
+def _group(msgs: Iterable[Msg]) -> dict[tuple[str, int], list[Msg]]:
+    out: dict[tuple[str, int], list[Msg]] = {}
+    for m in msgs:
+        out.setdefault((m.topic, m.partition), []).append(m)
+    return out
+
+
+def _fmt_tps(tps: Iterable[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "none"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
