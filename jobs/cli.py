@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_query)
 
     d = sub.add_parser("demo", help="what `make demo` runs: the pipeline on the embedded stack")
-    d.add_argument("--events", type=int, default=20_000, help="simulated records (default 20000)")
+    d.add_argument("--events", type=int, default=100_000, help="simulated records (default 100000)")
     d.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     d.add_argument("--keep-running", action="store_true", help="leave the stack up at the end")
     d.set_defaults(func=cmd_demo)
