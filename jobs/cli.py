@@ -143,6 +143,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoOptions(events=args.events, seed=args.seed, keep_running=args.keep_running), console)
 
 
+# --------------------------------------------------------------------------- migrate
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``clickpulse migrate``: apply pending ``sql/`` migrations once, in order."""
+    from connectors.migrate import MigrationError, migrate, pending
+    from connectors.settings import load_connections
+
+    url = load_connections().clickhouse_url.get_secret_value()
+    try:
+        if args.dry_run:
+            todo = pending(url, args.database)
+            console.print(f"pending: {', '.join(todo) if todo else 'nothing'}")
+            return 0
+        applied = migrate(url, args.database)
+    except MigrationError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 1
+    console.print(f"[green]applied[/] {', '.join(applied)}" if applied else f"{args.database} is up to date")
+    return 0
+
+
 # --------------------------------------------------------------------------- run
 
 JOBS = ("ingest", "sessionize", "load", "triggers", "dispatch")
@@ -194,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--malformed", type=float, default=0.02, help="fraction malformed (default 0.02)")
     sim.add_argument("--late", type=float, default=0.01, help="fraction delivered hours late (default 0.01)")
     sim.set_defaults(func=cmd_simulate)
+
+    m = sub.add_parser("migrate", help="apply pending ClickHouse migrations (sql/NNNN_*.sql) once, in order")
+    m.add_argument("--database", default="clickpulse", help="target database (default clickpulse)")
+    m.add_argument("--dry-run", action="store_true", help="only list what would be applied")
+    m.set_defaults(func=cmd_migrate)
 
     r = sub.add_parser(
         "run",
