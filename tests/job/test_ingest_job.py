@@ -68,13 +68,16 @@ def check_against_truth(enriched: list, dlq: list, truth: Truth) -> list[dict]:
     return records
 
 
-def test_ingest_matches_truth(job_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_ingest_matches_truth(job_env: dict[str, str], parallelism: int) -> None:
     records, truth = simulate(4000, seed=5)
     bootstrap = job_env["KAFKA_BOOTSTRAP_SERVERS"]
     prefix = job_env["CLICKPULSE_TOPIC_PREFIX"]
     produce(bootstrap, f"{prefix}events.raw", records)
 
-    res = run_ingest(job_env, "--bounded", "--starting-offsets", "earliest")
+    res = run_ingest(
+        job_env, "--bounded", "--starting-offsets", "earliest", "--parallelism", str(parallelism)
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
     enriched = read_all(bootstrap, f"{prefix}events.enriched")
