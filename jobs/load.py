@@ -46,8 +46,8 @@ class LoadSettings(BaseSettings):
     """``CLICKPULSE_STARTING_OFFSETS`` / ``--starting-offsets``: earliest, latest or committed (default;
     falls back to earliest). Pending intents are replayed first in every mode, and records already in
     ClickHouse (below the high-water marks) are never loaded twice, so ``earliest`` is safe."""
-    batch_max_rows: int = Field(50_000, alias="CLICKPULSE_LOAD_BATCH_MAX_ROWS", gt=0)
-    """``CLICKPULSE_LOAD_BATCH_MAX_ROWS`` / ``--batch-max-rows``: rows per batch (default 50000)."""
+    batch_max_rows: int = Field(20_000, alias="CLICKPULSE_LOAD_BATCH_MAX_ROWS", gt=0)
+    """``CLICKPULSE_LOAD_BATCH_MAX_ROWS`` / ``--batch-max-rows``: rows per batch (default 20000)."""
     batch_max_seconds: float = Field(1.0, alias="CLICKPULSE_LOAD_BATCH_MAX_SECONDS", gt=0)
     """``CLICKPULSE_LOAD_BATCH_MAX_SECONDS`` / ``--batch-max-seconds``: max age of a batch (default 1.0):
     at most about one insert per table per second, as ClickHouse likes."""
@@ -120,7 +120,7 @@ def run(settings: LoadSettings) -> LoaderCounters:
         applied = migrate(settings.clickhouse_url.get_secret_value(), settings.database)
         log.info("migrations applied: %s", ", ".join(applied) or "none pending")
     loader = Loader(settings.loader_config())
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
 
     def _on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, finishing the current batch", signal.Signals(signum).name)
@@ -146,7 +146,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where to start without committed offsets (default committed, falling back to earliest)",
     )
     p.add_argument("--database", default=None, help="ClickHouse database (default clickpulse)")
-    p.add_argument("--batch-max-rows", type=int, default=None, help="rows per batch (default 50000)")
+    p.add_argument("--batch-max-rows", type=int, default=None, help="rows per batch (default 20000)")
     p.add_argument("--batch-max-seconds", type=float, default=None, help="max batch age (default 1.0)")
     p.add_argument("--bounded", action="store_true", default=None, help="stop once caught up")
     p.add_argument("--migrate", action="store_true", default=None, help="apply pending migrations first")

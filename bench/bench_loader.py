@@ -1,0 +1,182 @@
+"""Loader benchmarks: rows/s into ClickHouse, and produce -> queryable latency at a steady input rate.
+
+``python -m bench.bench_loader`` prints markdown rows (``| benchmark | result | notes |``); ``run(results)``
+fills a dict. Uses the stack of the environment / ``.clickpulse/stack.env``; creates its own topics and
+database and removes them afterwards.
+
+* throughput: N enriched events (simulator -> ingest stage, then copied with fresh message_ids) are in
+  Kafka before the loader starts; rows/s is measured between the first and the last row becoming visible
+  in ``events`` (so the consumer-group join is not counted), with the default batch settings.
+* latency: events are produced at a fixed rate while the loader runs; for each row, ``inserted_at`` (the
+  server clock at insert, same machine) minus the time it was handed to the producer.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from connectors import kafka as kafka_io
+from connectors.clickhouse import client_from_url
+from connectors.loader import Loader, LoaderConfig
+from connectors.migrate import migrate
+from connectors.settings import load_connections
+from udfs.ingest import OK, IngestOptions, IngestStage, MemoryIdentityStore
+from udfs.simulator import SimConfig, generate
+
+log = logging.getLogger("bench.loader")
+
+
+def _templates(n: int = 5000) -> list[dict[str, Any]]:
+    raw, _ = generate(SimConfig(events=n, seed=5))
+    stage = IngestStage(IngestOptions(), MemoryIdentityStore())
+    out = stage.process_batch(
+        [r.value for r in raw], [r.timestamp_ms for r in raw], [0] * len(raw), list(range(len(raw)))
+    )
+    return [orjson.loads(p) for kind, _m, _k, p in zip(*out, strict=True) if kind == OK]
+
+
+def _copies(templates: list[dict[str, Any]], n: int) -> list[tuple[str, bytes, bytes]]:
+    out = []
+    for i in range(n):
+        rec = dict(templates[i % len(templates)])
+        rec["message_id"] = str(uuid.uuid4())
+        out.append((rec["message_id"], rec["user_key"].encode(), orjson.dumps(rec)))
+    return out
+
+
+class _Env:
+    def __init__(self) -> None:
+        self.conn = load_connections()
+        self.url = self.conn.clickhouse_url.get_secret_value()
+        self.db = f"bench_{uuid.uuid4().hex[:8]}"
+        tag = uuid.uuid4().hex[:8]
+        self.topics = [f"bench.{tag}.events.enriched", f"bench.{tag}.sessions", f"bench.{tag}.events.dlq"]
+        kafka_io.ensure_topics(self.conn.kafka_bootstrap_servers, {t: {} for t in self.topics}, partitions=4)
+        migrate(self.url, self.db)
+        self.client = client_from_url(self.url)
+
+    def config(self, **kw: Any) -> LoaderConfig:
+        return LoaderConfig(
+            bootstrap_servers=self.conn.kafka_bootstrap_servers,
+            clickhouse_url=self.url,
+            database=self.db,
+            events_topic=self.topics[0],
+            sessions_topic=self.topics[1],
+            dlq_topic=self.topics[2],
+            group_id=f"bench-{uuid.uuid4().hex[:8]}",
+            **kw,
+        )
+
+    def count(self) -> int:
+        return int(self.client.command(f"SELECT count() FROM {self.db}.events"))
+
+    def close(self) -> None:
+        self.client.command(f"DROP DATABASE IF EXISTS {self.db}")
+        self.client.close()
+        kafka_io.delete_topics(self.conn.kafka_bootstrap_servers, self.topics)
+
+
+def _start(cfg: LoaderConfig) -> tuple[Loader, threading.Thread]:
+    loader = Loader(cfg)
+    th = threading.Thread(target=loader.run, name="loader", daemon=True)
+    th.start()
+    return loader, th
+
+
+def throughput(events: int = 100_000, **config: Any) -> tuple[float, int]:
+    """Rows/s of the loader into ``events`` (all rollups maintained); ``config``: LoaderConfig overrides."""
+    env = _Env()
+    try:
+        records = _copies(_templates(), events)
+        p = kafka_io.producer(env.conn.kafka_bootstrap_servers)
+        for _mid, key, value in records:
+            p.send(env.topics[0], key=key, value=value)
+        p.flush(120)
+        p.close()
+        loader, th = _start(env.config(**config))
+        first_t = first_n = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            n = env.count()
+            now = time.monotonic()
+            if first_t is None and n > 0:
+                first_t, first_n = now, n
+            if n >= events:
+                break
+            time.sleep(0.05)
+        loader.stop()
+        th.join(60)
+        if first_t is None or first_n is None or now <= first_t:
+            raise RuntimeError("loader made no progress")
+        return (events - first_n) / (now - first_t), events
+    finally:
+        env.close()
+
+
+def latency(rate: int = 1000, seconds: int = 20) -> tuple[float, float, int]:
+    """p50/p99 (ms) from handing an event to the producer until its row is in ``events``."""
+    env = _Env()
+    try:
+        records = _copies(_templates(), rate * seconds)
+        loader, th = _start(env.config())
+        time.sleep(5)  # let the group form before the clock starts
+        produced_at: dict[str, float] = {}
+        p = kafka_io.producer(env.conn.kafka_bootstrap_servers)
+        t0 = time.time()
+        for i, (mid, key, value) in enumerate(records):
+            due = t0 + i / rate
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            produced_at[mid] = time.time()
+            p.send(env.topics[0], key=key, value=value)
+        p.flush(60)
+        p.close()
+        deadline = time.monotonic() + 120
+        while env.count() < len(records) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        loader.stop()
+        th.join(60)
+        rows = env.client.query(
+            f"SELECT message_id, toUnixTimestamp64Milli(inserted_at) FROM {env.db}.events"
+        ).result_rows
+        lat = sorted(int(ms) - produced_at[mid] * 1000 for mid, ms in rows if mid in produced_at)
+        p50 = statistics.median(lat)
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        return p50, p99, len(lat)
+    finally:
+        env.close()
+
+
+def run(results: dict[str, Any]) -> None:
+    """Run both measurements; put them in ``results`` and print the markdown rows."""
+    rps, n = throughput()
+    results["loader_rows_per_s"] = rps
+    print(
+        f"| loader, Kafka → ClickHouse events + 7 MV rollups (embedded endpoint, batches ≤ 20k rows or 1 s) "
+        f"| {rps:,.0f} rows/s | {n:,} enriched events already in Kafka, 4 partitions |"
+    )
+    rate, seconds = 1000, 20
+    p50, p99, m = latency(rate, seconds)
+    results.update(loader_latency_p50_ms=p50, loader_latency_p99_ms=p99)
+    print(
+        f"| loader, produce → queryable in ClickHouse, {rate:,} events/s | p50 {p50:,.0f} ms, p99 {p99:,.0f} ms "
+        f"| {m:,} events over {seconds} s, batches ≤ 1 s |"
+    )
+
+
+def main() -> None:
+    """``python -m bench.bench_loader``."""
+    logging.basicConfig(level=logging.WARNING)
+    run({})
+
+
+if __name__ == "__main__":
+    main()
