@@ -831,6 +831,7 @@ class Loader:
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
+            check_crcs=False,
         )
         try:
             want = {TopicPartition(r.topic, r.partition): r for r in ranges if r.end > r.start}

@@ -500,13 +500,13 @@ def test_load_rollups_and_replay(connections: Connections, database: tuple[Any, 
     assert all(r[2] <= r[3] and (r[1] != 0 or r[2] == r[3]) for r in retention)
 
 
-def _job_env(conn: Connections, t: Topics, db: str, group: str, **extra: str) -> dict[str, str]:
+def _job_env(conn: Connections, db: str, group: str, home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKPULSE_")}
     env.update(
         {
             "KAFKA_BOOTSTRAP_SERVERS": conn.kafka_bootstrap_servers,
             "CLICKHOUSE_URL": conn.clickhouse_url.get_secret_value(),
-            "CLICKPULSE_HOME": "/nonexistent-clickpulse-home",
+            "CLICKPULSE_HOME": str(home),
             "CLICKPULSE_DATABASE": db,
             "CLICKPULSE_TOPIC_PREFIX": "",
             "CLICKPULSE_LOAD_GROUP_ID": group,
@@ -541,7 +541,7 @@ def test_crash_mid_batch(connections: Connections, database: tuple[Any, str], tm
         cmd = [sys.executable, "-m", "jobs.load", "--bounded"]
 
         def run(**extra: str) -> subprocess.CompletedProcess[str]:
-            env = _job_env(connections, t, db, group, CLICKPULSE_TOPIC_PREFIX=prefix, **extra)
+            env = _job_env(connections, db, group, tmp_path, CLICKPULSE_TOPIC_PREFIX=prefix, **extra)
             return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
         crashed = run(CLICKPULSE_LOADER_FAIL_AFTER_INSERT="3")
@@ -555,7 +555,7 @@ def test_crash_mid_batch(connections: Connections, database: tuple[Any, str], tm
         assert client.command(f"SELECT count() FROM {db}.events") == partial  # the repeat was dropped
 
         # third run: unbounded; once everything is in, SIGTERM must stop it cleanly (exit 0)
-        env = _job_env(connections, t, db, group, CLICKPULSE_TOPIC_PREFIX=prefix)
+        env = _job_env(connections, db, group, tmp_path, CLICKPULSE_TOPIC_PREFIX=prefix)
         log_path = tmp_path / "load.log"
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(cmd[:-1], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
