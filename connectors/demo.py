@@ -124,7 +124,8 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
             env,
             logs / "demo-ingest.log",
         )
-        if importlib.util.find_spec("jobs.sessionize") is not None:
+        has_sessions = importlib.util.find_spec("jobs.sessionize") is not None
+        if has_sessions:
             _run_job(
                 console,
                 "sessionize: event-time sessions",
