@@ -119,6 +119,7 @@ class IngestStageUdf(ScalarFunction):
         from udfs.ingest import IngestOptions, IngestStage
 
         c = self.config
+        logging.getLogger("clickpulse").setLevel(logging.INFO)  # the worker's root logger is at WARNING
         warm_up()
         r = client(c.redis_url, timeout_s=c.redis_timeout_s)
         self.stage = IngestStage(
