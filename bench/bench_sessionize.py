@@ -1,0 +1,235 @@
+"""Throughput of the sessionize job on this box: ``python -m bench.bench_sessionize``.
+
+Needs a running stack (``clickpulse stack up``, or ``KAFKA_BOOTSTRAP_SERVERS`` set). It simulates
+realistic traffic, enriches it in-process (the ingest job's record logic with in-memory identity
+stores), produces it to a fresh set of prefixed topics, runs ``python -m jobs.sessionize --bounded``
+as a subprocess and reads the job's periodic counter lines from its Flink log to measure the
+steady-state rate (JVM start-up and the final timer flush are left out). It prints markdown rows
+(``| benchmark | result | notes |``, see ``bench/README.md``): the job, and the pure reducer (``udfs.sessions`` with JSON parsing and the state codec, no Flink)
+for comparison. The load average is printed too: the box is shared, so the numbers move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from connectors import kafka as kafka_io
+from connectors.settings import CONTRACT_TOPICS, load_connections
+from udfs import sessions
+from udfs.ingest import IngestOptions, IngestStage, MemoryIdentityStore, MemoryProfileStore
+from udfs.simulator import SimConfig, generate
+
+log = logging.getLogger("bench.sessionize")
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*sessionize\[(\d+)\]: events=(\d+)")
+
+
+def enriched_events(events: int, seed: int) -> list[tuple[str, bytes]]:
+    """``(user_key, enriched JSON)`` for a simulated run of ``events`` raw records ending now."""
+    end = datetime.now(UTC).replace(second=0, microsecond=0)
+    cfg = SimConfig.ending_at(end, events=events, seed=seed, duplicate_fraction=0.0, malformed_fraction=0.0)
+    records, _ = generate(cfg)
+    stage = IngestStage(IngestOptions(), MemoryIdentityStore(), MemoryProfileStore())
+    out = stage.process_batch(
+        [r.value for r in records],
+        [r.timestamp_ms for r in records],
+        [0] * len(records),
+        list(range(len(records))),
+        [r.key for r in records],
+    )
+    return [(k, p) for kind, k, p in zip(out.kinds, out.user_keys, out.payloads, strict=True) if kind == "ok"]
+
+
+def reducer_rate(rows: list[tuple[str, bytes]]) -> float:
+    """Events/s of parse + state codec + :func:`udfs.sessions.step` in this process (no Flink)."""
+    cfg = sessions.SessionConfig()
+    states: dict[str, str] = {}
+    start = time.perf_counter()
+    for key, value in rows:
+        ev = sessions.Event.from_record(orjson.loads(value))
+        res = sessions.step(sessions.load_state(states.get(key)), ev, -(2**63), cfg)
+        states[key] = sessions.dump_state(res.state).decode()
+    return len(rows) / (time.perf_counter() - start)
+
+
+def steady_rate(log_file: Path, total: int) -> tuple[float, float, float, float]:
+    """``(events/s, seconds, t0, t1)`` between the first counter line and the one reaching ``total``."""
+    per_subtask: dict[str, list[tuple[float, int]]] = {}
+    for line in log_file.read_text(errors="replace").splitlines():
+        m = LINE.match(line)
+        if m:
+            ts = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            per_subtask.setdefault(m.group(2), []).append((ts, int(m.group(3))))
+    if not per_subtask:
+        raise RuntimeError(f"no counter lines in {log_file}")
+    # sum the subtasks' cumulative counts on a common timeline
+    times = sorted({t for series in per_subtask.values() for t, _ in series})
+
+    def count_at(series: list[tuple[float, int]], t: float) -> int:
+        return max((n for ts, n in series if ts <= t), default=0)
+
+    timeline = [(t, sum(count_at(s, t) for s in per_subtask.values())) for t in times]
+    first_t, first_n = timeline[0]
+    done = next(((t, n) for t, n in timeline if n >= total), timeline[-1])
+    seconds = done[0] - first_t
+    rate = (done[1] - first_n) / seconds if seconds > 0 else float("nan")
+    return rate, seconds, first_t, done[0]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` (all its threads), or ``None`` once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_job(
+    env: dict[str, str], parallelism: int, timeout_s: float
+) -> tuple[float, list[tuple[float, float]]]:
+    """Run the bounded job; returns its wall time and ``(wall clock, JVM CPU seconds)`` samples.
+
+    The JVM is the job process's child (PyFlink's gateway runs the mini-cluster); in THREAD mode the
+    Python functions run inside it, so its CPU time is the whole pipeline except the broker.
+    """
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.sessionize",
+            "--bounded",
+            "--starting-offsets",
+            "earliest",
+            "--parallelism",
+            str(parallelism),
+        ],  # fmt: skip
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    samples: list[tuple[float, float]] = []
+    jvm: int | None = None
+    try:
+        while proc.poll() is None:
+            if time.monotonic() - start > timeout_s:
+                raise TimeoutError("sessionize did not finish")
+            if jvm is None:
+                jvm = next(iter(_children(proc.pid)), None)
+            cpu = _cpu_seconds(jvm) if jvm is not None else None
+            if cpu is not None:
+                samples.append((time.time(), cpu))
+            time.sleep(0.25)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sessionize failed:\n{err[-3000:]}")
+    return time.monotonic() - start, samples
+
+
+def cpu_between(samples: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """JVM CPU seconds spent between wall-clock times ``t0`` and ``t1`` (nearest samples)."""
+
+    def at(t: float) -> float:
+        return min(samples, key=lambda s: abs(s[0] - t))[1]
+
+    return at(t1) - at(t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print markdown rows."""
+    p = argparse.ArgumentParser(prog="bench.bench_sessionize", description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=60_000, help="simulated raw records (default 60000)")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--parallelism", type=int, default=1)
+    p.add_argument("--mode", choices=["thread", "process"], default="thread", help="python.execution-mode")
+    p.add_argument("--state-backend", choices=["rocksdb", "hashmap"], default="rocksdb")
+    p.add_argument("--state-cache", type=int, default=20_000, help="CLICKPULSE_SESSIONIZE_STATE_CACHE")
+    p.add_argument("--timeout-s", type=float, default=900.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    conns = load_connections()
+    bootstrap = conns.kafka_bootstrap_servers
+    if not kafka_io.is_healthy(bootstrap):
+        log.error("no Kafka at %s: run `clickpulse stack up` first", bootstrap)
+        return 2
+    rows = enriched_events(args.events, args.seed)
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    topics = {f"{prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()}
+    kafka_io.ensure_topics(bootstrap, topics, partitions=4)
+    try:
+        producer = kafka_io.producer(bootstrap)
+        for key, value in rows:
+            producer.send(f"{prefix}events.enriched", key=key.encode(), value=value)
+        producer.flush()
+        producer.close()
+        with tempfile.TemporaryDirectory(prefix="bench-sessionize-") as tmp:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKPULSE_")}
+            env.update(
+                {
+                    "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                    "CLICKPULSE_TOPIC_PREFIX": prefix,
+                    "CLICKPULSE_HOME": str(Path(tmp) / "home"),
+                    "CLICKPULSE_LOG_INTERVAL_S": "1",
+                    "CLICKPULSE_PYTHON_EXECUTION_MODE": args.mode,
+                    "CLICKPULSE_SESSIONIZE_STATE_BACKEND": args.state_backend,
+                    "CLICKPULSE_SESSIONIZE_STATE_CACHE": str(args.state_cache),
+                    "FLINK_LOG_DIR": str(Path(tmp) / "log"),
+                }
+            )
+            wall, samples = run_job(env, args.parallelism, args.timeout_s)
+            (log_file,) = Path(tmp, "log").glob("flink-*.log")
+            rate, seconds, t0, t1 = steady_rate(log_file, len(rows))
+            cpu = cpu_between(samples, t0, t1)
+            processed = rate * seconds
+        load = os.getloadavg()[0]
+        pure = reducer_rate(rows)
+    finally:
+        kafka_io.delete_topics(bootstrap, list(topics))
+    print(
+        f"| sessionize job, sustained ({args.mode} mode, {args.state_backend} state, "
+        f"parallelism {args.parallelism}, bounded run) "
+        f"| {rate:,.0f} events/s ({processed / cpu:,.0f} per JVM CPU-second) "
+        f"| {len(rows):,} enriched events, state cache {args.state_cache}; steady state {seconds:.0f} s "
+        f"of a {wall:.0f} s run (job's counter log); JVM used {cpu / seconds:.2f} cores; load avg {load:.1f} |"
+    )
+    print(
+        f"| session reducer alone (JSON parse + state codec + step, no Flink) | {pure:,.0f} events/s "
+        f"| same events, one process; load avg {load:.1f} |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
