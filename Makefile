@@ -10,7 +10,7 @@ JARS_DIR := .clickpulse/jars
 POM := connectors/maven/pom.xml
 PYTEST_ARGS ?=
 
-.PHONY: help venv sysdeps jars demo test test-unit lint stack-up stack-down stack-status bench clean
+.PHONY: help venv sysdeps jars demo test test-unit lint docs stack-up stack-down stack-status bench clean
 
 help: ## list every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,10 +53,14 @@ test: venv sysdeps jars ## run every test tier (unit, job, integration)
 test-unit: venv ## run only the unit tier (no JVM, no services)
 	$(BIN)/pytest -m unit $(PYTEST_ARGS)
 
-lint: venv ## ruff and mypy
+lint: venv ## ruff, mypy and the README configuration reference check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python -m connectors.configdoc --check
+
+docs: venv ## regenerate README's configuration reference from the settings classes
+	$(BIN)/python -m connectors.configdoc --write
 
 stack-up: venv sysdeps jars ## start the local stack (Kafka, Redis, ClickHouse endpoint)
 	$(BIN)/clickpulse stack up
