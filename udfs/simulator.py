@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import heapq
 import logging
 import math
 import random
@@ -48,6 +49,8 @@ from urllib.parse import quote_plus, urlencode
 import orjson
 
 from udfs.identity import identity_link, record_key, resolve_user_key
+from udfs.rules import CountWhen, Rule, Rules, SequenceWhen
+from udfs.triggers import Event, Fire, Timer, UserState, on_timer, step
 
 log = logging.getLogger(__name__)
 
@@ -1725,3 +1728,75 @@ def _aggregates(
         },
         "cart_adds_without_order_30m": abandoned,
     }
+
+
+#: Top-level paths of an enriched event that :func:`expected_trigger_fires` can fill from a raw record.
+_RAW_RULE_PATHS = frozenset({"message_id", "type", "event", "user_key", "anonymous_id", "user_id",
+                             "properties", "traits"})  # fmt: skip
+
+
+def expected_trigger_fires(
+    records: Sequence[SimRecord],
+    truth: Truth,
+    rules: Rules,
+    *,
+    watermark_delay_ms: int = 2000,
+) -> list[Fire]:
+    """The trigger fires a pipeline should make of this simulation under ``rules`` (the pure reducer).
+
+    :func:`udfs.triggers.step` runs over the valid unique events in the order they were produced (per
+    user, the order a triggers job reads them), with the truth's ``user_key`` and corrected event time.
+    Event-time timers fire once the running maximum event time minus ``watermark_delay_ms`` passes them;
+    at the end every pending timer fires, as in a bounded or drained run (the end of the input is the end
+    of event time). ``fired_at`` is 0: only the decisions and the ``action_id`` values are meaningful.
+
+    This is the order-of-arrival semantics of ADR 002, not event-time order: a late event does not
+    complete a window that the watermark has already closed. A job that reads its input in bigger
+    out-of-order chunks than the produced order (a backlog replayed at thousands of simulated minutes
+    per second) can decide a few borderline cases differently. Rules may only use paths a raw record
+    has (``properties.*``, ``traits.*``, ``type``, ``event``, ids): enrichment fields are not simulated
+    here, so other paths raise ``ValueError``.
+    """
+    for rule in rules:
+        for path in _rule_paths(rule):
+            if path[0] not in _RAW_RULE_PATHS:
+                raise ValueError(f"rule {rule.id}: path {'.'.join(path)} is not available from raw records")
+    states: dict[str, UserState] = {}
+    timers: list[tuple[int, str]] = []
+    fires: list[Fire] = []
+    watermark = max_ts = -(2**62)
+
+    def advance(to: int) -> None:
+        while timers and timers[0][0] <= to:
+            at, key = heapq.heappop(timers)
+            state, fired, more = on_timer(states.get(key, UserState()), Timer(at), rules, 0)
+            states[key] = state
+            fires.extend(fired)
+            for t in more:
+                heapq.heappush(timers, (t.at_ms, key))
+
+    for item in truth.valid:
+        raw = orjson.loads(records[item.position].value)
+        record = {k: raw.get(k) for k in _RAW_RULE_PATHS}
+        record.update(user_key=item.user_key, event_time_ms=item.timestamp_ms)
+        event = Event.from_record(record)
+        max_ts = max(max_ts, event.ts_ms)
+        if max_ts - watermark_delay_ms > watermark:
+            watermark = max_ts - watermark_delay_ms
+            advance(watermark)
+        state, fired, more = step(states.get(event.user_key, UserState()), event, rules, 0)
+        states[event.user_key] = state
+        fires.extend(fired)
+        for t in more:
+            heapq.heappush(timers, (t.at_ms, event.user_key))
+    advance(2**62)
+    return fires
+
+
+def _rule_paths(rule: Rule) -> list[tuple[str, ...]]:
+    w = rule.when
+    if isinstance(w, CountWhen):
+        return [*w.group_by, *(p for p, _ in w.match.where)]
+    if isinstance(w, SequenceWhen):
+        return [p for m in (w.first, w.then_not) for p, _ in m.where]
+    return [p for p, _ in w.match.where]
