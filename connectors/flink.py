@@ -114,19 +114,28 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def under_flink_run() -> bool:
+    """True when ``flink run -py`` started this driver (its PythonDriver hands us the gateway port).
+
+    Then the cluster's configuration and the command line rule (``docs/flink-run.md``): connector jars
+    come from ``--jarfile`` (or the cluster's ``lib/``), the restore point from ``--fromSavepoint``, the
+    checkpoint storage and the workers' Python from the cluster config / ``--pyExecutable``, unless
+    ``CLICKPULSE_JARS_DIR`` / ``CLICKPULSE_CHECKPOINT_DIR`` / ``CLICKPULSE_PYTHON_EXECUTABLE`` /
+    ``--restore <path>`` are given explicitly; there is no local REST port and no automatic restore.
+    """
+    return "PYFLINK_GATEWAY_PORT" in os.environ
+
+
 def flink_config(job: str, s: JobSettings) -> dict[str, str]:
     """The Flink configuration of a job (checkpointing, state, restore, Python workers)."""
-    ckpt = (s.checkpoint_dir or s.home / "flink" / job / "checkpoints").resolve()
-    ckpt.mkdir(parents=True, exist_ok=True)
+    cluster = under_flink_run()
     conf = {
         "pipeline.name": f"clickpulse-{job}",
-        "pipeline.jars": ";".join(connector_jars(s.jars_dir)),
         "parallelism.default": str(s.parallelism),
         "execution.checkpointing.interval": f"{s.checkpoint_interval_ms} ms",
         "execution.checkpointing.mode": "EXACTLY_ONCE",
         "execution.checkpointing.min-pause": f"{max(s.checkpoint_interval_ms // 4, 100)} ms",
         "execution.checkpointing.timeout": "2 min",
-        "execution.checkpointing.dir": ckpt.as_uri(),
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "execution.checkpointing.num-retained": "3",
         "execution.checkpointing.incremental": "true",
@@ -137,13 +146,21 @@ def flink_config(job: str, s: JobSettings) -> dict[str, str]:
         # in savepoints maps back to the same operators after a restart or an upgrade.
         "table.exec.uid.generation": "ALWAYS",
         "table.exec.source.idle-timeout": "5 s",
-        "python.executable": s.python_executable or sys.executable,
-        "python.client.executable": s.python_executable or sys.executable,
         "python.fn-execution.bundle.time": "100",
         "python.fn-execution.arrow.batch.size": "2000",
         "python.fn-execution.bundle.size": "2000",
     }
-    if "PYFLINK_GATEWAY_PORT" not in os.environ:  # local mini-cluster (not under `flink run`)
+    if not cluster or s.jars_dir is not None:
+        conf["pipeline.jars"] = ";".join(connector_jars(s.jars_dir))
+    if not cluster or s.python_executable:
+        conf["python.executable"] = s.python_executable or sys.executable
+        conf["python.client.executable"] = s.python_executable or sys.executable
+    ckpt: Path | None = None
+    if not cluster or s.checkpoint_dir is not None:
+        ckpt = (s.checkpoint_dir or s.home / "flink" / job / "checkpoints").resolve()
+        ckpt.mkdir(parents=True, exist_ok=True)
+        conf["execution.checkpointing.dir"] = ckpt.as_uri()
+    if not cluster:  # local mini-cluster
         conf["rest.address"] = "127.0.0.1"
         conf["rest.bind-address"] = "127.0.0.1"
         conf["rest.port"] = str(_free_port())
@@ -153,7 +170,7 @@ def flink_config(job: str, s: JobSettings) -> dict[str, str]:
         # (FLINK-31743 guards only the main instance). A short local dir keeps every name legal.
         conf["state.backend.rocksdb.localdir"] = str(Path(tempfile.gettempdir()) / "clickpulse-rocksdb")
     if s.restore == "auto":
-        latest = latest_checkpoint(ckpt)
+        latest = latest_checkpoint(ckpt) if ckpt is not None and not cluster else None
         if latest is not None:
             log.info("restoring %s from %s", job, latest)
             conf["execution.state-recovery.path"] = latest.as_uri()
@@ -283,6 +300,16 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def submitted_detached(job: str, result: Any, t_env: Any) -> bool:
+    """True (after logging the job id) when ``flink run --detached`` submitted the job: the driver must
+    return then instead of waiting for a job that runs on after ``flink run`` exits."""
+    if not under_flink_run() or t_env.get_config().get("execution.attached", "true").lower() != "false":
+        return False
+    client = result.get_job_client()
+    log.info("%s: submitted as Flink job %s (detached)", job, client.get_job_id() if client else "?")
+    return True
+
+
 def execute_and_log(job: str, statements: Any, t_env: Any, s: JobSettings, interval_s: float = 10.0) -> None:
     """Execute a statement set, log the job's counters every ``interval_s`` and once at the end."""
     from connectors.flink_metrics import CounterLogger
@@ -291,6 +318,8 @@ def execute_and_log(job: str, statements: Any, t_env: Any, s: JobSettings, inter
     if not rest and "PYFLINK_GATEWAY_PORT" not in os.environ:
         rest = f"http://127.0.0.1:{t_env.get_config().get('rest.port', '')}"
     result = statements.execute()
+    if submitted_detached(job, result, t_env):
+        return
     if rest:
         log.info("%s: Flink REST API (metrics, job status) at %s", job, rest)
     logger = CounterLogger(job, rest, interval_s) if rest else None

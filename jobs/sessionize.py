@@ -50,6 +50,7 @@ from connectors.flink import (
     create_table_env,
     kafka_sink_options,
     kafka_source_options,
+    submitted_detached,
 )
 from udfs import sessions as reducer
 
@@ -423,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     statements = build(env, t_env, settings)
     log.info("submitting %s (group %s)", JOB, settings.group_id or f"clickpulse-{JOB}")
-    statements.execute().wait()
+    result = statements.execute()
+    if not submitted_detached(JOB, result, t_env):
+        result.wait()
     return 0
 
 

@@ -1,0 +1,218 @@
+"""The jobs under ``flink run`` on a real standalone Flink cluster, with stop-with-savepoint and resume.
+
+A JobManager and a TaskManager from the PyFlink distribution run as separate processes on loopback
+(:class:`connectors.flink_cluster.FlinkCluster`). Every job is submitted the way ``docs/flink-run.md``
+tells users to: ``flink run --detached --python jobs/<job>.py --pyFiles clickpulse-src.zip --jarfile
+<kafka connector> --pyExecutable … --pyClientExecutable … --pyPythonPath <site-packages>``, with its
+settings in the environment and its options after the script. Ingest runs in Python PROCESS mode,
+sessionize in THREAD mode (the interpreter embedded in the TaskManager).
+
+Checks: enriched/DLQ output equals the simulator's truth; sessions appear and each one agrees with the
+enriched events; then ``flink stop --savepointPath`` stops ingest, more events arrive (some of them
+redeliveries of events from before the savepoint), ``flink run --fromSavepoint`` resumes it, and every
+unique event is in ``events.enriched`` exactly once (read_committed), every bad record in the DLQ once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+
+from connectors.flink import connector_jars
+from connectors.flink_cluster import FlinkCluster, package_sources, site_packages
+from connectors.simulate import produce
+from tests.job.test_ingest_job import check_against_truth, read_all, simulate, wait_for
+from udfs.simulator import SimRecord
+
+pytestmark = pytest.mark.integration
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkCluster]:
+    """One standalone cluster (JobManager + TaskManager processes) for this module."""
+    c = FlinkCluster(tmp_path_factory.mktemp("flink-cluster"))
+    with logs_on_failure(c, "start-up"):
+        c.start()
+    yield c
+    c.stop()
+    assert not c.running()
+
+
+@pytest.fixture(scope="module")
+def src_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's packages for ``--pyFiles``."""
+    return package_sources(tmp_path_factory.mktemp("pyfiles") / "clickpulse-src.zip")
+
+
+@contextmanager
+def logs_on_failure(cluster: FlinkCluster, what: str) -> Iterator[None]:
+    """On any failure, log the tail of every cluster log (pytest shows them with the failure)."""
+    try:
+        yield
+    except BaseException:
+        for f in cluster.log_files():
+            log.error("---- %s: %s (last 150 lines) ----\n%s", what, f.name,
+                      "\n".join(f.read_text(errors="replace").splitlines()[-150:]))  # fmt: skip
+        raise
+
+
+def submit(
+    cluster: FlinkCluster,
+    job: str,
+    env: dict[str, str],
+    src_zip: Path,
+    *args: str,
+    savepoint: str | None = None,
+) -> str:
+    return cluster.submit(
+        REPO / "jobs" / f"{job}.py",
+        args,
+        jars=connector_jars(None),
+        py_files=[src_zip],
+        python_path=site_packages(),
+        savepoint=savepoint,
+        env=env,
+    )
+
+
+def sessions_consistent(bootstrap: str, prefix: str) -> int:
+    """Number of live sessions when each one's event count equals the enriched events of its user in
+    its [start, end] (less the ones sessionize sent to events.late), else 0."""
+    late = {orjson.loads(m.value)["message_id"] for m in read_all(bootstrap, f"{prefix}events.late", 1.0)}
+    times: dict[str, list[int]] = defaultdict(list)
+    for m in read_all(bootstrap, f"{prefix}events.enriched", 1.0):
+        e = orjson.loads(m.value)
+        if e["message_id"] not in late:
+            times[e["user_key"]].append(e["event_time_ms"])
+    latest: dict[str, dict] = {}
+    for m in read_all(bootstrap, f"{prefix}sessions", 1.0):
+        s = orjson.loads(m.value)
+        assert m.key.decode() == s["session_id"]
+        if s["session_id"] not in latest or s["version"] > latest[s["session_id"]]["version"]:
+            latest[s["session_id"]] = s
+    live = [s for s in latest.values() if not s["retracted"]]
+    for s in live:
+        assert s["user_key"] in times, f"session of unknown user {s['user_key']}"
+        if s["events"] != sum(1 for t in times[s["user_key"]] if s["start_ms"] <= t <= s["end_ms"]):
+            return 0  # not caught up yet
+    return len(live)
+
+
+def test_flink_run_savepoint_and_resume(
+    cluster: FlinkCluster, src_zip: Path, job_env: dict[str, str]
+) -> None:
+    t0 = time.monotonic()
+    records, truth = simulate(3000, seed=31)
+    bootstrap = job_env["KAFKA_BOOTSTRAP_SERVERS"]
+    prefix = job_env["CLICKPULSE_TOPIC_PREFIX"]
+    raw = f"{prefix}events.raw"
+    half = len(records) // 2
+    first_ids = {e.message_id for e in truth.valid if e.position < half}
+    first_dlq = Counter(i.code for i in truth.invalid if i.position < half)
+    assert truth.duplicate_count and truth.invalid, "the simulation has duplicates and malformed records"
+    produce(bootstrap, raw, records[:half])
+
+    ingest_args = ("--group-id", f"{prefix}ingest", "--starting-offsets", "earliest")
+    with logs_on_failure(cluster, "first run"):
+        ingest = submit(cluster, "ingest", job_env, src_zip, *ingest_args)
+        sessionize_args = ("--group-id", f"{prefix}sessionize", "--starting-offsets", "earliest")
+        sessionize = submit(cluster, "sessionize", job_env, src_zip, *sessionize_args)
+        log.info("submitted ingest %s, sessionize %s after %.0fs", ingest, sessionize, time.monotonic() - t0)
+        for job in (ingest, sessionize):
+            cluster.wait_for_state(job, {"RUNNING"})
+        assert "clickpulse-ingest" in cluster.list_jobs()
+
+        # -- the first half flows end to end
+        wait_for(
+            lambda: len(read_all(bootstrap, f"{prefix}events.enriched", 1.0)) >= len(first_ids),
+            300,
+            "the first half in events.enriched",
+        )
+        time.sleep(3)  # a checkpoint more: anything extra would show now
+        enriched = read_all(bootstrap, f"{prefix}events.enriched")
+        ids = Counter(orjson.loads(m.value)["message_id"] for m in enriched)
+        assert set(ids) == first_ids and max(ids.values()) == 1
+        dlq = read_all(bootstrap, f"{prefix}events.dlq")
+        assert Counter(orjson.loads(m.value)["error_code"] for m in dlq) == first_dlq
+
+        # the Python workers import the project from the --pyFiles zip, in both execution modes
+        tm_log = cluster.taskmanager_log()
+        worker_paths = [ln for ln in tm_log.splitlines() if "PYTHONPATH of python worker" in ln]
+        assert worker_paths and all("clickpulse-src" in ln for ln in worker_paths), worker_paths
+        assert "EmbeddedPythonEnvironmentManager" in tm_log  # sessionize really runs in THREAD mode
+
+        # -- stop ingest with a savepoint
+        savepoint = cluster.stop_with_savepoint(ingest, cluster.home / "savepoints" / "ingest")
+        assert cluster.job_state(ingest) == "FINISHED"
+        assert (Path(savepoint.removeprefix("file:")) / "_metadata").is_file()
+        log.info("savepoint %s after %.0fs", savepoint, time.monotonic() - t0)
+
+        # -- while it is down: the second half, plus redeliveries of events it has already written
+        redelivered: list[SimRecord] = [records[e.position] for e in truth.valid if e.position < half][:100]
+        produce(bootstrap, raw, records[half:] + redelivered)
+
+        # -- resume from the savepoint, same command line plus --fromSavepoint
+        resumed = submit(cluster, "ingest", job_env, src_zip, *ingest_args, savepoint=savepoint)
+        cluster.wait_for_state(resumed, {"RUNNING"})
+        restored = cluster.checkpoints(resumed).get("latest", {}).get("restored") or {}
+        assert restored.get("is_savepoint") and restored.get("external_path") == savepoint, restored
+
+        wait_for(
+            lambda: len(read_all(bootstrap, f"{prefix}events.enriched", 1.0)) >= truth.unique_valid,
+            300,
+            "the resumed job to catch up",
+        )
+        time.sleep(5)  # two checkpoints more: duplicates would be committed by now
+        enriched = read_all(bootstrap, f"{prefix}events.enriched")
+        dlq = read_all(bootstrap, f"{prefix}events.dlq")
+        check_against_truth(enriched, dlq, truth)  # each unique event once, each bad record once
+        positions = Counter((d["partition"], d["offset"]) for d in (orjson.loads(m.value) for m in dlq))
+        assert len(positions) == len(truth.invalid) and max(positions.values()) == 1
+
+        # -- sessionize kept running across ingest's restart and agrees with the enriched events
+        wait_for(lambda: sessions_consistent(bootstrap, prefix) >= 50, 240, "consistent sessions")
+
+        for job in (resumed, sessionize):
+            cluster.cancel(job)
+    log.info("flink run test done in %.0fs", time.monotonic() - t0)
+
+
+def test_flink_config_under_flink_run_leaves_cluster_settings_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Under ``flink run`` the job sets no jars, checkpoint dir, worker Python, REST port or restore
+    point of its own (the cluster config and the command line rule), unless they are set explicitly."""
+    from connectors.flink import JobSettings, flink_config
+
+    for name in [k for k in os.environ if k.startswith(("CLICKPULSE_", "PYFLINK_"))]:
+        monkeypatch.delenv(name)
+    ckpt = tmp_path / "ckpt" / "job-x" / "chk-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "_metadata").write_bytes(b"x")
+    local = flink_config("x", JobSettings(CLICKPULSE_CHECKPOINT_DIR=tmp_path / "ckpt"))
+    assert {"pipeline.jars", "rest.port", "python.executable", "execution.state-recovery.path"} <= set(local)
+
+    monkeypatch.setenv("PYFLINK_GATEWAY_PORT", "1")  # what flink run's PythonDriver sets
+    cluster = flink_config("x", JobSettings(CLICKPULSE_HOME=tmp_path))
+    for key in ("pipeline.jars", "rest.port", "python.executable", "execution.checkpointing.dir"):
+        assert key not in cluster, key
+    assert "execution.state-recovery.path" not in cluster  # --fromSavepoint rules
+    assert cluster["table.exec.uid.generation"] == "ALWAYS" and cluster["state.backend.type"] == "rocksdb"
+
+    explicit = flink_config(
+        "x", JobSettings(CLICKPULSE_CHECKPOINT_DIR=tmp_path / "ckpt", CLICKPULSE_RESTORE=str(ckpt))
+    )
+    assert explicit["execution.checkpointing.dir"] == (tmp_path / "ckpt").resolve().as_uri()
+    assert explicit["execution.state-recovery.path"] == ckpt.resolve().as_uri()
