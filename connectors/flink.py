@@ -35,7 +35,7 @@ class StartingOffsets(StrEnum):
 class JobSettings(BaseSettings):
     """Settings every job has. Environment variables are named in each field's docstring."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
     """``KAFKA_BOOTSTRAP_SERVERS``: Kafka bootstrap servers (default ``127.0.0.1:9092``)."""
@@ -49,8 +49,9 @@ class JobSettings(BaseSettings):
     """``CLICKPULSE_STARTING_OFFSETS`` / ``--starting-offsets``: earliest, latest or committed (default)."""
     bounded: bool = Field(False, alias="CLICKPULSE_BOUNDED")
     """``CLICKPULSE_BOUNDED`` / ``--bounded``: stop at the offsets that were latest at start (default off)."""
-    parallelism: int = Field(1, alias="CLICKPULSE_PARALLELISM")
-    """``CLICKPULSE_PARALLELISM`` / ``--parallelism``: operator parallelism (default 1)."""
+    parallelism: int | None = Field(None, alias="CLICKPULSE_PARALLELISM", gt=0)
+    """``CLICKPULSE_PARALLELISM`` / ``--parallelism``: operator parallelism (default: 1 on the local
+    mini-cluster; under ``flink run`` the cluster's ``parallelism.default`` / ``-p``)."""
     checkpoint_interval_ms: int = Field(5000, alias="CLICKPULSE_CHECKPOINT_INTERVAL_MS")
     """``CLICKPULSE_CHECKPOINT_INTERVAL_MS``: exactly-once commit cadence (default 5000)."""
     checkpoint_dir: Path | None = Field(None, alias="CLICKPULSE_CHECKPOINT_DIR")
@@ -131,7 +132,6 @@ def flink_config(job: str, s: JobSettings) -> dict[str, str]:
     cluster = under_flink_run()
     conf = {
         "pipeline.name": f"clickpulse-{job}",
-        "parallelism.default": str(s.parallelism),
         "execution.checkpointing.interval": f"{s.checkpoint_interval_ms} ms",
         "execution.checkpointing.mode": "EXACTLY_ONCE",
         "execution.checkpointing.min-pause": f"{max(s.checkpoint_interval_ms // 4, 100)} ms",
@@ -150,6 +150,8 @@ def flink_config(job: str, s: JobSettings) -> dict[str, str]:
         "python.fn-execution.arrow.batch.size": "2000",
         "python.fn-execution.bundle.size": "2000",
     }
+    if s.parallelism is not None or not cluster:
+        conf["parallelism.default"] = str(s.parallelism or 1)
     if not cluster or s.jars_dir is not None:
         conf["pipeline.jars"] = ";".join(connector_jars(s.jars_dir))
     if not cluster or s.python_executable:

@@ -9,9 +9,11 @@ Nothing here reads the environment at import time: call :func:`load_connections`
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Contract topics and the topic-level configs they are created with.
@@ -35,29 +37,34 @@ def home_dir() -> Path:
 class Connections(BaseSettings):
     """Where the services are. Every field names the environment variable it is read from."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
-    kafka_bootstrap_servers: str = Field(
-        "127.0.0.1:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
-    )
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
     """``KAFKA_BOOTSTRAP_SERVERS``: comma-separated ``host:port`` list (default ``127.0.0.1:9092``)."""
 
-    redis_url: SecretStr = Field(
-        SecretStr("redis://127.0.0.1:6379/0"), validation_alias=AliasChoices("REDIS_URL", "redis_url")
-    )
+    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), alias="REDIS_URL")
     """``REDIS_URL``: ``redis://[:password@]host:port/db`` (default ``redis://127.0.0.1:6379/0``)."""
 
-    clickhouse_url: SecretStr = Field(
-        SecretStr("http://127.0.0.1:8123"), validation_alias=AliasChoices("CLICKHOUSE_URL", "clickhouse_url")
-    )
+    clickhouse_url: SecretStr = Field(SecretStr("http://127.0.0.1:8123"), alias="CLICKHOUSE_URL")
     """``CLICKHOUSE_URL``: ``http://[user:password@]host:port`` (default ``http://127.0.0.1:8123``)."""
 
-    topic_prefix: str = Field("", validation_alias=AliasChoices("CLICKPULSE_TOPIC_PREFIX", "topic_prefix"))
+    topic_prefix: str = Field("", alias="CLICKPULSE_TOPIC_PREFIX")
     """``CLICKPULSE_TOPIC_PREFIX``: prepended to every contract topic name (default empty)."""
 
     def topic(self, name: str) -> str:
         """Full name of a contract topic, with the configured prefix."""
         return f"{self.topic_prefix}{name}"
+
+
+def by_alias(cls: type[BaseSettings], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` keyed by field name (e.g. parsed command-line options), re-keyed by each field's alias.
+
+    Settings classes take init values by alias only: ``populate_by_name`` would also make
+    pydantic-settings read the bare field name from the environment (``HOME`` would set ``home``).
+    Keys that are not fields are kept as they are (and ignored by the class).
+    """
+    fields = cls.model_fields
+    return {(fields[k].alias or k) if k in fields else k: v for k, v in values.items()}
 
 
 def load_connections(home: Path | None = None) -> Connections:

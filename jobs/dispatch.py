@@ -131,7 +131,7 @@ def stop_on_signals(stop: threading.Event) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> DispatchSettings:
     """Settings from the environment (and ``.clickpulse/stack.env``) overridden by the command line."""
-    from connectors.settings import home_dir
+    from connectors.settings import by_alias, home_dir
 
     p = argparse.ArgumentParser(prog="jobs.dispatch", description=__doc__.splitlines()[0])
     add_common_args(p)
@@ -139,7 +139,9 @@ def parse_args(argv: Sequence[str] | None) -> DispatchSettings:
     args = p.parse_args(list(argv) if argv is not None else None)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     env_file = home_dir() / "stack.env"
-    return DispatchSettings(_env_file=env_file if env_file.is_file() else None, **overrides)
+    return DispatchSettings(
+        _env_file=env_file if env_file.is_file() else None, **by_alias(DispatchSettings, overrides)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

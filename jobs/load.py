@@ -30,7 +30,7 @@ JOB = "load"
 class LoadSettings(BaseSettings):
     """Settings of the load job. Each field's docstring names its environment variable / option."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
 
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
     """``KAFKA_BOOTSTRAP_SERVERS``: Kafka bootstrap servers (default ``127.0.0.1:9092``)."""
@@ -100,9 +100,9 @@ class LoadSettings(BaseSettings):
 def load_settings(home: Path | None = None, **overrides: Any) -> LoadSettings:
     """Settings from ``overrides`` (e.g. command-line options; ``None`` values ignored), the environment
     and ``<home>/stack.env`` (``CLICKPULSE_HOME``, default ``.clickpulse``), in that order of precedence."""
-    from connectors.settings import home_dir
+    from connectors.settings import by_alias, home_dir
 
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = by_alias(LoadSettings, {k: v for k, v in overrides.items() if v is not None})
     env_file = (home or home_dir()) / "stack.env"
     if env_file.is_file():
         return LoadSettings(_env_file=env_file, **given)

@@ -382,7 +382,7 @@ def build(env: Any, t_env: Any, s: SessionizeSettings) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> SessionizeSettings:
     """Settings from the environment (and ``.clickpulse/stack.env``) overridden by the command line."""
-    from connectors.settings import home_dir
+    from connectors.settings import by_alias, home_dir
     from jobs.ingest import add_common_args
 
     p = argparse.ArgumentParser(prog="jobs.sessionize", description=__doc__.splitlines()[0])
@@ -394,7 +394,9 @@ def parse_args(argv: Sequence[str] | None) -> SessionizeSettings:
     args = p.parse_args(list(argv) if argv is not None else None)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     env_file = home_dir() / "stack.env"
-    return SessionizeSettings(_env_file=env_file if env_file.is_file() else None, **overrides)
+    return SessionizeSettings(
+        _env_file=env_file if env_file.is_file() else None, **by_alias(SessionizeSettings, overrides)
+    )
 
 
 def thread_mode_environment() -> None:

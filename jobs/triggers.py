@@ -529,7 +529,7 @@ def build(t_env: Any, s: TriggersSettings, config: FunctionConfig) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> TriggersSettings:
     """Settings from the environment (and ``.clickpulse/stack.env``) overridden by the command line."""
-    from connectors.settings import home_dir
+    from connectors.settings import by_alias, home_dir
 
     p = argparse.ArgumentParser(prog="jobs.triggers", description=__doc__.splitlines()[0])
     add_common_args(p)
@@ -549,7 +549,9 @@ def parse_args(argv: Sequence[str] | None) -> TriggersSettings:
     args = p.parse_args(list(argv) if argv is not None else None)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     env_file = home_dir() / "stack.env"
-    return TriggersSettings(_env_file=env_file if env_file.is_file() else None, **overrides)
+    return TriggersSettings(
+        _env_file=env_file if env_file.is_file() else None, **by_alias(TriggersSettings, overrides)
+    )
 
 
 def embedded_python_path() -> None:

@@ -619,7 +619,7 @@ def test_clickhouse_outage(connections: Connections, topics: Topics, tmp_path: P
     server = _start_chserver(data_dir, port, tmp_path / "ch.log")
     db = "cp_outage"
     migrate(url, db)
-    conn = Connections(kafka_bootstrap_servers=connections.kafka_bootstrap_servers, clickhouse_url=url)
+    conn = Connections(KAFKA_BOOTSTRAP_SERVERS=connections.kafka_bootstrap_servers, CLICKHOUSE_URL=url)
     loader = Loader(config(conn, topics, db, bounded=False, batch_max_rows=500))
     th = threading.Thread(target=loader.run, daemon=True)
     th.start()

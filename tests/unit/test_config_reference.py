@@ -156,11 +156,6 @@ def test_each_documented_variable_sets_its_field(
             assert value == expected, f"{doc.name}.{s.field}: {s.env_var}={raw} gave {value!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="populate_by_name=True without env_prefix makes pydantic-settings also read the bare field name "
-    "(HOME sets JobSettings.home, DATABASE sets LoadSettings.database, ...); remove this marker once fixed",
-)
 def test_no_undocumented_variable_sets_a_field(
     docs: list[configdoc.SettingsDoc], monkeypatch: pytest.MonkeyPatch
 ) -> None:
