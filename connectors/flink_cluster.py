@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -79,12 +78,6 @@ def java_home() -> str:
     """
     java = shutil.which("java")
     return str(Path(java).resolve().parent.parent) if java else ""
-
-
-def site_packages() -> str:
-    """This interpreter's ``site-packages``: what the TaskManager's embedded Python (THREAD mode) needs
-    on its ``PYTHONPATH`` (``-pypath`` / ``python.pythonpath``) to import pyflink and our dependencies."""
-    return str(sysconfig.get_paths()["purelib"])
 
 
 def package_sources(dest: Path, packages: Sequence[str] = PROJECT_PACKAGES, root: Path = REPO_ROOT) -> Path:
@@ -426,7 +419,7 @@ class FlinkCluster:
 
         ``jars`` are connector jars (paths or ``file://`` URLs): the first is shipped with the job
         (``--jarfile``), further ones go to ``--classpath`` (same path on every node); ``py_files`` go to
-        ``--pyFiles``, ``python_path`` to ``-pypath`` (the workers' site-packages, for THREAD mode),
+        ``--pyFiles``, ``python_path`` to ``--pyPythonPath`` (extra paths for the workers' interpreter),
         ``conf`` becomes ``-Dkey=value`` and ``env`` is the Python driver's environment (see :meth:`flink`).
         """
         cmd = self.run_command(
@@ -442,9 +435,11 @@ class FlinkCluster:
         out = self.flink(*cmd, timeout_s=timeout_s, env=env)
         found = _JOB_ID.findall(out)
         if found:
+            log.info("flink run: job %s submitted", found[-1])
             return found[-1]
         new = [j["jid"] for j in self.jobs() if j["jid"] not in before]
         if len(new) == 1:
+            log.warning("flink run printed no job id; the new job on the cluster is %s", new[0])
             return str(new[0])
         raise FlinkClusterError(f"flink run printed no job id:\n{out[-6000:]}")
 
@@ -485,6 +480,7 @@ class FlinkCluster:
         Returns the savepoint's path (a ``file:`` URI) for ``flink run -s``.
         """
         target = (directory or self.savepoint_dir).resolve()
+        self.wait_for_running_tasks(job_id, timeout_s=timeout_s)  # a savepoint needs every task running
         out = self.flink("stop", "--savepointPath", target.as_uri(), job_id, timeout_s=timeout_s)
         found = _SAVEPOINT.findall(out)
         if not found:

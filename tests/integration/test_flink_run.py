@@ -3,7 +3,7 @@
 A JobManager and a TaskManager from the PyFlink distribution run as separate processes on loopback
 (:class:`connectors.flink_cluster.FlinkCluster`). Every job is submitted the way ``docs/flink-run.md``
 tells users to: ``flink run --detached --python jobs/<job>.py --pyFiles clickpulse-src.zip --jarfile
-<kafka connector> --pyExecutable … --pyClientExecutable … --pyPythonPath <site-packages>``, with its
+<kafka connector> --pyExecutable <venv python> --pyClientExecutable <venv python>``, with its
 settings in the environment and its options after the script. Ingest runs in Python PROCESS mode,
 sessionize in THREAD mode (the interpreter embedded in the TaskManager).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import orjson
 import pytest
 
 from connectors.flink import connector_jars
-from connectors.flink_cluster import FlinkCluster, package_sources, site_packages
+from connectors.flink_cluster import PROJECT_PACKAGES, FlinkCluster, package_sources
 from connectors.simulate import produce
 from tests.job.test_ingest_job import check_against_truth, read_all, simulate, wait_for
 from udfs.simulator import SimRecord
@@ -51,9 +52,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkCluster]:
 
 
 @pytest.fixture(scope="module")
-def src_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's packages for ``--pyFiles``."""
-    return package_sources(tmp_path_factory.mktemp("pyfiles") / "clickpulse-src.zip")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshot of the project's packages: the job scripts for ``--python`` and the zip for
+    ``--pyFiles`` come from the same files (the work tree may change while the test runs)."""
+    root = tmp_path_factory.mktemp("sources")
+    for pkg in PROJECT_PACKAGES:
+        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    package_sources(root / "clickpulse-src.zip", root=root)
+    return root
 
 
 @contextmanager
@@ -72,18 +78,18 @@ def submit(
     cluster: FlinkCluster,
     job: str,
     env: dict[str, str],
-    src_zip: Path,
+    sources: Path,
     *args: str,
     savepoint: str | None = None,
 ) -> str:
+    """``flink run --detached --python <snapshot>/jobs/<job>.py --pyFiles <snapshot zip> --jarfile …``."""
     return cluster.submit(
-        REPO / "jobs" / f"{job}.py",
+        sources / "jobs" / f"{job}.py",
         args,
         jars=connector_jars(None),
-        py_files=[src_zip],
-        python_path=site_packages(),
-        savepoint=savepoint,
+        py_files=[sources / "clickpulse-src.zip"],
         env=env,
+        savepoint=savepoint,
     )
 
 
@@ -111,7 +117,7 @@ def sessions_consistent(bootstrap: str, prefix: str) -> int:
 
 
 def test_flink_run_savepoint_and_resume(
-    cluster: FlinkCluster, src_zip: Path, job_env: dict[str, str]
+    cluster: FlinkCluster, sources: Path, job_env: dict[str, str]
 ) -> None:
     t0 = time.monotonic()
     records, truth = simulate(3000, seed=31)
@@ -126,9 +132,9 @@ def test_flink_run_savepoint_and_resume(
 
     ingest_args = ("--group-id", f"{prefix}ingest", "--starting-offsets", "earliest")
     with logs_on_failure(cluster, "first run"):
-        ingest = submit(cluster, "ingest", job_env, src_zip, *ingest_args)
+        ingest = submit(cluster, "ingest", job_env, sources, *ingest_args)
         sessionize_args = ("--group-id", f"{prefix}sessionize", "--starting-offsets", "earliest")
-        sessionize = submit(cluster, "sessionize", job_env, src_zip, *sessionize_args)
+        sessionize = submit(cluster, "sessionize", job_env, sources, *sessionize_args)
         log.info("submitted ingest %s, sessionize %s after %.0fs", ingest, sessionize, time.monotonic() - t0)
         for job in (ingest, sessionize):
             cluster.wait_for_state(job, {"RUNNING"})
@@ -164,7 +170,7 @@ def test_flink_run_savepoint_and_resume(
         produce(bootstrap, raw, records[half:] + redelivered)
 
         # -- resume from the savepoint, same command line plus --fromSavepoint
-        resumed = submit(cluster, "ingest", job_env, src_zip, *ingest_args, savepoint=savepoint)
+        resumed = submit(cluster, "ingest", job_env, sources, *ingest_args, savepoint=savepoint)
         cluster.wait_for_state(resumed, {"RUNNING"})
         restored = cluster.checkpoints(resumed).get("latest", {}).get("restored") or {}
         assert restored.get("is_savepoint") and restored.get("external_path") == savepoint, restored
