@@ -56,6 +56,7 @@ from connectors.flink import (
     kafka_sink_options,
     kafka_source_options,
     setup_logging,
+    submitted_detached,
 )
 from jobs.dispatch import DispatchSettings, add_dispatch_args, stop_on_signals
 from udfs.rules import Rule, RuleError, Rules
@@ -624,6 +625,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     group_id = settings.group_id or f"clickpulse-{JOB}"
     log.info("submitting %s (group %s)", JOB, group_id)
     result = statements.execute()
+    if submitted_detached(JOB, result, t_env):  # `flink run --detached`: the job runs on without us
+        if settings.dispatch:
+            log.warning("detached submission: deliver webhooks with `clickpulse run dispatch`")
+        return 0
     job_done = threading.Event()
     failure: list[BaseException] = []
 
