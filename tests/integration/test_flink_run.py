@@ -5,12 +5,13 @@ A JobManager and a TaskManager from the PyFlink distribution run as separate pro
 tells users to: ``flink run --detached --python jobs/<job>.py --pyFiles clickpulse-src.zip --jarfile
 <kafka connector> --pyExecutable <venv python> --pyClientExecutable <venv python>``, with its
 settings in the environment and its options after the script. Ingest runs in Python PROCESS mode,
-sessionize in THREAD mode (the interpreter embedded in the TaskManager).
+sessionize and triggers in THREAD mode (the interpreter embedded in the TaskManager).
 
 Checks: enriched/DLQ output equals the simulator's truth; sessions appear and each one agrees with the
-enriched events; then ``flink stop --savepointPath`` stops ingest, more events arrive (some of them
-redeliveries of events from before the savepoint), ``flink run --fromSavepoint`` resumes it, and every
-unique event is in ``events.enriched`` exactly once (read_committed), every bad record in the DLQ once.
+enriched events; the trigger job's deal promos appear in ``actions``, each backed by four views of one
+deal; then ``flink stop --savepointPath`` stops ingest, more events arrive (some of them redeliveries of
+events from before the savepoint), ``flink run --fromSavepoint`` resumes it, and every unique event is
+in ``events.enriched`` exactly once (read_committed), every bad record in the DLQ once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import orjson
 import pytest
 
 from connectors.flink import connector_jars
-from connectors.flink_cluster import PROJECT_PACKAGES, FlinkCluster, package_sources
+from connectors.flink_cluster import PROJECT_PACKAGES, ClusterOptions, FlinkCluster, package_sources
 from connectors.simulate import produce
 from tests.job.test_ingest_job import check_against_truth, read_all, simulate, wait_for
 from udfs.simulator import SimRecord
@@ -38,12 +39,21 @@ pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+DEAL_PROMO = """
+rules:
+  - id: deal_promo
+    when: {event: Product Viewed, group_by: [properties.deal_id], count_at_least: 4, within: 30m}
+    cooldown: 24h
+    action: {webhook: {url: "http://127.0.0.1:9/promo"}}
+"""
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkCluster]:
     """One standalone cluster (JobManager + TaskManager processes) for this module."""
-    c = FlinkCluster(tmp_path_factory.mktemp("flink-cluster"))
+    # one slot per job: ingest, sessionize and triggers run side by side at parallelism 1
+    options = ClusterOptions(slots=3, taskmanager_memory="2560m")
+    c = FlinkCluster(tmp_path_factory.mktemp("flink-cluster"), options)
     with logs_on_failure(c, "start-up"):
         c.start()
     yield c
@@ -135,8 +145,15 @@ def test_flink_run_savepoint_and_resume(
         ingest = submit(cluster, "ingest", job_env, sources, *ingest_args)
         sessionize_args = ("--group-id", f"{prefix}sessionize", "--starting-offsets", "earliest")
         sessionize = submit(cluster, "sessionize", job_env, sources, *sessionize_args)
-        log.info("submitted ingest %s, sessionize %s after %.0fs", ingest, sessionize, time.monotonic() - t0)
-        for job in (ingest, sessionize):
+        rules_file = cluster.home / "rules.yaml"
+        rules_file.write_text(DEAL_PROMO)
+        triggers_args = ("--group-id", f"{prefix}triggers", "--starting-offsets", "earliest")
+        triggers = submit(
+            cluster, "triggers", job_env, sources, *triggers_args, "--rules", str(rules_file), "--no-dispatch"
+        )
+        log.info("submitted ingest %s, sessionize %s, triggers %s after %.0fs", ingest, sessionize, triggers,
+                 time.monotonic() - t0)  # fmt: skip
+        for job in (ingest, sessionize, triggers):
             cluster.wait_for_state(job, {"RUNNING"})
         assert "clickpulse-ingest" in cluster.list_jobs()
 
@@ -190,7 +207,25 @@ def test_flink_run_savepoint_and_resume(
         # -- sessionize kept running across ingest's restart and agrees with the enriched events
         wait_for(lambda: sessions_consistent(bootstrap, prefix) >= 50, 240, "consistent sessions")
 
-        for job in (resumed, sessionize):
+        # -- triggers ran alongside: every deal promo is backed by four views of one deal by its user
+        def promos() -> list[dict]:
+            return [orjson.loads(m.value) for m in read_all(bootstrap, f"{prefix}actions", 1.0)]
+
+        wait_for(lambda: bool(promos()), 240, "deal promos in actions")
+        views = {
+            e["message_id"]: e
+            for e in (orjson.loads(m.value) for m in read_all(bootstrap, f"{prefix}events.enriched"))
+            if e["event"] == "Product Viewed"
+        }
+        for action in promos():
+            assert action["rule_id"] == "deal_promo"
+            backing = [views[e["message_id"]] for e in action["events"]]
+            assert len(backing) == 4 and {v["user_key"] for v in backing} == {action["user_key"]}
+            assert len({v["properties"]["deal_id"] for v in backing}) == 1
+        # no restart of triggers here, so no at-least-once copies either
+        assert max(Counter(a["action_id"] for a in promos()).values()) == 1
+
+        for job in (resumed, sessionize, triggers):
             cluster.cancel(job)
     log.info("flink run test done in %.0fs", time.monotonic() - t0)
 
