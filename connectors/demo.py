@@ -1,87 +1,907 @@
-"""``clickpulse demo`` (what ``make demo`` runs): the pipeline on the embedded stack, end to end.
+"""``clickpulse demo`` (what ``make demo`` runs): the whole pipeline, live, checked against the truth.
 
-1. ``stack up`` (Kafka, Redis, ClickHouse endpoint);
-2. a fresh set of contract topics under the prefix ``demo.`` and a fresh database ``clickpulse_demo``;
-3. a seeded simulated clickstream into ``demo.events.raw`` (duplicates, malformed, late events, a deal
-   viewed four times, bots, campaigns);
-4. the jobs of this build, each as a bounded run on the local mini-cluster: ingest, sessionize (when
-   present), then the loader into ClickHouse (which applies the migrations first);
-5. a summary checked against the simulator's ground truth.
+1. ``stack up`` (Kafka, Redis, ClickHouse endpoint); a fresh set of contract topics under the prefix
+   ``demo.``, a fresh database ``clickpulse_demo`` (the loader applies the migrations);
+2. the local webhook receiver (:mod:`connectors.receiver`) and ``docs/rules.demo.yaml`` pointed at it;
+3. every job at once, each in its own process (a local Flink mini-cluster per Flink job): ingest,
+   sessionize, triggers (``--no-dispatch``), dispatch and load; the demo waits until all are running;
+4. the simulator's records (default 200,000: duplicates, malformed and late events, deal hunters,
+   bots, campaigns) produced into ``demo.events.raw`` while everything runs;
+5. once ClickHouse has every event, the Flink jobs are stopped with a final savepoint and ``--drain``
+   (end of input = end of event time: every open session is published, every pending sequence rule
+   decided), the loader and the dispatcher finish what is left and stop;
+6. a summary checked against the simulator's truth, with the measured latencies.
 
-``--keep-running`` leaves the stack up so ``clickpulse query`` can explore ``clickpulse_demo``.
+``--keep-running`` leaves the stack (and the demo's topics and database) up for ``clickpulse query``.
+
+:class:`Pipeline` (start, wait until running, kill -9, restart from the last checkpoint, drain) and the
+waiting helpers are shared with ``tests/integration/test_e2e.py`` and ``bench/bench_e2e.py``.
+
+What the latencies measure (wall clock, one machine):
+
+* **event → queryable**: from handing the raw record to the Kafka producer to ``inserted_at`` of its
+  row in ``events`` (the ClickHouse server's clock when the insert ran; inserts are synchronous, so
+  the row is readable from then on). Every unique event counts.
+* **event → webhook**: from handing the event that made a rule fire (the 4th view of a deal; the
+  returning visit) to the producer, to the receiver reading the request. Sequence rules
+  (``cart_abandoned``) fire when event time passes a deadline, not on an event: not counted.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 import os
+import re
+import secrets
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import orjson
 from kafka import KafkaConsumer, TopicPartition
-from rich.console import Console
+from kafka.admin import KafkaAdminClient
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
-from connectors.settings import CONTRACT_TOPICS, load_connections
-from connectors.simulate import SimulateOptions, run_simulation
+from connectors.receiver import Receipt, WebhookReceiver, describe_action
+from connectors.settings import CONTRACT_TOPICS, Connections, load_connections
+from connectors.simulate import SimulateOptions, sim_config
 from connectors.stack import Stack, StackError, StackSettings
+from udfs.rules import Rules, SequenceWhen, load_rules_file
+from udfs.simulator import SimRecord, Truth, expected_sessions, expected_trigger_fires, generate
+
+log = logging.getLogger(__name__)
 
 PREFIX = "demo."
 DATABASE = "clickpulse_demo"
 REPO = Path(__file__).resolve().parent.parent
+DEMO_RULES = REPO / "docs" / "rules.demo.yaml"
+#: The port the demo rules file names; the demo uses another free port when this one is taken.
+RULES_PORT = 8099
+FLINK_JOBS = ("ingest", "sessionize", "triggers")
+ALL_JOBS = ("ingest", "sessionize", "triggers", "dispatch", "load")
+#: Share of trigger decisions that may differ from the reducer over the produced order (see
+#: :func:`collect_results`) before the demo calls the numbers wrong.
+TRIGGER_TOLERANCE = 0.005
+_REST_RE = re.compile(r"REST API[^\n]*? at (http://[\w.\-\[\]:]+)")
+
+
+class DemoError(RuntimeError):
+    """The pipeline did not get where it should (a job died, a timeout)."""
 
 
 @dataclass(frozen=True)
 class DemoOptions:
     """Options of ``clickpulse demo``."""
 
-    events: int = 100_000
+    events: int = 200_000
     seed: int = 7
+    rate: float = 0.0
     keep_running: bool = False
+    checkpoint_interval_ms: int = 1000
+    #: Most raw records ingest may have left to read before the producer waits (0: no limit).
+    backlog: int = 500
 
 
-def _read_values(bootstrap: str, topic: str) -> list[bytes]:
+# ================================================================================================
+# processes
+
+
+@dataclass
+class JobProcess:
+    """One running job: its process (own process group) and log."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started: float
+    rest_url: str | None = None
+    job_id: str | None = None
+
+
+@dataclass
+class PipelineConfig:
+    """Where and how the jobs run.
+
+    ``env`` is the complete environment of every job process (connections, topic prefix, home, secret).
+    Checkpoints go to ``<CLICKPULSE_HOME>/flink/<job>/checkpoints``, logs and savepoints under ``workdir``.
+    """
+
+    env: dict[str, str]
+    workdir: Path
+    rules_file: Path
+    database: str
+    group_prefix: str
+    parallelism: int = 1
+
+
+class Pipeline:
+    """The job suite as processes: start, wait until running, kill -9, restart, drain, stop.
+
+    Flink jobs run unbounded from the earliest offsets (``--restore none`` on the first start, ``auto`` on a
+    restart, i.e. from the latest retained checkpoint), the triggers job with ``--no-dispatch`` and the
+    dispatch loop as its own process, the loader with ``--migrate``. Every process gets its own process
+    group so that a stop or a kill reaches the driver, its JVM and any Python workers.
+    """
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.jobs: dict[str, JobProcess] = {}
+        self.restarts: Counter[str] = Counter()
+        (config.workdir / "logs").mkdir(parents=True, exist_ok=True)
+
+    # -- commands ----------------------------------------------------------------------------------
+
+    def group_id(self, job: str) -> str:
+        """The consumer group (and transactional-id base) of ``job``."""
+        return f"{self.config.group_prefix}-{job}"
+
+    def argv(self, job: str, restore: str = "none") -> list[str]:
+        """The command line of ``job``."""
+        c = self.config
+        args = ["--group-id", self.group_id(job), "--starting-offsets", "earliest"]
+        if job in FLINK_JOBS:
+            args += ["--restore", restore, "--parallelism", str(c.parallelism)]
+        if job == "triggers":
+            args += ["--rules", str(c.rules_file), "--no-dispatch"]
+        elif job == "dispatch":
+            args += ["--rules", str(c.rules_file)]
+        elif job == "load":
+            args += ["--migrate", "--database", c.database]
+        return [sys.executable, "-m", f"jobs.{job}", *args]
+
+    def start(self, job: str, *, restore: str = "none") -> JobProcess:
+        """Start ``job`` (it must not be running)."""
+        if job in self.jobs and self.jobs[job].proc.poll() is None:
+            raise DemoError(f"{job} is already running")
+        n = self.restarts[job]
+        log_path = self.config.workdir / "logs" / (f"{job}.log" if n == 0 else f"{job}.{n}.log")
+        env = {**self.config.env, "FLINK_LOG_DIR": str(self.config.workdir / "flink-log" / f"{job}.{n}")}
+        with log_path.open("wb") as out:
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                self.argv(job, restore),
+                env=env,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        jp = JobProcess(job, proc, log_path, time.monotonic())
+        self.jobs[job] = jp
+        log.info("started %s (pid %d), log %s", job, proc.pid, log_path)
+        return jp
+
+    def start_all(self, jobs: Iterable[str] = ALL_JOBS) -> None:
+        """Start several jobs at once."""
+        for job in jobs:
+            self.start(job)
+
+    def restart(self, job: str) -> JobProcess:
+        """Start ``job`` again, restoring its latest checkpoint (Flink jobs)."""
+        self.restarts[job] += 1
+        return self.start(job, restore="auto")
+
+    def alive(self, job: str) -> bool:
+        """True while ``job``'s process runs."""
+        jp = self.jobs.get(job)
+        return jp is not None and jp.proc.poll() is None
+
+    def log_tail(self, job: str, n: int = 4000) -> str:
+        """The end of ``job``'s log."""
+        jp = self.jobs.get(job)
+        if jp is None or not jp.log_path.exists():
+            return "(no log)"
+        return jp.log_path.read_text(errors="replace")[-n:]
+
+    def check_alive(self, jobs: Iterable[str] | None = None) -> None:
+        """Raise :class:`DemoError` (with the log tail) if any of ``jobs`` (default: all started) exited."""
+        for job in jobs if jobs is not None else list(self.jobs):
+            jp = self.jobs.get(job)
+            if jp is not None and jp.proc.poll() is not None:
+                raise DemoError(
+                    f"{job} exited with {jp.proc.returncode}; log {jp.log_path}:\n{self.log_tail(job)}"
+                )
+
+    # -- Flink REST --------------------------------------------------------------------------------
+
+    def rest_url(self, job: str) -> str | None:
+        """The job's mini-cluster REST URL (``None`` until it listens).
+
+        From the job's log line when it writes one (ingest, triggers), else found among the loopback
+        ports the job's process group listens on (Linux ``/proc``): the one answering Flink's
+        ``/overview``.
+        """
+        jp = self.jobs[job]
+        if jp.rest_url is None and jp.log_path.exists():
+            m = _REST_RE.search(jp.log_path.read_text(errors="replace"))
+            if m:
+                jp.rest_url = m.group(1).rstrip("/")
+        if jp.rest_url is None and jp.proc.poll() is None:
+            for port in sorted(listening_ports(jp.proc.pid)):
+                url = f"http://127.0.0.1:{port}"
+                try:
+                    if "flink-version" in httpx.get(f"{url}/overview", timeout=1.0).json():
+                        jp.rest_url = url
+                        break
+                except (httpx.HTTPError, ValueError):
+                    continue
+        return jp.rest_url
+
+    def flink_state(self, job: str) -> str | None:
+        """``RUNNING`` once the Flink job and every one of its tasks run; else its state or ``None``."""
+        rest = self.rest_url(job)
+        if rest is None:
+            return None
+        try:
+            jobs = httpx.get(f"{rest}/jobs/overview", timeout=5).json().get("jobs", [])
+            if not jobs:
+                return None
+            jid = jobs[-1]["jid"]
+            detail = httpx.get(f"{rest}/jobs/{jid}", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        self.jobs[job].job_id = jid
+        state = str(detail.get("state"))
+        if state == "RUNNING" and any(v.get("status") != "RUNNING" for v in detail.get("vertices", [])):
+            return "DEPLOYING"
+        return state
+
+    def wait_running(
+        self, jobs: Iterable[str], timeout_s: float, tick: Callable[[], None] | None = None
+    ) -> None:
+        """Block until every Flink job in ``jobs`` is RUNNING (others: until their process is up)."""
+        pending = set(jobs)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            self.check_alive(pending)
+            for job in sorted(pending):
+                if job not in FLINK_JOBS or self.flink_state(job) == "RUNNING":
+                    log.info("%s running after %.0fs", job, time.monotonic() - self.jobs[job].started)
+                    pending.discard(job)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise DemoError(f"not running after {timeout_s:.0f}s: {', '.join(sorted(pending))}")
+            if tick is not None:
+                tick()
+            time.sleep(1.0)
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def kill(self, job: str) -> None:
+        """``kill -9`` of the job's whole process group (a crash, not a stop)."""
+        jp = self.jobs[job]
+        if jp.proc.poll() is None:
+            os.killpg(jp.proc.pid, signal.SIGKILL)
+            jp.proc.wait(30)
+        log.info("killed %s (-9)", job)
+
+    def terminate(self, job: str, timeout_s: float = 60.0) -> None:
+        """SIGTERM to the job's process group; SIGKILL if it is still there after ``timeout_s``."""
+        jp = self.jobs.get(job)
+        if jp is None or jp.proc.poll() is not None:
+            return
+        try:
+            os.killpg(jp.proc.pid, signal.SIGTERM)
+            jp.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs: SIGKILL", job, timeout_s)
+            os.killpg(jp.proc.pid, signal.SIGKILL)
+            jp.proc.wait(30)
+        except ProcessLookupError:
+            pass
+
+    def drain(self, job: str, timeout_s: float = 180.0) -> None:
+        """Stop a Flink job with a final savepoint and ``drain`` (end of event time), wait for its exit.
+
+        Draining sends ``MAX_WATERMARK`` through the job before the last savepoint: every event-time
+        timer fires (sessions are published, pending sequence rules decided) and the exactly-once sinks
+        commit their last transaction. Falls back to SIGTERM when the REST call fails.
+        """
+        jp = self.jobs[job]
+        if jp.proc.poll() is not None:
+            return
+        rest = self.rest_url(job)
+        if jp.job_id is None:
+            self.flink_state(job)
+        target = (self.config.workdir / "savepoints" / job).resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            if rest is None or jp.job_id is None:
+                raise DemoError("no REST endpoint")
+            resp = httpx.post(
+                f"{rest}/jobs/{jp.job_id}/stop",
+                json={"drain": True, "targetDirectory": target.as_uri()},
+                timeout=10,
+            )
+            resp.raise_for_status()
+            request_id = resp.json()["request-id"]
+        except (httpx.HTTPError, DemoError, KeyError, ValueError) as exc:
+            log.warning("%s: stop with drain failed (%s): SIGTERM", job, exc)
+            self.terminate(job)
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if jp.proc.poll() is not None:
+                break
+            try:
+                status = httpx.get(f"{rest}/jobs/{jp.job_id}/savepoints/{request_id}", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                status = {}
+            op = status.get("operation") or {}
+            if op.get("failure-cause"):
+                log.warning("%s: drain failed: %s", job, str(op["failure-cause"])[:500])
+                break
+            time.sleep(0.5)
+        try:
+            jp.proc.wait(max(5.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s still running after the drain: SIGTERM", job)
+        self.terminate(job)
+
+    def stop_all(self) -> None:
+        """SIGTERM (then SIGKILL) every job still running."""
+        for job in list(self.jobs):
+            self.terminate(job)
+
+
+def listening_ports(pgid: int) -> set[int]:
+    """TCP ports listening in process group ``pgid``, except those its leader is connected to (Linux
+    ``/proc``; elsewhere empty). The exception is PyFlink's Py4J gateway: the driver talks to its JVM
+    through it, and it is no HTTP server."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return set()
+    group: set[str] = set()
+    leader: set[str] = set()
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(pid_dir.name)) != pgid:
+                continue
+            for fd in (pid_dir / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    group.add(target[8:-1])
+                    if int(pid_dir.name) == pgid:
+                        leader.add(target[8:-1])
+        except OSError:
+            continue
+    listening: set[int] = set()
+    connected: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) <= 9:
+                continue
+            if cols[3] == "0A" and cols[9] in group:
+                listening.add(int(cols[1].rsplit(":", 1)[1], 16))
+            elif cols[3] == "01" and cols[9] in leader:
+                connected.add(int(cols[2].rsplit(":", 1)[1], 16))
+    return listening - connected
+
+
+# ================================================================================================
+# Kafka helpers
+
+
+def read_topic(bootstrap: str, topic: str, *, quiet_s: float = 3.0) -> list[Any]:
+    """Every committed record of ``topic`` (``read_committed``), until nothing new for ``quiet_s``."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        consumer_timeout_ms=3000,
+        consumer_timeout_ms=int(quiet_s * 1000),
+        max_partition_fetch_bytes=8 * 1024 * 1024,
     )
-    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()])
-    values = [m.value for m in consumer]
-    consumer.close()
-    return values
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()])
+        return list(consumer)
+    finally:
+        consumer.close()
 
 
-def _run_job(
-    console: Console, title: str, module: str, args: list[str], env: dict[str, str], log: Path
-) -> None:
+def data_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Per partition, 1 + the offset of the last committed data record (0 when there is none).
+
+    This is what a consumer that read everything has reached at least: end offsets also count the
+    transaction markers of exactly-once producers, which no consumer ever "reads".
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        consumer_timeout_ms=2000,
+    )
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        ends = consumer.end_offsets(parts)
+        begins = consumer.beginning_offsets(parts)
+        out: dict[int, int] = {}
+        for tp in parts:
+            back = 64
+            while True:
+                start = max(begins[tp], ends[tp] - back)
+                consumer.assign([tp])
+                consumer.seek(tp, start)
+                last = -1
+                give_up = time.monotonic() + 60
+                while consumer.position(tp) < ends[tp] and time.monotonic() < give_up:
+                    for rec in consumer.poll(timeout_ms=500).get(tp, []):
+                        last = max(last, rec.offset)
+                if last >= 0 or start == begins[tp]:
+                    out[tp.partition] = last + 1
+                    break
+                back *= 16
+        return out
+    finally:
+        consumer.close()
+
+
+def group_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    """Committed offsets of consumer group ``group``."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="clickpulse-demo-admin")
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+        return {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
+    finally:
+        admin.close()
+
+
+def caught_up(bootstrap: str, group: str, topic: str, targets: Mapping[int, int]) -> bool:
+    """True when ``group`` has committed at least ``targets`` (see :func:`data_end_offsets`) on ``topic``."""
+    committed = group_offsets(bootstrap, group)
+    return all(committed.get((topic, p), 0) >= off for p, off in targets.items() if off > 0)
+
+
+# ================================================================================================
+# producing
+
+
+@dataclass
+class Produced:
+    """When each record was handed to the producer (wall clock, by position) and the elapsed time."""
+
+    sent_at: list[float]
+    seconds: float
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[SimRecord],
+    *,
+    rate: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+    pause: Callable[[int], bool] | None = None,
+) -> Produced:
+    """Send ``records`` in order, at most ``rate`` per second (0: no fixed limit).
+
+    ``pause(i)`` (optional, checked every 100 records) makes the producer wait while it returns true, ``i``
+    being the number of records handed to the producer so far (see :class:`IngestBacklog`). Record
+    timestamps are the simulated receive times.
+    """
+    producer = kafka_io.producer(bootstrap, linger_ms=5)
+    sent_at = [0.0] * len(records)
     t0 = time.monotonic()
-    with console.status(f"[cyan]{title}…"), open(log, "ab") as out:
-        res = subprocess.run(  # noqa: S603 - fixed argv
-            [sys.executable, "-m", module, *args],
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            check=False,
+    try:
+        for i, rec in enumerate(records):
+            if i % 100 == 0:
+                if pause is not None and pause(i):
+                    producer.flush()
+                    while pause(i):
+                        time.sleep(0.02)
+                if progress is not None and i % 1000 == 0:
+                    progress(i)
+            if rate > 0 and i % 16 == 0:
+                ahead = i / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+            sent_at[i] = time.time()
+            producer.send(topic, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp_ms)
+        producer.flush()
+    finally:
+        producer.close()
+    if progress is not None:
+        progress(len(records))
+    return Produced(sent_at, time.monotonic() - t0)
+
+
+class IngestBacklog:
+    """``pause`` for :func:`produce`: true while ingest has more than ``limit`` raw records left to read.
+
+    Why: the ingest job reads its four input partitions in fetches of up to a megabyte each, so a backlog
+    in ``events.raw`` comes out of it as long runs of one partition after another, i.e. minutes to hours
+    of event-time disorder in ``events.enriched`` (sessionize then sends whole runs to ``events.late``).
+    Live traffic never builds such a backlog; a simulator producing days of traffic in seconds does.
+
+    Ingest's progress is estimated from what it has written to ``events.enriched`` and ``events.dlq``
+    (high watermarks, uncommitted transactions included, so no checkpoint delay), scaled up by the share
+    of duplicates (dropped, never written). Checked at most every 50 ms.
+    """
+
+    def __init__(self, bootstrap: str, prefix: str, *, duplicate_share: float, limit: int = 500) -> None:
+        self.limit = limit
+        self.scale = 1.0 / max(1e-9, 1.0 - duplicate_share)
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self._tps = [
+            TopicPartition(t, p)
+            for t in (f"{prefix}events.enriched", f"{prefix}events.dlq")
+            for p in sorted(self._consumer.partitions_for_topic(t) or ())
+        ]
+        self._checked = 0.0
+        self._processed = 0
+
+    def processed(self) -> int:
+        """Estimated raw records ingest has read."""
+        now = time.monotonic()
+        if now - self._checked >= 0.05:
+            self._checked = now
+            self._processed = int(sum(self._consumer.end_offsets(self._tps).values()) * self.scale)
+        return self._processed
+
+    def __call__(self, produced: int) -> bool:
+        return produced - self.processed() > self.limit
+
+    def close(self) -> None:
+        """Release the consumer."""
+        self._consumer.close()
+
+
+# ================================================================================================
+# results
+
+
+def quantile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of ``values``; ``None`` when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+@dataclass
+class Check:
+    """One line of the summary: what the pipeline shows, what the truth says, whether they agree."""
+
+    what: str
+    pipeline: str
+    truth: str
+    ok: bool | None  # None: informational
+    approx: bool = False  # agrees within the stated tolerance, not exactly
+
+
+@dataclass
+class Results:
+    """Everything the summary shows, with the checks against the truth."""
+
+    checks: list[Check] = field(default_factory=list)
+    top_pages: list[tuple[str, int]] = field(default_factory=list)
+    top_campaigns: list[tuple[str, int]] = field(default_factory=list)
+    dau: list[tuple[str, int, int]] = field(default_factory=list)  # day, pipeline, truth
+    queryable_ms: list[float] = field(default_factory=list)
+    webhook_ms: list[float] = field(default_factory=list)
+    expected_actions: dict[str, str] = field(default_factory=dict)  # action_id -> rule_id
+    received_actions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when every check agrees (exactly, or within its stated tolerance)."""
+        return all(c.ok is not False for c in self.checks)
+
+    @property
+    def exact(self) -> bool:
+        """True when every check agrees exactly."""
+        return self.ok and not any(c.approx for c in self.checks)
+
+    def add(self, what: str, pipeline: object, truth: object, ok: bool | None = None) -> None:
+        """Add a check; ``ok`` defaults to ``pipeline == truth``."""
+        fmt = lambda v: f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+        self.checks.append(Check(what, fmt(pipeline), fmt(truth), (pipeline == truth) if ok is None else ok))
+
+
+def _ms(v: float | None) -> str:
+    return "–" if v is None else (f"{v / 1000:,.2f} s" if v >= 1000 else f"{v:,.0f} ms")
+
+
+def collect_results(
+    *,
+    client: Any,
+    database: str,
+    bootstrap: str,
+    prefix: str,
+    truth: Truth,
+    records: Sequence[SimRecord],
+    produced: Produced,
+    receiver: WebhookReceiver,
+    rules: Rules,
+    expected: Sequence[Any] | None = None,
+) -> Results:
+    """Read what the pipeline made (ClickHouse, ``events.dlq``, ``events.late``, the receiver) and compare
+    it with the simulator's truth. ``expected``: :func:`udfs.simulator.expected_trigger_fires` if known."""
+    res = Results()
+
+    def q(sql: str) -> list[Any]:
+        return list(client.query(sql).result_rows)
+
+    db = database
+    events = q(f"SELECT count(), uniqExact(message_id) FROM {db}.events")[0]
+    dlq = Counter(orjson.loads(m.value)["error_code"] for m in read_topic(bootstrap, f"{prefix}events.dlq"))
+    res.add("raw records in", truth.records, truth.records)
+    res.add("enriched events (ClickHouse)", int(events[0]), truth.unique_valid)
+    duplicates = truth.records - int(events[1]) - sum(dlq.values())
+    res.add("duplicates dropped", duplicates, truth.duplicate_count)
+    for code, n in sorted(truth.invalid_counts.items()):
+        res.add(f"DLQ {code}", dlq.get(code, 0), n)
+    extra = set(dlq) - set(truth.invalid_counts)
+    if extra:
+        res.add("DLQ other reasons", ", ".join(sorted(extra)), "none", ok=False)
+
+    # late events: every events.late record was delivered hours late; the others were merged in
+    late_ids = {orjson.loads(m.value)["message_id"] for m in read_topic(bootstrap, f"{prefix}events.late")}
+    truth_late = {x.message_id for x in truth.late}
+    res.add(
+        "late (delivered 1–12 h late): to events.late / merged",
+        f"{len(late_ids):,} / {len(truth_late - late_ids):,}",
+        f"{len(truth_late):,} late",
+        ok=late_ids <= truth_late,
+    )
+    # sessions: the truth's rule over every event that was not too late
+    accepted = ((e.user_key, e.timestamp_ms) for e in truth.valid if e.message_id not in late_ids)
+    cfg = truth.config
+    want_sessions = expected_sessions(accepted, cfg["session_gap_s"] * 1000, cfg["session_max_s"] * 1000)
+    n_want = sum(len(v) for v in want_sessions.values())
+    got = q(f"SELECT count(), sum(events) FROM {db}.sessions FINAL WHERE NOT retracted")[0]
+    res.add("sessions (gap 30 min, of the events not too late)", int(got[0]), n_want)
+    res.add("events in sessions", int(got[1] or 0), truth.unique_valid - len(late_ids))
+
+    # rollups
+    per_day = {
+        d: int(n)
+        for d, n in q(f"SELECT toString(toDate(minute)), sum(events) FROM {db}.events_per_minute GROUP BY 1")
+    }
+    want_days = truth.aggregates["events_per_day"]
+    res.add(
+        "events_per_minute rollup, per day",
+        f"{sum(per_day.values()):,} in {len(per_day)} days",
+        f"{sum(want_days.values()):,} in {len(want_days)} days",
+        ok=per_day == want_days,
+    )
+    dau = {d: int(n) for d, n in q(f"SELECT toString(day), users FROM {db}.daily_active_users")}
+    want_dau = truth.aggregates["daily_active_users_humans"]
+    res.dau = [(d, int(dau.get(d, 0)), n) for d, n in sorted(want_dau.items())]
+    res.add(
+        "daily active users (humans), every day",
+        sum(dau.values()),
+        sum(want_dau.values()),
+        ok=dau == want_dau,
+    )
+    revenue = {
+        c: round(float(v), 2)
+        for c, v in q(f"SELECT currency, sum(revenue) FROM {db}.revenue_per_day GROUP BY currency")
+    }
+    want_revenue = truth.aggregates["revenue"]
+    res.add(
+        "revenue rollup, per currency",
+        f"{len(revenue)} currencies",
+        f"{len(want_revenue)} currencies",
+        ok=revenue == want_revenue,
+    )
+
+    res.top_pages = [
+        (str(p), int(n))
+        for p, n in q(
+            f"SELECT page_path, count() AS n FROM {db}.events WHERE type = 'page' "
+            "GROUP BY page_path ORDER BY n DESC, page_path LIMIT 5"
+        )  # fmt: skip
+    ]
+    res.top_campaigns = [
+        (str(c), int(n))
+        for c, n in q(
+            f"SELECT utm_campaign, count() AS n FROM {db}.events WHERE utm_campaign != '' "
+            "GROUP BY utm_campaign ORDER BY n DESC, utm_campaign LIMIT 5"
+        )  # fmt: skip
+    ]
+
+    # triggers: what the receiver got vs the reducer over the produced order
+    fires = list(expected) if expected is not None else expected_trigger_fires(records, truth, rules)
+    res.expected_actions = {f.action_id: f.rule_id for f in fires}
+    unique = receiver.unique()
+    res.received_actions = {aid: str(r.action.get("rule_id")) for aid, r in unique.items()}
+    actions_topic: dict[str, str] = {}
+    for m in read_topic(bootstrap, f"{prefix}actions"):
+        a = orjson.loads(m.value)
+        actions_topic[a["action_id"]] = a["rule_id"]
+    promo_truth = len(truth.aggregates["deal_promo"]["fires"])
+    for rule in rules.active():
+        want = {a for a, r in res.expected_actions.items() if r == rule.id}
+        got_ids = {a for a, r in res.received_actions.items() if r == rule.id}
+        fired = {a for a, r in actions_topic.items() if r == rule.id}
+        note = f"{len(want):,} expected"
+        if rule.id == "deal_promo":
+            note += f" ({promo_truth:,} in event time)"
+        n_missing, n_extra = len(want - got_ids), len(got_ids - want)
+        if n_missing or n_extra:
+            note += f" (−{n_missing} +{n_extra})"
+        near = n_missing + n_extra <= max(2, TRIGGER_TOLERANCE * len(want))
+        check = Check(
+            f"trigger {rule.id}: fired / delivered",
+            f"{len(fired):,} / {len(got_ids):,}",
+            note,
+            ok=fired == got_ids and (got_ids == want or near),
+            approx=fired == got_ids and got_ids != want and near,
         )
-    if res.returncode != 0:
-        raise StackError(f"{module} failed (exit {res.returncode}); see {log}")
-    console.print(f"[green]•[/] {title} ({time.monotonic() - t0:.0f}s)")
+        res.checks.append(check)
+    summary = receiver.summary()
+    res.add(
+        "webhooks: bad signatures / redelivered copies",
+        f"{summary['bad_signature']} / {summary['redelivered']}",
+        "0 / any",
+        ok=summary["bad_signature"] == 0,
+    )
+
+    # latencies
+    sent = {e.message_id: produced.sent_at[e.position] for e in truth.valid}
+    rows = q(f"SELECT message_id, toUnixTimestamp64Milli(inserted_at) FROM {db}.events")
+    res.queryable_ms = [ms - sent[mid] * 1000.0 for mid, ms in rows if mid in sent]
+    event_rules = {r.id for r in rules.active() if not isinstance(r.when, SequenceWhen)}
+    for r in unique.values():
+        if r.action.get("rule_id") in event_rules:
+            times = [sent.get(str(e.get("message_id")), 0.0) for e in r.action.get("events") or []]
+            if times and min(times) > 0:
+                res.webhook_ms.append((r.at - max(times)) * 1000.0)
+    return res
+
+
+def render_results(console: Console, res: Results, *, title: str) -> None:
+    """Print the summary: checks, top pages/campaigns/DAU, latencies."""
+    table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("pipeline", justify="right")
+    table.add_column("truth", justify="right")
+    table.add_column("", justify="center")
+    for c in res.checks:
+        mark = "" if c.ok is None else "[yellow]≈[/]" if c.approx else "[green]✓[/]" if c.ok else "[red]✗[/]"
+        table.add_row(c.what, c.pipeline, c.truth, mark)
+    table.add_section()
+    q = res.queryable_ms
+    w = res.webhook_ms
+    table.add_row(
+        "event → queryable in ClickHouse", f"p50 {_ms(quantile(q, 0.5))}", f"p99 {_ms(quantile(q, 0.99))}", ""
+    )
+    table.add_row(
+        f"event → webhook ({len(w):,} fires on an event)",
+        f"p50 {_ms(quantile(w, 0.5))}",
+        f"p99 {_ms(quantile(w, 0.99))}",
+        "",
+    )
+    small = Table(
+        "top pages", "views", "top campaigns", "events", "day (UTC)", "DAU", "truth", header_style="bold"
+    )
+    for i in range(max(len(res.top_pages), len(res.top_campaigns), len(res.dau))):
+        page = res.top_pages[i] if i < len(res.top_pages) else ("", "")
+        camp = res.top_campaigns[i] if i < len(res.top_campaigns) else ("", "")
+        day = res.dau[i] if i < len(res.dau) else ("", "", "")
+        small.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in (*page, *camp, *day)))
+    console.print(Group(table, small))
+
+
+# ================================================================================================
+# the demo
+
+
+def _scalar(client: Any, sql: str) -> int:
+    """``int(client.command(sql))``, 0 while the table does not exist yet (the loader migrates first)."""
+    try:
+        return int(client.command(sql))
+    except Exception as exc:  # noqa: BLE001 - clickhouse-connect raises DatabaseError and others
+        log.debug("%s: %s", sql, exc)
+        return 0
+
+
+def _pick_port(preferred: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+
+def rules_for_port(template: Path, port: int, out: Path) -> Path:
+    """Copy the rules file ``template`` to ``out`` with its receiver port (8099) replaced by ``port``."""
+    text = template.read_text(encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text.replace(f"127.0.0.1:{RULES_PORT}/", f"127.0.0.1:{port}/"), encoding="utf-8")
+    return out
+
+
+def job_environment(
+    conn: Connections, *, prefix: str, home: Path, secret: str, checkpoint_interval_ms: int
+) -> dict[str, str]:
+    """The environment of every job process: this one's, minus clickpulse settings, plus the demo's."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CLICKPULSE_")
+        and k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "CLICKHOUSE_URL")
+    }
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=conn.kafka_bootstrap_servers,
+        REDIS_URL=conn.redis_url.get_secret_value(),
+        CLICKHOUSE_URL=conn.clickhouse_url.get_secret_value(),
+        CLICKPULSE_TOPIC_PREFIX=prefix,
+        CLICKPULSE_REDIS_PREFIX=f"{prefix.rstrip('.')}:{time.time_ns()}:",
+        CLICKPULSE_HOME=str(home),
+        CLICKPULSE_WEBHOOK_SECRET=secret,
+        CLICKPULSE_CHECKPOINT_INTERVAL_MS=str(checkpoint_interval_ms),
+        CLICKPULSE_LOG_INTERVAL_S="5",
+        # a busy 2-core box: a Redis round trip may take longer than the 50 ms default (fail-open would
+        # then resolve identities without the store, and the numbers would no longer match the truth)
+        CLICKPULSE_REDIS_TIMEOUT_MS="2000",
+        # no partition that still has data may be declared idle (the watermark would run ahead of it)
+        CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS="30000",
+    )
+    return env
+
+
+@dataclass
+class Progress:
+    """What the live view shows."""
+
+    phase: str = "starting"
+    produced: int = 0
+    total: int = 0
+    events: int = 0
+    sessions: int = 0
+    webhooks: int = 0
+    last_webhooks: list[str] = field(default_factory=list)
+
+
+def _live_view(p: Progress, pipeline: Pipeline, t0: float) -> Table:
+    t = Table.grid(padding=(0, 2))
+    t.add_row(f"[bold cyan]{p.phase}[/]", f"[dim]{time.monotonic() - t0:,.0f}s[/]")
+    t.add_row("raw produced", f"{p.produced:,} / {p.total:,}")
+    t.add_row("events in ClickHouse", f"{p.events:,}")
+    t.add_row("sessions in ClickHouse", f"{p.sessions:,}")
+    t.add_row("webhooks received", f"{p.webhooks:,}")
+    jobs = "  ".join(
+        f"{j} [green]●[/]" if pipeline.alive(j) else f"{j} [dim]○[/]" for j in ALL_JOBS if j in pipeline.jobs
+    )
+    t.add_row("jobs", jobs)
+    for line in p.last_webhooks[-3:]:
+        t.add_row("", f"[dim]{line}[/]")
+    return t
 
 
 def run_demo(opts: DemoOptions, console: Console) -> int:
-    """Run the demo; returns the process exit code."""
+    """Run the demo; returns the process exit code (0: every number matches the truth)."""
+    t_start = time.monotonic()
     stack = Stack(StackSettings())
+    pipeline: Pipeline | None = None
+    receiver: WebhookReceiver | None = None
+    was_up = all(row["healthy"] for row in stack.status())
     try:
         console.rule("[bold]clickpulse demo")
         stack.up(progress=lambda m: console.print(f"[cyan]•[/] {m}"))
@@ -97,116 +917,287 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
         client.command(f"DROP DATABASE IF EXISTS {DATABASE}")
         console.print(f"[green]•[/] fresh topics {PREFIX}* and database {DATABASE}")
 
-        summary = run_simulation(
-            bootstrap,
-            SimulateOptions(events=opts.events, seed=opts.seed, topic=f"{PREFIX}events.raw"),
-            console,
-        )
-        truth = summary.truth
-        console.print(f"[green]•[/] produced {summary.records:,} records in {summary.seconds:.1f}s")
+        workdir = stack.root / "demo"
+        if workdir.exists():
+            import shutil
 
-        logs = stack.logs
-        env = dict(os.environ)
-        env.update(
-            KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-            REDIS_URL=conn.redis_url.get_secret_value(),
-            CLICKHOUSE_URL=ch_url,
-            CLICKPULSE_TOPIC_PREFIX=PREFIX,
-            CLICKPULSE_REDIS_PREFIX=f"demo:{time.time_ns()}:",
-            CLICKPULSE_HOME=str(stack.root / "demo"),
-        )
-        common = ["--bounded", "--starting-offsets", "earliest", "--restore", "none"]
-        _run_job(
-            console,
-            "ingest: validate, dedup, identity, enrich",
-            "jobs.ingest",
-            [*common, "--group-id", f"demo-ingest-{time.time_ns()}"],
-            env,
-            logs / "demo-ingest.log",
-        )
-        has_sessions = importlib.util.find_spec("jobs.sessionize") is not None
-        if has_sessions:
-            _run_job(
-                console,
-                "sessionize: event-time sessions",
-                "jobs.sessionize",
-                [*common, "--group-id", f"demo-sessionize-{time.time_ns()}"],
-                env,
-                logs / "demo-sessionize.log",
-            )
-        _run_job(
-            console,
-            "load: ClickHouse (migrations, Arrow inserts)",
-            "jobs.load",
-            [
-                "--bounded",
-                "--migrate",
-                "--database",
-                DATABASE,
-                "--starting-offsets",
-                "earliest",
-                "--group-id",
-                f"demo-load-{time.time_ns()}",
-            ],
-            env,
-            logs / "demo-load.log",
-        )
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        secret = secrets.token_hex(16)
+        progress = Progress(total=opts.events)
 
-        dlq = Counter(orjson.loads(v)["error_code"] for v in _read_values(bootstrap, f"{PREFIX}events.dlq"))
-        q = lambda sql: client.query(sql).result_rows  # noqa: E731
-        events = q(f"SELECT count() FROM {DATABASE}.events")[0][0]
-        sessions = q(f"SELECT count() FROM {DATABASE}.sessions FINAL WHERE NOT retracted")[0][0]
-        duplicates = summary.records - events - sum(dlq.values())
+        def on_receipt(r: Receipt) -> None:
+            if r.status == 200:
+                progress.last_webhooks.append(f"{r.path}  {describe_action(r.action)}")
+                del progress.last_webhooks[:-3]
 
-        table = Table(title="clickpulse demo", show_header=True)
-        table.add_column("what")
-        table.add_column("pipeline", justify="right")
-        table.add_column("truth", justify="right")
-        table.add_row("raw records in", f"{summary.records:,}", f"{truth.records:,}")
-        table.add_row("enriched events (ClickHouse)", f"{events:,}", f"{truth.unique_valid:,}")
-        table.add_row("duplicates dropped", f"{duplicates:,}", f"{truth.duplicate_count:,}")
-        for code, n in sorted(truth.invalid_counts.items()):
-            table.add_row(f"DLQ {code}", f"{dlq.get(code, 0):,}", f"{n:,}")
-        late = len(_read_values(bootstrap, f"{PREFIX}events.late"))
-        table.add_row(
-            "sessions (truth: as if nothing were late)", f"{sessions:,}", f"{truth.session_count:,}"
-        )
-        table.add_row("events.late (delivered hours late)", f"{late:,}", f"{len(truth.late):,}")
-        console.print(table)
+        port = _pick_port(RULES_PORT)
+        receiver = WebhookReceiver(secret, port=port, on_receipt=on_receipt).start()
+        rules_file = rules_for_port(DEMO_RULES, port, workdir / "rules.yaml")
+        rules = Rules.of(load_rules_file(rules_file))
+        console.print(f"[green]•[/] webhook receiver on {receiver.url()} ({len(rules)} demo rules)")
 
-        pages = q(
-            f"SELECT page_path, count() AS views FROM {DATABASE}.events WHERE type = 'page' "
-            "GROUP BY page_path ORDER BY views DESC LIMIT 5"
-        )
-        campaigns = q(
-            f"SELECT utm_campaign, count() AS events FROM {DATABASE}.events WHERE utm_campaign != '' "
-            "GROUP BY utm_campaign ORDER BY events DESC LIMIT 5"
-        )
-        dau = q(f"SELECT day, users FROM {DATABASE}.daily_active_users ORDER BY day")
-        small = Table("top pages", "views", "top campaigns", "events", "day", "DAU")
-        for i in range(max(len(pages), len(campaigns), len(dau))):
-            row = [
-                *(pages[i] if i < len(pages) else ("", "")),
-                *(campaigns[i] if i < len(campaigns) else ("", "")),
-                *(dau[i] if i < len(dau) else ("", "")),
-            ]
-            small.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row))
-        console.print(small)
-
-        ok = events == truth.unique_valid and all(dlq.get(c, 0) == n for c, n in truth.invalid_counts.items())
+        cfg = sim_config(SimulateOptions(events=opts.events, seed=opts.seed))
+        records, truth = generate(cfg)
         console.print(
-            "[green]demo ok: every number matches the simulator's truth[/]"
-            if ok
-            else "[red]demo: numbers differ from the truth (see the table)[/]"
+            f"[green]•[/] simulated {len(records):,} records over {cfg.span.total_seconds() / 3600:.0f} h of "
+            f"simulated time ({truth.duplicate_count:,} duplicates, {sum(truth.invalid_counts.values()):,} "
+            f"malformed, {len(truth.late):,} late)"
         )
+
+        env = job_environment(
+            conn,
+            prefix=PREFIX,
+            home=workdir / "home",
+            secret=secret,
+            checkpoint_interval_ms=opts.checkpoint_interval_ms,
+        )
+        pipeline = Pipeline(
+            PipelineConfig(env, workdir, rules_file, DATABASE, group_prefix=f"demo-{time.time_ns()}")
+        )
+        t0 = time.monotonic()
+        produced = Produced([], 0.0)
+        expected: list[Any] = []
+
+        def poll() -> None:
+            progress.events = _scalar(client, f"SELECT count() FROM {DATABASE}.events")
+            progress.sessions = _scalar(client, f"SELECT count() FROM {DATABASE}.sessions")
+            progress.webhooks = len(receiver.unique()) if receiver is not None else 0
+
+        with Live(
+            _live_view(progress, pipeline, t0), console=console, refresh_per_second=2, transient=True
+        ) as live:
+
+            def tick() -> None:
+                assert pipeline is not None
+                poll()
+                live.update(_live_view(progress, pipeline, t0))
+
+            progress.phase = "starting every job"
+            pipeline.start_all()
+            pipeline.wait_running(ALL_JOBS, timeout_s=300, tick=tick)
+            t_ready = time.monotonic()
+            console.print(f"[green]•[/] every job running ({t_ready - t0:.0f}s)")
+
+            progress.phase = "producing"
+            done = threading.Event()
+            box: dict[str, Any] = {}
+
+            backlog = IngestBacklog(
+                bootstrap, PREFIX, duplicate_share=truth.duplicate_count / truth.records, limit=opts.backlog
+            )
+
+            def producer() -> None:
+                try:
+                    box["produced"] = produce(
+                        bootstrap,
+                        f"{PREFIX}events.raw",
+                        records,
+                        rate=opts.rate,
+                        progress=lambda i: setattr(progress, "produced", i),
+                        pause=backlog if opts.backlog > 0 else None,
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    box["error"] = exc
+                finally:
+                    backlog.close()
+                    done.set()
+
+            threading.Thread(target=producer, name="demo-producer", daemon=True).start()
+            while not done.is_set():
+                pipeline.check_alive()
+                tick()
+                done.wait(1.0)
+            if "error" in box:
+                raise DemoError(f"producing failed: {box['error']}")
+            produced = box["produced"]
+            console.print(
+                f"[green]•[/] produced {len(records):,} records in {produced.seconds:.1f}s "
+                f"({len(records) / max(produced.seconds, 1e-9):,.0f}/s, paced so that ingest never has more "
+                f"than {opts.backlog:,} records to catch up)"
+            )
+
+            progress.phase = "pipeline catching up"
+            # the expected trigger fires, computed while the jobs work
+            exp_thread = threading.Thread(
+                target=lambda: expected.extend(expected_trigger_fires(records, truth, rules)), daemon=True
+            )
+            exp_thread.start()
+            wait_for_events(pipeline, client, DATABASE, truth.unique_valid, tick=tick)
+            t_loaded = time.monotonic()
+            console.print(
+                f"[green]•[/] every event queryable in ClickHouse ({t_loaded - t_ready:.0f}s after start)"
+            )
+
+            progress.phase = "draining the Flink jobs (end of event time)"
+            finish(pipeline, bootstrap, PREFIX, tick=tick, say=lambda m: console.print(f"[green]•[/] {m}"))
+            exp_thread.join()
+            poll()
+        t_end = time.monotonic()
+        console.print(
+            f"[green]•[/] drained and stopped ({t_end - t_loaded:.0f}s); "
+            f"{len(receiver.receipts()):,} webhook requests received"
+        )
+        res = collect_results(
+            client=client,
+            database=DATABASE,
+            bootstrap=bootstrap,
+            prefix=PREFIX,
+            truth=truth,
+            records=records,
+            produced=produced,
+            receiver=receiver,
+            rules=rules,
+            expected=expected,
+        )
+        console.print(receiver.table(last=5))
+        total = time.monotonic() - t_start
+        render_results(
+            console,
+            res,
+            title=f"clickpulse demo: {truth.records:,} raw records, every job running at once, "
+            f"{total:,.0f}s in all (jobs up {t_ready - t0:.0f}s, events loaded {t_loaded - t_ready:.0f}s, "
+            f"drain {t_end - t_loaded:.0f}s)",
+        )
+        (workdir / "truth.json").write_bytes(truth.to_json())
+        with (workdir / "webhooks.jsonl").open("wb") as out:
+            for r in receiver.receipts():
+                out.write(
+                    orjson.dumps({"at": r.at, "path": r.path, "status": r.status, "action": r.action}) + b"\n"
+                )
+        if res.exact:
+            console.print("[green]demo ok: every number matches the simulator's truth[/]")
+        elif res.ok:
+            console.print(
+                "[green]demo ok[/]: every number matches the simulator's truth; [yellow]≈[/] trigger "
+                f"decisions agree within {TRIGGER_TOLERANCE:.1%}: the replay runs hours of simulated time "
+                "per second and the ingest job interleaves its input partitions in runs of hundreds of "
+                "records (minutes of simulated time), so a few decisions on the edge of a 30-minute window "
+                "come out differently"
+            )
+        else:
+            console.print(
+                f"[red]demo: numbers differ from the truth (✗ above); logs in {workdir / 'logs'}[/]"
+            )
+        console.print(f"truth file {workdir / 'truth.json'}, webhooks received {workdir / 'webhooks.jsonl'}")
         if opts.keep_running:
             console.print(
-                f'explore: clickpulse query "SELECT event, count() FROM {DATABASE}.events GROUP BY event"'
+                f'explore: clickpulse query "SELECT event, count() FROM {DATABASE}.events GROUP BY event '
+                'ORDER BY 2 DESC"'
             )
-        return 0 if ok else 1
-    except StackError as e:
+        return 0 if res.ok else 1
+    except (StackError, DemoError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
     finally:
-        if not opts.keep_running:
+        if pipeline is not None:
+            pipeline.stop_all()
+        if receiver is not None:
+            receiver.close()
+        if was_up:
+            console.print("[cyan]•[/] the stack was already up before the demo: left running")
+        elif not opts.keep_running:
             stack.down(progress=lambda m: console.print(f"[cyan]•[/] {m}"))
+
+
+def wait_for_events(
+    pipeline: Pipeline,
+    client: Any,
+    database: str,
+    expected: int,
+    *,
+    stall_s: float = 180.0,
+    tick: Callable[[], None] | None = None,
+) -> int:
+    """Wait until ClickHouse ``events`` has ``expected`` rows; give up after ``stall_s`` without progress."""
+    last, last_change = -1, time.monotonic()
+    while True:
+        pipeline.check_alive()
+        n = _scalar(client, f"SELECT count() FROM {database}.events")
+        if n >= expected:
+            return n
+        if n != last:
+            last, last_change = n, time.monotonic()
+        elif time.monotonic() - last_change > stall_s:
+            raise DemoError(
+                f"ClickHouse has {n:,} of {expected:,} events and nothing moved for {stall_s:.0f}s"
+            )
+        if tick is not None:
+            tick()
+        time.sleep(1.0)
+
+
+def finish(
+    pipeline: Pipeline,
+    bootstrap: str,
+    prefix: str,
+    *,
+    timeout_s: float = 600.0,
+    tick: Callable[[], None] | None = None,
+    say: Callable[[str], None] = log.info,
+) -> None:
+    """Bring the whole pipeline to a clean stop once ingest has written everything.
+
+    Waits until sessionize and triggers have read all of ``events.enriched`` (their committed offsets), drains
+    the three Flink jobs, then waits until the loader has loaded ``sessions`` and ``events.dlq`` and the
+    dispatcher has settled ``actions``, and stops both with SIGTERM.
+    """
+    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
+
+    def done(what: str) -> None:
+        say(f"{what} ({time.monotonic() - t0:.0f}s)")
+
+    def wait(what: str, cond: Callable[[], bool], jobs: Sequence[str]) -> None:
+        while not cond():
+            pipeline.check_alive(jobs)
+            if time.monotonic() > deadline:
+                raise DemoError(f"timed out waiting for {what}")
+            if tick is not None:
+                tick()
+            time.sleep(1.0)
+
+    raw = data_end_offsets(bootstrap, f"{prefix}events.raw")
+    wait(
+        "ingest to read events.raw",
+        lambda: caught_up(bootstrap, pipeline.group_id("ingest"), f"{prefix}events.raw", raw),
+        ["ingest"],
+    )
+    pipeline.drain("ingest")
+    done("ingest read all of events.raw and was drained")
+    enriched = data_end_offsets(bootstrap, f"{prefix}events.enriched")
+    for job in ("sessionize", "triggers"):
+        wait(
+            f"{job} to read events.enriched",
+            lambda j=job: caught_up(bootstrap, pipeline.group_id(j), f"{prefix}events.enriched", enriched),  # type: ignore[misc]
+            [job],
+        )
+    done("sessionize and triggers read all of events.enriched")
+    drains = [threading.Thread(target=pipeline.drain, args=(j,)) for j in ("sessionize", "triggers")]
+    for t in drains:
+        t.start()
+    for t in drains:
+        while t.is_alive():
+            if tick is not None:
+                tick()
+            t.join(1.0)
+    done("sessionize and triggers drained (every session published, every pending rule decided)")
+    load = pipeline.group_id("load")
+    targets = {
+        topic: data_end_offsets(bootstrap, f"{prefix}{topic}") for topic in ("events.enriched", "sessions")
+    }
+    wait(
+        "the loader to load sessions",
+        lambda: all(caught_up(bootstrap, load, f"{prefix}{t}", off) for t, off in targets.items()),
+        ["load"],
+    )
+    done("the loader loaded every session")
+    actions = data_end_offsets(bootstrap, f"{prefix}actions")
+    wait(
+        "the dispatcher to settle every action",
+        lambda: caught_up(bootstrap, pipeline.group_id("dispatch"), f"{prefix}actions", actions),
+        ["dispatch"],
+    )
+    pipeline.terminate("load")
+    pipeline.terminate("dispatch")
+    done("every action settled; loader and dispatcher stopped")

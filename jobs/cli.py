@@ -140,7 +140,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``clickpulse demo``: stack up, simulated traffic, a summary of what arrived."""
     from connectors.demo import DemoOptions, run_demo
 
-    return run_demo(DemoOptions(events=args.events, seed=args.seed, keep_running=args.keep_running), console)
+    opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, keep_running=args.keep_running)
+    return run_demo(opts, console)
 
 
 # --------------------------------------------------------------------------- migrate
@@ -240,10 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--database", default=None, help="default database (default: the server's)")
     q.set_defaults(func=cmd_query)
 
-    d = sub.add_parser("demo", help="what `make demo` runs: the pipeline on the embedded stack")
-    d.add_argument("--events", type=int, default=100_000, help="simulated records (default 100000)")
+    d = sub.add_parser(
+        "demo",
+        help="what `make demo` runs: every job at once on the local stack, simulated traffic, webhooks to a "
+        "local receiver, a summary checked against the simulator's truth",
+    )
+    d.add_argument("--events", type=int, default=200_000, help="simulated records (default 200000)")
     d.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    d.add_argument("--keep-running", action="store_true", help="leave the stack up at the end")
+    d.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="records per second to produce, 0 = as fast as possible (default)",
+    )
+    d.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the stack, the demo topics and the database clickpulse_demo up for `clickpulse query`",
+    )
     d.set_defaults(func=cmd_demo)
     return p
 
