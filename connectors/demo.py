@@ -108,6 +108,7 @@ class JobProcess:
     started: float
     rest_url: str | None = None
     job_id: str | None = None
+    running_at: float | None = None  #: monotonic time it was first seen running
 
 
 @dataclass
@@ -267,7 +268,9 @@ class Pipeline:
             self.check_alive(pending)
             for job in sorted(pending):
                 if job not in FLINK_JOBS or self.flink_state(job) == "RUNNING":
-                    log.info("%s running after %.0fs", job, time.monotonic() - self.jobs[job].started)
+                    jp = self.jobs[job]
+                    jp.running_at = time.monotonic()
+                    log.info("%s running after %.0fs", job, jp.running_at - jp.started)
                     pending.discard(job)
             if not pending:
                 return
@@ -276,6 +279,22 @@ class Pipeline:
             if tick is not None:
                 tick()
             time.sleep(1.0)
+
+    def wait_event_time(self, tick: Callable[[], None] | None = None) -> None:
+        """Block until the triggers job's event time can advance: its rules source holds the watermark
+        back until it is idle, ``CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS`` after the job started running.
+        Traffic produced before then would meet a watermark stuck at the epoch (no window clean-up, no
+        sequence deadline) for a while, unlike live traffic."""
+        jp = self.jobs.get("triggers")
+        if jp is None or jp.running_at is None:
+            return
+        idle_s = int(self.config.env.get("CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS", "2000")) / 1000.0
+        until = jp.running_at + idle_s + 3.0
+        while time.monotonic() < until:
+            self.check_alive()
+            if tick is not None:
+                tick()
+            time.sleep(min(1.0, max(0.0, until - time.monotonic())))
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -357,9 +376,9 @@ class Pipeline:
 
 
 def listening_ports(pgid: int) -> set[int]:
-    """TCP ports listening in process group ``pgid``, except those its leader is connected to (Linux
-    ``/proc``; elsewhere empty). The exception is PyFlink's Py4J gateway: the driver talks to its JVM
-    through it, and it is no HTTP server."""
+    """TCP ports that processes of group ``pgid`` other than its leader listen on, except those the leader
+    is connected to (Linux ``/proc``; elsewhere empty): the JVM's ports minus PyFlink's Py4J gateway (and
+    without the driver's own Py4J callback server), neither of which speaks HTTP."""
     proc = Path("/proc")
     if not proc.is_dir():
         return set()
@@ -374,9 +393,7 @@ def listening_ports(pgid: int) -> set[int]:
             for fd in (pid_dir / "fd").iterdir():
                 target = os.readlink(fd)
                 if target.startswith("socket:["):
-                    group.add(target[8:-1])
-                    if int(pid_dir.name) == pgid:
-                        leader.add(target[8:-1])
+                    (leader if int(pid_dir.name) == pgid else group).add(target[8:-1])
         except OSError:
             continue
     listening: set[int] = set()
@@ -860,7 +877,13 @@ def job_environment(
         # a busy 2-core box: a Redis round trip may take longer than the 50 ms default (fail-open would
         # then resolve identities without the store, and the numbers would no longer match the truth)
         CLICKPULSE_REDIS_TIMEOUT_MS="2000",
-        # no partition that still has data may be declared idle (the watermark would run ahead of it)
+        # Idleness. A partition that still has data must never be declared idle (the watermark would run
+        # ahead of it), and an input that went idle drops the MAX_WATERMARK of a later stop with drain (no
+        # end-of-time timers: open sessions unpublished, pending sequence rules undecided), so each job is
+        # drained soon after its last record (see finish()). The triggers job's setting also decides when
+        # its rules source counts as idle, and until then event time stands still: producing starts
+        # after that (Pipeline.wait_event_time), and the drain has to come within it.
+        CLICKPULSE_IDLE_TIMEOUT_S="600",
         CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS="30000",
     )
     return env
@@ -976,6 +999,8 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
             progress.phase = "starting every job"
             pipeline.start_all()
             pipeline.wait_running(ALL_JOBS, timeout_s=300, tick=tick)
+            progress.phase = "waiting for the triggers job's event time to start"
+            pipeline.wait_event_time(tick=tick)
             t_ready = time.monotonic()
             console.print(f"[green]•[/] every job running ({t_ready - t0:.0f}s)")
 
@@ -1136,11 +1161,11 @@ def finish(
     tick: Callable[[], None] | None = None,
     say: Callable[[str], None] = log.info,
 ) -> None:
-    """Bring the whole pipeline to a clean stop once ingest has written everything.
+    """Bring the whole pipeline to a clean stop; call it once ClickHouse has every event.
 
-    Waits until sessionize and triggers have read all of ``events.enriched`` (their committed offsets), drains
-    the three Flink jobs, then waits until the loader has loaded ``sessions`` and ``events.dlq`` and the
-    dispatcher has settled ``actions``, and stops both with SIGTERM.
+    Each Flink job is drained (stop with a savepoint and MAX_WATERMARK: every open session is published,
+    every pending sequence rule decided) as soon as its committed offsets show it has read its whole input;
+    then the loader and the dispatcher finish ``sessions`` and ``actions`` and are stopped with SIGTERM.
     """
     deadline = time.monotonic() + timeout_s
     t0 = time.monotonic()
@@ -1148,32 +1173,39 @@ def finish(
     def done(what: str) -> None:
         say(f"{what} ({time.monotonic() - t0:.0f}s)")
 
-    def wait(what: str, cond: Callable[[], bool], jobs: Sequence[str]) -> None:
+    def wait(what: str, cond: Callable[[], bool], jobs: Sequence[str], tick_here: bool = True) -> None:
         while not cond():
             pipeline.check_alive(jobs)
             if time.monotonic() > deadline:
                 raise DemoError(f"timed out waiting for {what}")
-            if tick is not None:
+            if tick is not None and tick_here:
                 tick()
             time.sleep(1.0)
 
-    raw = data_end_offsets(bootstrap, f"{prefix}events.raw")
-    wait(
-        "ingest to read events.raw",
-        lambda: caught_up(bootstrap, pipeline.group_id("ingest"), f"{prefix}events.raw", raw),
-        ["ingest"],
-    )
-    pipeline.drain("ingest")
-    done("ingest read all of events.raw and was drained")
-    enriched = data_end_offsets(bootstrap, f"{prefix}events.enriched")
-    for job in ("sessionize", "triggers"):
-        wait(
-            f"{job} to read events.enriched",
-            lambda j=job: caught_up(bootstrap, pipeline.group_id(j), f"{prefix}events.enriched", enriched),  # type: ignore[misc]
-            [job],
-        )
-    done("sessionize and triggers read all of events.enriched")
-    drains = [threading.Thread(target=pipeline.drain, args=(j,)) for j in ("sessionize", "triggers")]
+    # every unique event is in ClickHouse (the caller waited for it), so events.enriched is complete
+    inputs = {
+        "ingest": ("events.raw", data_end_offsets(bootstrap, f"{prefix}events.raw")),
+        "sessionize": ("events.enriched", data_end_offsets(bootstrap, f"{prefix}events.enriched")),
+    }
+    inputs["triggers"] = inputs["sessionize"]
+    failures: list[BaseException] = []
+
+    def catch_up_and_drain(job: str) -> None:
+        # each job is drained as soon as it has read its whole input, before that input can turn idle
+        try:
+            group, (topic, offsets) = pipeline.group_id(job), inputs[job]
+            wait(
+                f"{job} to read {topic}",
+                lambda: caught_up(bootstrap, group, f"{prefix}{topic}", offsets),
+                [job],
+                tick_here=False,
+            )
+            pipeline.drain(job)
+            done(f"{job} read all of {topic} and was drained")
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failures.append(exc)
+
+    drains = [threading.Thread(target=catch_up_and_drain, args=(j,)) for j in FLINK_JOBS]
     for t in drains:
         t.start()
     for t in drains:
@@ -1181,7 +1213,8 @@ def finish(
             if tick is not None:
                 tick()
             t.join(1.0)
-    done("sessionize and triggers drained (every session published, every pending rule decided)")
+    if failures:
+        raise failures[0]
     load = pipeline.group_id("load")
     targets = {
         topic: data_end_offsets(bootstrap, f"{prefix}{topic}") for topic in ("events.enriched", "sessions")
