@@ -1,0 +1,268 @@
+"""End-to-end benchmark: every job at once on this box, raw events -> ClickHouse and -> webhooks.
+
+``python -m bench bench_e2e`` (or ``python -m bench.bench_e2e`` against the stack in the environment /
+``.clickpulse/stack.env``). The jobs run as in ``clickpulse demo`` (:class:`connectors.demo.Pipeline`:
+ingest, sessionize, triggers, dispatch, load, each its own process, Flink jobs at parallelism 1) on
+their own topic prefix and database, with the demo rules plus one rule firing on every ``Order
+Completed`` (more samples for the webhook latency), delivered to a receiver in this process.
+
+1. **Latency**: simulated traffic at a steady rate well below capacity; for every event, wall-clock
+   times on this machine: handed to the producer; readable in ``events.enriched`` (a ``read_committed``
+   consumer in this process: ingest's exactly-once output becomes visible at its checkpoints);
+   ``inserted_at`` of its ClickHouse row (event -> queryable); for actions fired by an event (deal
+   promo, order webhook), ``fired_at`` (the triggers operator's clock) and the receiver's receipt
+   (event -> webhook). The median of each hop says where the time goes.
+2. **Throughput**: then a burst of simulated records produced as fast as possible while everything
+   runs; sustained events/s = raw records / time until ClickHouse has every event, and how long
+   sessionize and triggers needed to read the whole burst. CPU seconds per job (its process group:
+   driver, JVM, Python workers) over the burst show who uses the two cores.
+
+Prints markdown rows (``| benchmark | result | notes |``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import yaml
+from kafka import KafkaConsumer, TopicPartition
+
+from connectors import kafka as kafka_io
+from connectors.clickhouse import client_from_url
+from connectors.demo import (
+    ALL_JOBS,
+    DEMO_RULES,
+    Pipeline,
+    PipelineConfig,
+    caught_up,
+    data_end_offsets,
+    job_environment,
+    produce,
+    quantile,
+    rules_for_port,
+)
+from connectors.receiver import WebhookReceiver
+from connectors.settings import CONTRACT_TOPICS, load_connections
+from udfs.simulator import SimConfig, generate
+from udfs.timeutil import parse_timestamp_ms
+
+log = logging.getLogger("bench.e2e")
+
+
+def _cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in process group ``pgid`` (Linux ``/proc``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ...
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+class Tail(threading.Thread):
+    """Records when each message id becomes readable (``read_committed``) in a topic."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(name=f"tail-{topic}", daemon=True)
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+        )
+        parts = [TopicPartition(topic, p) for p in self._consumer.partitions_for_topic(topic) or ()]
+        self._consumer.assign(parts)
+        self._consumer.seek_to_beginning(*parts)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for batch in self._consumer.poll(timeout_ms=100).values():
+                now = time.time()
+                for m in batch:
+                    mid = orjson.loads(m.value).get("message_id")
+                    if mid:
+                        self.seen.setdefault(mid, now)
+        self._consumer.close()
+
+
+def _count(client: object, database: str) -> int:
+    """Rows in ``<database>.events`` (0 before the loader created the table)."""
+    try:
+        return int(str(client.command(f"SELECT count() FROM {database}.events")))  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not migrated yet
+        return 0
+
+
+def _p(values: list[float], q: float) -> str:
+    v = quantile(values, q)
+    return "–" if v is None else (f"{v / 1000:.2f} s" if v >= 1000 else f"{v:.0f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both phases and print the rows."""
+    p = argparse.ArgumentParser(prog="bench.bench_e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=500.0, help="steady rate of the latency phase (records/s)")
+    p.add_argument("--seconds", type=int, default=60, help="length of the measured latency phase")
+    p.add_argument("--warmup", type=int, default=20, help="seconds at the steady rate before measuring")
+    p.add_argument("--burst", type=int, default=100_000, help="records of the throughput phase")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+
+    conn = load_connections()
+    bootstrap = conn.kafka_bootstrap_servers
+    tag = uuid.uuid4().hex[:8]
+    prefix, database = f"bench{tag}.", f"bench_e2e_{tag}"
+    topics = {f"{prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()}
+    kafka_io.ensure_topics(bootstrap, topics, partitions=4)
+    client = client_from_url(conn.clickhouse_url.get_secret_value())
+    work = Path(tempfile.mkdtemp(prefix="clickpulse-bench-e2e-"))
+    secret = secrets.token_hex(16)
+    end = datetime.now(UTC).replace(second=0, microsecond=0)
+    warm_n = int(args.rate * args.warmup)
+    steady_n = warm_n + int(args.rate * args.seconds)
+    # one simulation: the steady part first, the burst after it (same users, later in simulated time)
+    records, truth = generate(SimConfig.ending_at(end, events=steady_n + args.burst, seed=31))
+    steady, burst = records[:steady_n], records[steady_n:]
+    valid_steady = [e for e in truth.valid if e.position < steady_n]
+    measured = [e for e in valid_steady if e.position >= warm_n]
+    try:
+        with WebhookReceiver(secret) as receiver:
+            rules_file = rules_for_port(DEMO_RULES, receiver.port, work / "rules.yaml")
+            doc = yaml.safe_load(rules_file.read_text())
+            doc["rules"].append(
+                {"id": "order_placed", "when": {"event": "Order Completed"}, "action": {"webhook": {
+                    "url": receiver.url("/hooks/order")}}}
+            )  # fmt: skip
+            rules_file.write_text(yaml.safe_dump(doc))
+            env = job_environment(
+                conn, prefix=prefix, home=work / "home", secret=secret, checkpoint_interval_ms=1000
+            )
+            pipeline = Pipeline(PipelineConfig(env, work, rules_file, database, f"bench-e2e-{tag}"))
+            try:
+                t0 = time.monotonic()
+                pipeline.start_all()
+                pipeline.wait_running(ALL_JOBS, timeout_s=600)
+                log.info("every job running after %.0fs", time.monotonic() - t0)
+                pipeline.wait_event_time()
+
+                # -- latency phase ---------------------------------------------------------------------
+                tail = Tail(bootstrap, f"{prefix}events.enriched")
+                tail.start()
+                produced = produce(bootstrap, f"{prefix}events.raw", steady, rate=args.rate)
+                want = len(valid_steady)
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    pipeline.check_alive()
+                    if _count(client, database) >= want:
+                        break
+                    time.sleep(1)
+                time.sleep(5)  # the last webhooks
+                sent = {e.message_id: produced.sent_at[e.position] for e in measured}
+                rows = client.query(
+                    f"SELECT message_id, toUnixTimestamp64Milli(inserted_at) FROM {database}.events"
+                ).result_rows
+                queryable = [ms - sent[m] * 1000 for m, ms in rows if m in sent]
+                visible = [(tail.seen[m] - sent[m]) * 1000 for m in sent if m in tail.seen]
+                webhook, to_fire, fire_to_hook = [], [], []
+                for r in receiver.unique().values():
+                    a = r.action
+                    if a.get("rule_id") not in ("deal_promo", "order_placed"):
+                        continue
+                    times = [sent.get(str(e.get("message_id")), 0.0) for e in a.get("events") or []]
+                    if not times or min(times) <= 0:
+                        continue
+                    t_event = max(times)
+                    fired = parse_timestamp_ms(a["fired_at"]) / 1000
+                    webhook.append((r.at - t_event) * 1000)
+                    to_fire.append((fired - t_event) * 1000)
+                    fire_to_hook.append((r.at - fired) * 1000)
+                tail.stop.set()
+
+                # -- throughput phase ------------------------------------------------------------------
+                cpu0 = {j: _cpu_seconds(pipeline.jobs[j].proc.pid) for j in ALL_JOBS}
+                total_valid = truth.unique_valid
+                b0 = time.monotonic()
+                burst_produced = produce(bootstrap, f"{prefix}events.raw", burst)
+                done_at: dict[str, float] = {}
+                enriched_end: dict[int, int] | None = None
+                deadline = time.monotonic() + 1800
+                while len(done_at) < 3 and time.monotonic() < deadline:
+                    pipeline.check_alive()
+                    now = time.monotonic()
+                    if "load" not in done_at:
+                        if _count(client, database) >= total_valid:
+                            done_at["load"] = now
+                            enriched_end = data_end_offsets(bootstrap, f"{prefix}events.enriched")
+                    if enriched_end is not None:
+                        for job in ("sessionize", "triggers"):
+                            if job not in done_at and caught_up(
+                                bootstrap, pipeline.group_id(job), f"{prefix}events.enriched", enriched_end
+                            ):
+                                done_at[job] = now
+                    time.sleep(0.5)
+                cpu1 = {j: _cpu_seconds(pipeline.jobs[j].proc.pid) for j in ALL_JOBS}
+                window = max(done_at.values(), default=time.monotonic()) - b0
+            finally:
+                pipeline.stop_all()
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+        kafka_io.delete_topics(bootstrap, list(topics))
+
+    load_avg = os.getloadavg()[0]
+    n = len(burst)
+    rate = n / (done_at["load"] - b0) if "load" in done_at else 0.0
+    per_job = {j: n / (t - b0) for j, t in done_at.items()}
+    cpu = {j: cpu1[j] - cpu0[j] for j in ALL_JOBS}
+    cpu_note = ", ".join(f"{j} {cpu[j]:.0f}" for j in sorted(cpu, key=lambda j: -cpu[j]))
+    print(
+        f"| end to end, every job at once (ingest, sessionize, triggers, dispatch, load; Flink jobs at "
+        f"parallelism 1), raw → ClickHouse sustained | {rate:,.0f} events/s | burst of {n:,} raw records "
+        f"(produced in {burst_produced.seconds:.0f} s) while everything runs; sessionize read it at "
+        f"{per_job.get('sessionize', 0):,.0f}/s, triggers at {per_job.get('triggers', 0):,.0f}/s; CPU-seconds "
+        f"over the {window:.0f} s: {cpu_note} (2 cores = {2 * window:.0f}); load average {load_avg:.1f} |"
+    )
+    print(
+        f"| end to end, event → queryable in ClickHouse, {args.rate:,.0f} raw events/s, every job running "
+        f"| p50 {_p(queryable, 0.5)}, p99 {_p(queryable, 0.99)} | {len(queryable):,} events after a "
+        f"{args.warmup} s warm-up; of which "
+        f"produce → readable in events.enriched (ingest, exactly-once: visible at its 1 s checkpoints) "
+        f"p50 {_p(visible, 0.5)}, p99 {_p(visible, 0.99)} |"
+    )
+    print(
+        f"| end to end, event → webhook received, {args.rate:,.0f} raw events/s, every job running | "
+        f"p50 {_p(webhook, 0.5)}, p99 {_p(webhook, 0.99)} | {len(webhook):,} actions fired by an event "
+        f"(deal promo, order webhook); event → fired_at p50 {_p(to_fire, 0.5)} (ingest checkpoint + "
+        f"triggers), fired_at → received p50 {_p(fire_to_hook, 0.5)}, p99 {_p(fire_to_hook, 0.99)} (actions "
+        f"topic + dispatch + HTTP) |"
+    )
+    if visible and queryable:
+        log.info(
+            "medians: visible %.0f ms, queryable %.0f ms",
+            statistics.median(visible),
+            statistics.median(queryable),
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
