@@ -6,11 +6,17 @@
 3. every job at once, each in its own process (a local Flink mini-cluster per Flink job): ingest,
    sessionize, triggers (``--no-dispatch``), dispatch and load; the demo waits until all are running;
 4. the simulator's records (default 200,000: duplicates, malformed and late events, deal hunters,
-   bots, campaigns) produced into ``demo.events.raw`` while everything runs;
-5. once ClickHouse has every event, the Flink jobs are stopped with a final savepoint and ``--drain``
-   (end of input = end of event time: every open session is published, every pending sequence rule
-   decided), the loader and the dispatcher finish what is left and stop;
-6. a summary checked against the simulator's truth, with the measured latencies.
+   bots, campaigns) produced into ``demo.events.raw`` while everything runs, paced so that the ingest
+   job never has more than a few hundred records to catch up (:class:`IngestBacklog`: a backlog would
+   come out of ingest as long runs of one partition, i.e. hours of event-time disorder), once the
+   triggers job's event time runs (:meth:`Pipeline.wait_event_time`);
+5. once ClickHouse has every event, each Flink job is stopped with a final savepoint and ``drain`` as
+   soon as it has read its whole input (end of input = end of event time: every open session is
+   published, every pending sequence rule decided); the loader and the dispatcher finish what is left
+   and stop;
+6. a summary checked against the simulator's truth (:func:`collect_results`), with the measured
+   latencies; the truth (``truth.json``) and every webhook received (``webhooks.jsonl``) are written to
+   ``.clickpulse/demo/``, next to the jobs' logs.
 
 ``--keep-running`` leaves the stack (and the demo's topics and database) up for ``clickpulse query``.
 
@@ -653,7 +659,19 @@ def collect_results(
     expected: Sequence[Any] | None = None,
 ) -> Results:
     """Read what the pipeline made (ClickHouse, ``events.dlq``, ``events.late``, the receiver) and compare
-    it with the simulator's truth. ``expected``: :func:`udfs.simulator.expected_trigger_fires` if known."""
+    it with the simulator's truth. ``expected``: :func:`udfs.simulator.expected_trigger_fires` if known.
+
+    Exact checks: raw in = enriched + duplicates + DLQ (per reason); every ``events.late`` record is an
+    event the simulator delivered hours late; the sessions are the truth's rule (30 min gap) over every
+    event that was not sent to ``events.late``; rollups (events per day, DAU, revenue); every fired action
+    delivered, every signature valid.
+
+    Trigger decisions are compared with the reducer over the events in the order they were produced. In a
+    replay that compresses days into minutes, the ingest job's interleaving of its four input partitions
+    (runs of hundreds of records, i.e. minutes of simulated time) can turn a few decisions on the edge of
+    a 30-minute window; up to :data:`TRIGGER_TOLERANCE` of them (at least 2) are reported as ``≈``, more
+    as a mismatch. ``tests/integration/test_e2e.py`` produces at a live pace and requires equality.
+    """
     res = Results()
 
     def q(sql: str) -> list[Any]:
