@@ -7,6 +7,7 @@ Nothing here runs at import time. ``jobs/<name>.py`` builds its frozen settings 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -108,8 +109,26 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def _free_port() -> int:
+    """A free loopback port for the mini-cluster's REST endpoint, chosen *below* the kernel's ephemeral
+    range: Flink binds it seconds later (JVM start-up), and a port from the ephemeral range can be taken
+    by any outgoing connection (Kafka clients open many) in between. Random, so jobs started at the same
+    moment do not pick the same one."""
+    import random
     import socket
 
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if low > 12000:
+        rng = random.SystemRandom()
+        for _ in range(50):
+            port = rng.randrange(10000, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
