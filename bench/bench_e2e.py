@@ -120,7 +120,7 @@ def _p(values: list[float], q: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run both phases and print the rows."""
     p = argparse.ArgumentParser(prog="bench.bench_e2e", description=__doc__.splitlines()[0])
-    p.add_argument("--rate", type=float, default=500.0, help="steady rate of the latency phase (records/s)")
+    p.add_argument("--rate", type=float, default=300.0, help="steady rate of the latency phase (records/s)")
     p.add_argument("--seconds", type=int, default=60, help="length of the measured latency phase")
     p.add_argument("--warmup", type=int, default=20, help="seconds at the steady rate before measuring")
     p.add_argument("--burst", type=int, default=100_000, help="records of the throughput phase")
