@@ -1016,7 +1016,7 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
 
             progress.phase = "starting every job"
             pipeline.start_all()
-            pipeline.wait_running(ALL_JOBS, timeout_s=300, tick=tick)
+            pipeline.wait_running(ALL_JOBS, timeout_s=900, tick=tick)
             progress.phase = "waiting for the triggers job's event time to start"
             pipeline.wait_event_time(tick=tick)
             t_ready = time.monotonic()
