@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate",
         type=float,
         default=0.0,
-        help="records per second to produce, 0 = as fast as possible (default)",
+        help="at most this many records per second (default 0: as fast as the ingest job keeps up)",
     )
     d.add_argument(
         "--keep-running",
