@@ -38,8 +38,9 @@ import heapq
 import logging
 import math
 import random
+from bisect import bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -1757,14 +1758,142 @@ def expected_trigger_fires(
     has (``properties.*``, ``traits.*``, ``type``, ``event``, ids): enrichment fields are not simulated
     here, so other paths raise ``ValueError``.
     """
+    _check_rule_paths(rules)
+    events = [_trigger_event(records, item) for item in truth.valid]
+    marks, newest = [], -(2**62)
+    for event in events:
+        newest = max(newest, event.ts_ms)
+        marks.append(newest - watermark_delay_ms)
+    return _replay(events, marks, rules)
+
+
+def _check_rule_paths(rules: Rules) -> None:
     for rule in rules:
         for path in _rule_paths(rule):
             if path[0] not in _RAW_RULE_PATHS:
                 raise ValueError(f"rule {rule.id}: path {'.'.join(path)} is not available from raw records")
+
+
+def _trigger_event(records: Sequence[SimRecord], item: TruthEvent) -> Event:
+    """The event a triggers job sees for ``item``: its raw fields, the truth's user_key and event time."""
+    raw = orjson.loads(records[item.position].value)
+    record = {k: raw.get(k) for k in _RAW_RULE_PATHS}
+    record.update(user_key=item.user_key, event_time_ms=item.timestamp_ms)
+    return Event.from_record(record)
+
+
+class TriggerArrival(NamedTuple):
+    """How the enriched events reached a triggers job, as observed after a run.
+
+    ``partitions``: per partition of ``events.enriched`` (keyed by ``user_key``, so one user's events are
+    in one partition, in the order the job reads them), the message ids in offset order. ``sent_at``:
+    message id → wall-clock second its first copy was handed to the producer. ``lag_s``: the largest
+    delay seen between producing an event and the triggers job deciding on it (``fired_at`` of the
+    actions it completed) — how far the job's view of event time may trail what was produced.
+    """
+
+    partitions: Sequence[Sequence[str]]
+    sent_at: Mapping[str, float]
+    lag_s: float
+
+
+class TriggerExpectation(NamedTuple):
+    """What a triggers job must have decided, given how its input arrived.
+
+    ``fires``: the decisions for every ``(rule_id, user_key)`` that is not order-sensitive.
+    ``sensitive``: the pairs whose decisions depend on when the job's watermark passed a deadline or
+    window end relative to the user's own events (within ``slack_s`` of wall time either way); their
+    outcome is legitimately either, so they are reported, not compared. ``slack_s``: the bound used.
+    """
+
+    fires: list[Fire]
+    sensitive: frozenset[tuple[str, str]]
+    slack_s: float
+
+
+def expected_trigger_decisions(
+    records: Sequence[SimRecord],
+    truth: Truth,
+    rules: Rules,
+    arrival: TriggerArrival,
+    *,
+    watermark_delay_ms: int = 2000,
+    emit_interval_s: float = 0.2,
+) -> TriggerExpectation:
+    """The trigger fires a pipeline must have made, given the observed ``arrival`` of its input.
+
+    Per-user order is exact: the reducer sees each user's events in the partition order the job read
+    them, so count and returning decisions have one right answer. Sequence deadlines and clean-up
+    timers fire on the watermark, which depends on how the job interleaved its partitions and when it
+    emitted watermarks; that is bracketed, per partition, between
+
+    * **early**: the watermark as far as it can possibly be when a record is processed — the partition's
+      own newest earlier event time minus ``watermark_delay_ms`` (the job's watermark is the minimum over
+      its partitions, and a record is processed before any watermark that counts it), and
+    * **late**: the least it can be — the minimum over partitions of the newest event time among records
+      produced at least ``slack_s`` earlier (``slack_s = arrival.lag_s + emit_interval_s + 1``), i.e.
+      what the job had certainly read and turned into a watermark by then.
+
+    Users whose fires differ between the two are ``sensitive``; for every other ``(rule, user)`` the
+    two agree and so must the job. A drained run fires every pending timer at the end, as here.
+    """
+    _check_rule_paths(rules)
+    slack_s = arrival.lag_s + emit_interval_s + 1.0
+    by_id = {item.message_id: item for item in truth.valid}
+    parts: list[list[tuple[float, int, Event]]] = []  # per partition: (available at, event time, event)
+    for ids in arrival.partitions:
+        items: list[tuple[float, int, Event]] = []
+        available = -math.inf
+        for mid in ids:
+            item = by_id.get(mid)
+            if item is None:  # not a valid unique event of this simulation: nothing to decide on
+                continue
+            available = max(available, arrival.sent_at.get(mid, available))
+            items.append((available, item.timestamp_ms, _trigger_event(records, item)))
+        if items:
+            parts.append(items)
+    # per partition: availability times and the running maximum event time, for the late bound
+    avail = [[a for a, _, _ in items] for items in parts]
+    newest: list[list[int]] = []
+    for items in parts:
+        run, acc = -(2**62), []
+        for _, ts, _ in items:
+            run = max(run, ts)
+            acc.append(run)
+        newest.append(acc)
+
+    def late_watermark(at: float) -> int:
+        low = 2**62
+        for times, maxima in zip(avail, newest, strict=True):
+            i = bisect_right(times, at)
+            low = min(low, maxima[i - 1] if i else -(2**62))
+        return low - watermark_delay_ms
+
+    early_fires: dict[tuple[str, str], set[str]] = defaultdict(set)
+    late_fires: dict[tuple[str, str], set[str]] = defaultdict(set)
+    certain: list[Fire] = []
+    for items, maxima in zip(parts, newest, strict=True):
+        events = [e for _, _, e in items]
+        early = [-(2**62)] + [m - watermark_delay_ms for m in maxima[:-1]]
+        late = [min(e, late_watermark(a - slack_s)) for (a, _, _), e in zip(items, early, strict=True)]
+        for f in _replay(events, early, rules):
+            early_fires[(f.rule_id, f.user_key)].add(f.action_id)
+            certain.append(f)
+        for f in _replay(events, late, rules):
+            late_fires[(f.rule_id, f.user_key)].add(f.action_id)
+    sensitive = frozenset(
+        k for k in early_fires.keys() | late_fires.keys() if early_fires[k] != late_fires[k]
+    )
+    fires = [f for f in certain if (f.rule_id, f.user_key) not in sensitive]
+    return TriggerExpectation(fires, sensitive, slack_s)
+
+
+def _replay(events: Sequence[Event], watermarks: Sequence[int], rules: Rules) -> list[Fire]:
+    """The reducer over ``events`` in this order, the watermark before each being ``watermarks[i]``; at
+    the end every pending timer fires (a drained run)."""
     states: dict[str, UserState] = {}
     timers: list[tuple[int, str]] = []
     fires: list[Fire] = []
-    watermark = max_ts = -(2**62)
 
     def advance(to: int) -> None:
         while timers and timers[0][0] <= to:
@@ -1775,15 +1904,8 @@ def expected_trigger_fires(
             for t in more:
                 heapq.heappush(timers, (t.at_ms, key))
 
-    for item in truth.valid:
-        raw = orjson.loads(records[item.position].value)
-        record = {k: raw.get(k) for k in _RAW_RULE_PATHS}
-        record.update(user_key=item.user_key, event_time_ms=item.timestamp_ms)
-        event = Event.from_record(record)
-        max_ts = max(max_ts, event.ts_ms)
-        if max_ts - watermark_delay_ms > watermark:
-            watermark = max_ts - watermark_delay_ms
-            advance(watermark)
+    for event, mark in zip(events, watermarks, strict=True):
+        advance(mark)
         state, fired, more = step(states.get(event.user_key, UserState()), event, rules, 0)
         states[event.user_key] = state
         fires.extend(fired)

@@ -14,9 +14,11 @@ drained (end of event time) and everything is compared with what the truth says:
   ClickHouse the truth's sessions (gap 30 min) over every event the job did not send to ``events.late``;
   only events the simulator delivered hours late may go there;
 * rollups: events per minute and event, daily active users, revenue per currency, sessions per day;
-* webhooks: exactly the actions the pure reducer (:func:`udfs.simulator.expected_trigger_fires`, whose
-  semantics the triggers job tests check independently) makes of the events in produced order, every
-  fired action delivered, every signature valid.
+* webhooks: every fired action delivered, every signature valid, and exactly the actions the pure reducer
+  (whose semantics the triggers job tests check independently) makes of each user's events in the order
+  the triggers job read them (:func:`udfs.simulator.expected_trigger_decisions`). Where the job's
+  watermark stood when an event arrived is bracketed by the measured lag; the few users whose decisions
+  change within that bracket are left out of the comparison (at most 5 % of the fires, or 3).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from connectors.demo import (
     DEMO_RULES,
     Pipeline,
     PipelineConfig,
+    Produced,
     finish,
+    observe_trigger_arrival,
     produce,
     read_topic,
     rules_for_port,
@@ -47,7 +51,13 @@ from connectors.demo import (
 from connectors.receiver import WebhookReceiver
 from connectors.settings import Connections
 from udfs.rules import Rules, load_rules_file
-from udfs.simulator import SimConfig, expected_sessions, expected_trigger_fires, generate
+from udfs.simulator import (
+    SimConfig,
+    expected_sessions,
+    expected_trigger_decisions,
+    expected_trigger_fires,
+    generate,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +120,7 @@ def test_pipeline_matches_the_truth_through_a_kill_9(
             pipeline.wait_event_time()
 
             half = len(records) // 2
-            produce(bootstrap, f"{prefix}events.raw", records[:half], rate=RATE)
+            first = produce(bootstrap, f"{prefix}events.raw", records[:half], rate=RATE)
             first_half_done = time.time()
             _wait(  # sessionize has checkpointed part of the stream: the restart resumes mid-way
                 lambda: any(
@@ -120,8 +130,11 @@ def test_pipeline_matches_the_truth_through_a_kill_9(
                 "a sessionize checkpoint after the first half",
                 pipeline,
             )
+            second_sent: list[Produced] = []
             second = threading.Thread(
-                target=produce, args=(bootstrap, f"{prefix}events.raw", records[half:]), kwargs={"rate": RATE}
+                target=lambda: second_sent.append(
+                    produce(bootstrap, f"{prefix}events.raw", records[half:], rate=RATE)
+                )
             )
             second.start()
             time.sleep(3.0)  # mid-stream: some of the second half read, some in flight, some not yet sent
@@ -196,12 +209,26 @@ def test_pipeline_matches_the_truth_through_a_kill_9(
         assert {d: int(n) for d, n in sessions_per_day} == dict(per_day)
 
         # --- webhooks -------------------------------------------------------------------------------
-        expected = {f.action_id: f for f in expected_trigger_fires(records, truth, rules)}
-        received = receiver.unique()
+        # the reducer over each user's events in the order the triggers job read them; users whose
+        # decisions depend on where the watermark stood (within the measured lag) may go either way
+        sent_at = first.sent_at + second_sent[0].sent_at
+        arrival = observe_trigger_arrival(bootstrap, prefix, truth, sent_at, rules)
+        expectation = expected_trigger_decisions(records, truth, rules, arrival)
+        expected = {f.action_id: f for f in expectation.fires}
+        nominal = expected_trigger_fires(records, truth, rules)
+        assert len(expectation.sensitive) <= max(3, len(nominal) // 20), (
+            f"{len(expectation.sensitive)} order-sensitive users of {len(nominal)} fires "
+            f"(lag {arrival.lag_s:.1f}s): the check would say little"
+        )
+        received = {
+            a: r
+            for a, r in receiver.unique().items()
+            if (r.action["rule_id"], r.action["user_key"]) not in expectation.sensitive
+        }
         summary = receiver.summary()
         assert summary["bad_signature"] == 0 and summary["malformed"] == 0
         fired = {orjson.loads(m.value)["action_id"] for m in read_topic(bootstrap, f"{prefix}actions")}
-        assert fired == set(received), "every fired action delivered, nothing else"
+        assert fired == set(receiver.unique()), "every fired action delivered, nothing else"
         by_rule: dict[str, set[str]] = defaultdict(set)
         for aid, f in expected.items():
             by_rule[f.rule_id].add(aid)

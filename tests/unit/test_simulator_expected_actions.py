@@ -1,15 +1,26 @@
 """``udfs.simulator.expected_trigger_fires``: the reducer replayed over a simulation, checked against
-the truth's own (independently computed) aggregates."""
+the truth's own (independently computed) aggregates; ``expected_trigger_decisions``: the same over the
+order a job read its input, with the watermark bracketed."""
 
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from udfs.rules import Rules, load_rules_file, parse_rules_document
-from udfs.simulator import SimConfig, expected_trigger_fires, generate
+from udfs.simulator import (
+    SimConfig,
+    SimRecord,
+    TriggerArrival,
+    Truth,
+    TruthEvent,
+    expected_trigger_decisions,
+    expected_trigger_fires,
+    generate,
+)
 from udfs.timeutil import parse_timestamp_ms
 
 pytestmark = pytest.mark.unit
@@ -94,3 +105,75 @@ def test_deterministic_and_refuses_paths_raw_records_do_not_have() -> None:
                       "action": HOOK}]}  # fmt: skip
     with pytest.raises(ValueError, match="utm_source"):
         expected_trigger_fires(records, truth, Rules.of(parse_rules_document(doc)))
+
+
+# --- expected_trigger_decisions: the reducer over the order a job read, with the watermark bracketed --
+
+
+def _arrival(truth: Truth, *, partitions: int = 4, rate: float = 250.0, lag_s: float = 0.5) -> TriggerArrival:
+    """Each user's events in one partition (by a hash of user_key), read in produced order."""
+    parts: list[list[str]] = [[] for _ in range(partitions)]
+    for e in truth.valid:
+        parts[zlib.crc32(e.user_key.encode()) % partitions].append(e.message_id)
+    return TriggerArrival(parts, {e.message_id: e.position / rate for e in truth.valid}, lag_s)
+
+
+def _cancelled_cart(records: list[SimRecord], truth: Truth, rules: Rules) -> tuple[TruthEvent, TruthEvent]:
+    """An add to cart whose order came within 30 minutes (no fire), and that order."""
+    fired = {f.events[0]["message_id"] for f in expected_trigger_fires(records, truth, rules)}
+    pending: dict[str, TruthEvent] = {}
+    for e in truth.valid:
+        if e.event == "Product Added" and e.user_key not in pending:
+            pending[e.user_key] = e
+        elif e.event == "Order Completed" and e.user_key in pending:
+            add = pending.pop(e.user_key)
+            if add.message_id not in fired and 0 <= e.timestamp_ms - add.timestamp_ms <= 30 * 60_000:
+                return add, e
+    raise AssertionError("the corpus has no add followed by an order")
+
+
+def test_decisions_over_produced_order_are_the_nominal_ones() -> None:
+    records, truth = generate(_in_order(4000, 23))
+    rules = Rules.of(load_rules_file(DEMO_RULES))
+    got = expected_trigger_decisions(records, truth, rules, _arrival(truth))
+    nominal = expected_trigger_fires(records, truth, rules)
+    assert {f.action_id for f in got.fires} <= {f.action_id for f in nominal}
+    assert len(got.fires) >= len(nominal) - 3 and len(got.sensitive) <= 3
+    assert got.slack_s == pytest.approx(0.5 + 0.2 + 1.0)
+
+
+def test_an_order_read_after_its_partition_passed_the_deadline_does_not_cancel() -> None:
+    """Read last in its partition (the job's interleaving put it behind hours of other users' events),
+    the order cannot cancel: the watermark passed the deadline first whatever the job did in between."""
+    records, truth = generate(_in_order(4000, 23))
+    rules = Rules.of(load_rules_file(DEMO_RULES))
+    add, order = _cancelled_cart(records, truth, rules)
+    arrival = _arrival(truth)
+    parts = [list(p) for p in arrival.partitions]
+    part = next(p for p in parts if order.message_id in p)
+    part.remove(order.message_id)
+    part.append(order.message_id)
+    got = expected_trigger_decisions(records, truth, rules, arrival._replace(partitions=parts))
+    assert ("cart_abandoned", add.user_key) not in got.sensitive
+    fire = next(f for f in got.fires if f.rule_id == "cart_abandoned" and f.user_key == add.user_key)
+    assert fire.events[0]["message_id"] == add.message_id
+
+
+def test_an_order_read_just_after_the_deadline_passed_may_go_either_way() -> None:
+    """Read right behind the event that took its partition past the deadline, but produced at the same
+    moment: whether the job had turned that into a watermark yet is unknowable, so the user is reported
+    as order-sensitive instead of being compared."""
+    records, truth = generate(_in_order(4000, 23))
+    rules = Rules.of(load_rules_file(DEMO_RULES))
+    add, order = _cancelled_cart(records, truth, rules)
+    arrival = _arrival(truth)
+    parts = [list(p) for p in arrival.partitions]
+    part = next(p for p in parts if order.message_id in p)
+    by_id = {e.message_id: e for e in truth.valid}
+    deadline = add.timestamp_ms + 30 * 60_000
+    part.remove(order.message_id)
+    crossing = next(i for i, m in enumerate(part) if by_id[m].timestamp_ms > deadline + 2000)
+    part.insert(crossing + 1, order.message_id)
+    got = expected_trigger_decisions(records, truth, rules, arrival._replace(partitions=parts))
+    assert ("cart_abandoned", add.user_key) in got.sensitive
+    assert all(f.user_key != add.user_key for f in got.fires if f.rule_id == "cart_abandoned")
