@@ -157,6 +157,7 @@ COUNTERS = (
     "malformed",
     "evaluations",
     "fires",
+    "suppressed",
     "timers_fired",
     "rule_updates",
     "rules_loaded",
@@ -174,7 +175,8 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
 
     Counters (Flink metrics under ``clickpulse``, and a log line every ``log_interval_s`` per subtask):
     ``events`` read, ``skipped`` (no rule uses the event name: no state access), ``malformed``,
-    ``evaluations`` (event x enabled rule), ``fires``, ``timers_fired``, ``rule_updates``, ``rules_loaded``
+    ``evaluations`` (event x enabled rule), ``fires``, ``suppressed`` (a rule's condition held but its
+    cooldown or ``once`` kept it from firing), ``timers_fired``, ``rule_updates``, ``rules_loaded``
     (current number, enabled or not), ``rules_invalid``, ``rules_outside_filter`` (the rule counters are
     reported by subtask 0 only, so sums over subtasks stay right).
     """
@@ -314,8 +316,10 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
             return
         raw = self.state.value() or ""
         state = self.t.load_state(raw.encode() if raw else None)
-        new, fires, timers = self.t.step(state, event, self.rules, int(time.time() * 1000))
+        held: list[str] = []
+        new, fires, timers = self.t.step(state, event, self.rules, int(time.time() * 1000), suppressed=held)
         totals["evaluations"] += len(self.active)
+        totals["suppressed"] += len(held)
         yield from self._apply(event.user_key, raw, new, fires, timers, ctx)
 
     def on_timer(self, timestamp: int, ctx: Any) -> Iterator[Row]:
@@ -329,9 +333,11 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
             return
         state = self.t.load_state(raw.encode())
         self.pending_timers.pop((state.user_key, timestamp), None)
+        held: list[str] = []
         new, fires, timers = self.t.on_timer(
-            state, self.t.Timer(at_ms=timestamp), self.rules, int(time.time() * 1000)
+            state, self.t.Timer(at_ms=timestamp), self.rules, int(time.time() * 1000), suppressed=held
         )
+        self.totals["suppressed"] += len(held)
         yield from self._apply(state.user_key, raw, new, fires, timers, ctx)
 
     def _apply(

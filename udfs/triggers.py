@@ -316,7 +316,13 @@ def _reconcile(state: UserState, rules: Rules) -> dict[str, RuleState]:
 
 
 def _count_step(
-    rule: Rule, when: CountWhen, rs: CountState | None, ev: Event, user_key: str, now_ms: int
+    rule: Rule,
+    when: CountWhen,
+    rs: CountState | None,
+    ev: Event,
+    user_key: str,
+    now_ms: int,
+    suppressed: list[str],
 ) -> tuple[CountState | None, list[Fire], list[int]]:
     if not when.match.matches(ev.name, ev.type, ev.record):
         return rs, [], []
@@ -341,7 +347,10 @@ def _count_step(
             break
     fires: list[Fire] = []
     last_fired = gs.last_fired_ms
-    if window is not None and not _suppressed(rule, last_fired, ev.ts_ms):
+    held = window is not None and _suppressed(rule, last_fired, ev.ts_ms)
+    if held:
+        suppressed.append(rule.id)
+    if window is not None and not held:
         fields = dict(zip((".".join(p) for p in when.group_by), values, strict=True))
         fields.update(_matcher_fields(when.match))
         fires.append(
@@ -438,14 +447,22 @@ def _sequence_step(
 
 
 def _sequence_expire(
-    rule: Rule, when: SequenceWhen, rs: SequenceState, watermark: int, user_key: str, now_ms: int
+    rule: Rule,
+    when: SequenceWhen,
+    rs: SequenceState,
+    watermark: int,
+    user_key: str,
+    now_ms: int,
+    suppressed: list[str],
 ) -> tuple[SequenceState | None, list[Fire], list[int]]:
     fires: list[Fire] = []
     st = rs
     if st.pending_ms is not None and st.pending_message_id is not None:
         deadline = st.pending_ms + when.within_ms
         if deadline <= watermark:
-            if not _suppressed(rule, st.last_fired_ms, deadline):
+            if _suppressed(rule, st.last_fired_ms, deadline):
+                suppressed.append(rule.id)
+            else:
                 fires.append(
                     Fire(
                         action_id=action_id_for(rule.id, user_key, "", st.pending_message_id),
@@ -488,18 +505,24 @@ def _sequence_expire(
 
 
 def _returning_step(
-    rule: Rule, when: ReturningWhen, rs: ReturningState | None, ev: Event, user_key: str, now_ms: int
+    rule: Rule,
+    when: ReturningWhen,
+    rs: ReturningState | None,
+    ev: Event,
+    user_key: str,
+    now_ms: int,
+    suppressed: list[str],
 ) -> tuple[ReturningState | None, list[Fire], list[int]]:
     if not when.match.matches(ev.name, ev.type, ev.record):
         return rs, [], []
     st = rs or ReturningState(rule.fingerprint)
     fires: list[Fire] = []
     last = st.last_seen_ms
-    if (
-        last is not None
-        and ev.ts_ms - last >= when.after_ms
-        and not _suppressed(rule, st.last_fired_ms, ev.ts_ms)
-    ):
+    returned = last is not None and ev.ts_ms - last >= when.after_ms
+    held = returned and _suppressed(rule, st.last_fired_ms, ev.ts_ms)
+    if held:
+        suppressed.append(rule.id)
+    if last is not None and returned and not held:
         fires.append(
             Fire(
                 action_id=action_id_for(rule.id, user_key, "", ev.message_id),
@@ -547,14 +570,16 @@ def _timers(values: Iterable[int]) -> list[Timer]:
 
 
 def step(
-    state: UserState, event: Event, rules: Rules, now_ms: int
+    state: UserState, event: Event, rules: Rules, now_ms: int, *, suppressed: list[str] | None = None
 ) -> tuple[UserState, list[Fire], list[Timer]]:
     """Feed one enriched event of this user through every enabled rule.
 
     Returns the new state, the rules that fired (count and returning rules fire here; sequence rules
     fire only from :func:`on_timer`) and event-time timers to register. ``now_ms`` (wall clock) is
-    used only as ``fired_at``.
+    used only as ``fired_at``. ``suppressed``, if given, gets the id of every rule whose condition was
+    met but did not fire because of its cooldown or ``once``.
     """
+    held = suppressed if suppressed is not None else []
     user_key = event.user_key
     kept = _reconcile(state, rules)
     fires: list[Fire] = []
@@ -565,7 +590,13 @@ def step(
         new: RuleState | None
         if isinstance(when, CountWhen):
             new, f, t = _count_step(
-                rule, when, current if isinstance(current, CountState) else None, event, user_key, now_ms
+                rule,
+                when,
+                current if isinstance(current, CountState) else None,
+                event,
+                user_key,
+                now_ms,
+                held,
             )
             fires += f
         elif isinstance(when, SequenceWhen):
@@ -574,7 +605,13 @@ def step(
             )
         else:
             new, f, t = _returning_step(
-                rule, when, current if isinstance(current, ReturningState) else None, event, user_key, now_ms
+                rule,
+                when,
+                current if isinstance(current, ReturningState) else None,
+                event,
+                user_key,
+                now_ms,
+                held,
             )
             fires += f
         timer_values += t
@@ -586,14 +623,15 @@ def step(
 
 
 def on_timer(
-    state: UserState, timer: Timer, rules: Rules, now_ms: int
+    state: UserState, timer: Timer, rules: Rules, now_ms: int, *, suppressed: list[str] | None = None
 ) -> tuple[UserState, list[Fire], list[Timer]]:
     """Advance the user's event-time clock to ``timer.at_ms`` (the watermark passed it).
 
     Fires sequence rules whose ``then_not`` did not arrive before the deadline, drops expired window
     entries, cooldowns and last-seen times, and returns timers for what remains. Idempotent: calling
-    it again with the same or an earlier timer changes nothing.
+    it again with the same or an earlier timer changes nothing. ``suppressed``: as in :func:`step`.
     """
+    held = suppressed if suppressed is not None else []
     watermark = timer.at_ms
     kept = _reconcile(state, rules)
     fires: list[Fire] = []
@@ -606,7 +644,7 @@ def on_timer(
         if isinstance(when, CountWhen) and isinstance(rs, CountState):
             new, t = _count_expire(rule, when, rs, watermark)
         elif isinstance(when, SequenceWhen) and isinstance(rs, SequenceState):
-            new, f, t = _sequence_expire(rule, when, rs, watermark, state.user_key, now_ms)
+            new, f, t = _sequence_expire(rule, when, rs, watermark, state.user_key, now_ms, held)
             fires += f
         elif isinstance(when, ReturningWhen) and isinstance(rs, ReturningState):
             new, t = _returning_expire(rule, when, rs, watermark)

@@ -79,11 +79,12 @@ class Run:
         self.state = UserState()
         self.fires: list[Fire] = []
         self.timers: set[int] = set()
+        self.suppressed: list[str] = []  # rule ids whose condition held during a cooldown / after once
 
     def events(self, events: Iterable[Event]) -> list[Fire]:
         new: list[Fire] = []
         for e in events:
-            self.state, fires, timers = step(self.state, e, self.rules, NOW)
+            self.state, fires, timers = step(self.state, e, self.rules, NOW, suppressed=self.suppressed)
             new += fires
             self.timers |= {t.at_ms for t in timers}
         self.fires += new
@@ -95,7 +96,9 @@ class Run:
         while due := sorted(t for t in self.timers if t <= at_ms):
             t = due[0]
             self.timers.discard(t)
-            self.state, fires, timers = on_timer(self.state, Timer(t), self.rules, NOW)
+            self.state, fires, timers = on_timer(
+                self.state, Timer(t), self.rules, NOW, suppressed=self.suppressed
+            )
             new += fires
             self.timers |= {x.at_ms for x in timers}
         self.fires += new
@@ -185,8 +188,9 @@ def test_where_filters() -> None:
 def test_cooldown_suppresses_then_allows() -> None:
     run = Run(DEAL)
     assert len(run.events([view(T0 + i * MIN) for i in range(4)])) == 1
-    # four more views an hour later: inside the 24h cooldown
+    # four more views an hour later: inside the 24h cooldown; the 4th completes a window (suppressed)
     assert run.events([view(T0 + HOUR + i * MIN) for i in range(4)]) == []
+    assert run.suppressed == ["deal_promo"]
     # keeps only count_at_least - 1 entries while suppressed
     group = next(iter(run.state.rules["deal_promo"].groups.values()))  # type: ignore[union-attr]
     assert len(group.hits) == 3
@@ -219,6 +223,7 @@ def test_once_ever_per_group() -> None:
     run = Run(r)
     assert len(run.events([view(T0), view(T0 + MIN)])) == 1
     assert run.events([view(T0 + 2 * MIN), view(T0 + 3 * MIN)]) == []
+    assert run.suppressed == ["once"]
     run.watermark(T0 + 400 * DAY)
     run.roundtrip()
     assert run.events([view(T0 + 400 * DAY + i) for i in range(3)]) == []
@@ -315,6 +320,7 @@ def test_sequence_cooldown() -> None:
     assert len(run.watermark(T0 + HOUR)) == 1
     run.events([ev("Product Added", T0 + 2 * HOUR)])
     assert run.watermark(T0 + 3 * HOUR) == []
+    assert run.suppressed == ["cart"]
     run.events([ev("Product Added", T0 + 7 * HOUR)])
     assert len(run.watermark(T0 + 8 * HOUR)) == 1
     run.watermark(T0 + 2 * DAY)
@@ -335,6 +341,7 @@ def test_returning_after_absence() -> None:
     assert fires[0].events[0]["message_id"] == back.message_id
     assert fires[0].details["previous_seen"] == format_ms(T0 + 3 * DAY)
     assert run.events([ev("Product Viewed", T0 + 10 * DAY + HOUR)]) == []
+    assert run.suppressed == []  # back within the day: not a return at all, nothing held back
 
 
 def test_returning_forgets_after_remember_for() -> None:
