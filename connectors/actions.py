@@ -283,6 +283,10 @@ class RuleBook(threading.Thread):
 # dispatch
 
 
+#: A dispatch consumer without any assigned partition this long after it joined joins once more.
+REJOIN_AFTER_S = 15.0
+
+
 @dataclass(frozen=True)
 class DispatchConfig:
     """Everything the dispatch loop needs (see :class:`jobs.dispatch.DispatchSettings` for the env vars)."""
@@ -376,6 +380,7 @@ class ActionDispatch:
         self._dispatcher: WebhookDispatcher | None = None
         self._rulebook: RuleBook | None = None
         self._last_commit = 0.0
+        self._subscribed_at = 0.0
         self._next_log = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -410,12 +415,7 @@ class ActionDispatch:
             fetch_max_wait_ms=500,
             max_poll_records=500,
         )
-        # The group leader assigns only partitions it has metadata for: without this, a consumer that
-        # joins before its metadata names the topic can end up with no partitions until a rebalance.
-        deadline = time.monotonic() + 30.0
-        while not self._consumer.partitions_for_topic(c.actions_topic) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        self._consumer.subscribe([c.actions_topic], listener=_Listener(self))
+        self._subscribe()
         self._next_log = time.monotonic() + c.log_interval_s
         log.info("dispatching %s (group %s)", c.actions_topic, c.group_id)
         try:
@@ -423,12 +423,39 @@ class ActionDispatch:
         finally:
             self._shutdown()
 
+    def _subscribe(self) -> None:
+        """Join the group for ``actions``, once this consumer's metadata knows the topic's partitions."""
+        assert self._consumer is not None
+        topic = self.config.actions_topic
+        # The group leader assigns only partitions it has metadata for: without this, a consumer that
+        # joins before its metadata names the topic can end up with no partitions until a rebalance.
+        deadline = time.monotonic() + 30.0
+        while not self._consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self._consumer.subscribe([topic], listener=_Listener(self))
+        self._subscribed_at = time.monotonic()
+
     def _loop(self, stop: threading.Event, until_caught_up: threading.Event | None) -> None:
         assert self._consumer is not None
         consumer = self._consumer
         paused = False
+        rejoined = False
         end: dict[TopicPartition, int] | None = None
         while not stop.is_set():
+            if (
+                not rejoined
+                and not consumer.assignment()
+                and time.monotonic() - self._subscribed_at > REJOIN_AFTER_S
+            ):
+                # Seen once in CI: right after start the loop ran for minutes with no partition assigned
+                # while actions piled up. Join once more; after that an empty assignment is taken as
+                # legitimate (more dispatch processes in the group than partitions) and only shows as
+                # partitions=0 in the log line.
+                rejoined = True
+                log.warning("no partition of %s assigned after %.0fs: joining the group again",
+                            self.config.actions_topic, REJOIN_AFTER_S)  # fmt: skip
+                consumer.unsubscribe()
+                self._subscribe()
             with self._lock:
                 in_flight = sum(len(p.pending) for p in self._parts.values())
             if in_flight >= self.config.max_in_flight and not paused:
@@ -625,6 +652,7 @@ class ActionDispatch:
                 "malformed": c.malformed,
                 "duplicates_in_flight": c.duplicates_in_flight,
                 "in_flight": in_flight,
+                "partitions": len(self._parts),
             }
         out["retried"] = stats.get("retried", 0)
         out["send_p50_ms"] = _round(stats.get("latency_p50_ms"))
