@@ -28,6 +28,9 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("kafka", "urllib3", "httpx", "clickhouse_connect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python 3 warns whenever a task of its I/O loop runs over 100 ms: on a busy 2-core box that is
+    # every few seconds of a demo and says nothing about delivery (job logs keep it)
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- stack / topics
