@@ -61,8 +61,8 @@ from rich.table import Table
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
 from connectors.receiver import Receipt, WebhookReceiver, describe_action
-from connectors.settings import CONTRACT_TOPICS, Connections, load_connections
-from connectors.simulate import SimulateOptions, sim_config
+from connectors.settings import CONTRACT_TOPICS, Connections, child_environment, load_connections
+from connectors.simulate import Produced, SimulateOptions, produce, sim_config
 from connectors.stack import Stack, StackError, StackSettings
 from udfs.rules import Rules, SequenceWhen, load_rules_file
 from udfs.simulator import (
@@ -505,55 +505,6 @@ def caught_up(bootstrap: str, group: str, topic: str, targets: Mapping[int, int]
 # producing
 
 
-@dataclass
-class Produced:
-    """When each record was handed to the producer (wall clock, by position) and the elapsed time."""
-
-    sent_at: list[float]
-    seconds: float
-
-
-def produce(
-    bootstrap: str,
-    topic: str,
-    records: Sequence[SimRecord],
-    *,
-    rate: float = 0.0,
-    progress: Callable[[int], None] | None = None,
-    pause: Callable[[int], bool] | None = None,
-) -> Produced:
-    """Send ``records`` in order, at most ``rate`` per second (0: no fixed limit).
-
-    ``pause(i)`` (optional, checked every 100 records) makes the producer wait while it returns true, ``i``
-    being the number of records handed to the producer so far (see :class:`IngestBacklog`). Record
-    timestamps are the simulated receive times.
-    """
-    producer = kafka_io.producer(bootstrap, linger_ms=5)
-    sent_at = [0.0] * len(records)
-    t0 = time.monotonic()
-    try:
-        for i, rec in enumerate(records):
-            if i % 100 == 0:
-                if pause is not None and pause(i):
-                    producer.flush()
-                    while pause(i):
-                        time.sleep(0.02)
-                if progress is not None and i % 1000 == 0:
-                    progress(i)
-            if rate > 0 and i % 16 == 0:
-                ahead = i / rate - (time.monotonic() - t0)
-                if ahead > 0:
-                    time.sleep(ahead)
-            sent_at[i] = time.time()
-            producer.send(topic, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp_ms)
-        producer.flush()
-    finally:
-        producer.close()
-    if progress is not None:
-        progress(len(records))
-    return Produced(sent_at, time.monotonic() - t0)
-
-
 class IngestBacklog:
     """``pause`` for :func:`produce`: true while ingest has more than ``limit`` raw records left to read.
 
@@ -608,11 +559,17 @@ def quantile(values: Sequence[float], q: float) -> float | None:
 
 
 def observe_trigger_arrival(
-    bootstrap: str, prefix: str, truth: Truth, sent_at: Sequence[float], rules: Rules
+    bootstrap: str,
+    prefix: str,
+    truth: Truth,
+    sent_at: Sequence[float],
+    rules: Rules,
+    actions: Iterable[Mapping[str, Any]],
 ) -> TriggerArrival:
     """How the enriched events reached the triggers job in this run (see :class:`TriggerArrival`).
 
-    ``sent_at``: wall-clock second each record was produced, by position (:attr:`Produced.sent_at`).
+    ``sent_at``: wall-clock second each record was produced, by position (:attr:`Produced.sent_at`);
+    ``actions``: the records of the ``actions`` topic.
     Per-user order comes from ``events.enriched`` (keyed by ``user_key``); the job's lag from the actions
     of count and returning rules, which fire on the event that completes them: ``fired_at`` minus when
     the newest of their events was produced.
@@ -623,8 +580,7 @@ def observe_trigger_arrival(
         parts[m.partition].append(orjson.loads(m.value)["message_id"])
     on_event = {r.id for r in rules if not isinstance(r.when, SequenceWhen)}
     lag = 0.0
-    for m in read_topic(bootstrap, f"{prefix}actions"):
-        a = orjson.loads(m.value)
+    for a in actions:
         sent = [first_sent[e["message_id"]] for e in a["events"] if e["message_id"] in first_sent]
         if a["rule_id"] in on_event and sent:
             lag = max(lag, parse_iso8601_ms(a["fired_at"]) / 1000.0 - max(sent))
@@ -781,8 +737,9 @@ def collect_results(
     ]
 
     # triggers: what the receiver got vs the reducer over the order the triggers job read
+    actions = [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions")]
     if expected is None:
-        arrival = observe_trigger_arrival(bootstrap, prefix, truth, produced.sent_at, rules)
+        arrival = observe_trigger_arrival(bootstrap, prefix, truth, produced.sent_at, rules, actions)
         expected = expected_trigger_decisions(records, truth, rules, arrival)
     res.expected_actions = {f.action_id: f.rule_id for f in expected.fires}
     unique = receiver.unique()
@@ -792,10 +749,7 @@ def collect_results(
         for aid, r in unique.items()
         if (r.action.get("rule_id"), r.action.get("user_key")) in expected.sensitive
     }
-    actions_topic: dict[str, str] = {}
-    for m in read_topic(bootstrap, f"{prefix}actions"):
-        a = orjson.loads(m.value)
-        actions_topic[a["action_id"]] = a["rule_id"]
+    actions_topic = {a["action_id"]: a["rule_id"] for a in actions}
     promo_truth = len(truth.aggregates["deal_promo"]["fires"])
     for rule in rules.active():
         want = {a for a, r in res.expected_actions.items() if r == rule.id}
@@ -908,16 +862,8 @@ def job_environment(
     conn: Connections, *, prefix: str, home: Path, secret: str, checkpoint_interval_ms: int
 ) -> dict[str, str]:
     """The environment of every job process: this one's, minus clickpulse settings, plus the demo's."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CLICKPULSE_")
-        and k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "CLICKHOUSE_URL")
-    }
+    env = child_environment(conn)
     env.update(
-        KAFKA_BOOTSTRAP_SERVERS=conn.kafka_bootstrap_servers,
-        REDIS_URL=conn.redis_url.get_secret_value(),
-        CLICKHOUSE_URL=conn.clickhouse_url.get_secret_value(),
         CLICKPULSE_TOPIC_PREFIX=prefix,
         CLICKPULSE_REDIS_PREFIX=f"{prefix.rstrip('.')}:{time.time_ns()}:",
         CLICKPULSE_HOME=str(home),

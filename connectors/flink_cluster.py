@@ -422,39 +422,6 @@ class FlinkCluster:
         ``--pyFiles``, ``python_path`` to ``--pyPythonPath`` (extra paths for the workers' interpreter),
         ``conf`` becomes ``-Dkey=value`` and ``env`` is the Python driver's environment (see :meth:`flink`).
         """
-        cmd = self.run_command(
-            job_file,
-            args,
-            jars=jars,
-            py_files=py_files,
-            savepoint=savepoint,
-            python_path=python_path,
-            conf=conf,
-        )
-        before = {j["jid"] for j in self.jobs()}
-        out = self.flink(*cmd, timeout_s=timeout_s, env=env)
-        found = _JOB_ID.findall(out)
-        if found:
-            log.info("flink run: job %s submitted", found[-1])
-            return found[-1]
-        new = [j["jid"] for j in self.jobs() if j["jid"] not in before]
-        if len(new) == 1:
-            log.warning("flink run printed no job id; the new job on the cluster is %s", new[0])
-            return str(new[0])
-        raise FlinkClusterError(f"flink run printed no job id:\n{out[-6000:]}")
-
-    def run_command(
-        self,
-        job_file: Path | str,
-        args: Sequence[str] = (),
-        *,
-        jars: Iterable[str | Path] = (),
-        py_files: Iterable[Path | str] = (),
-        savepoint: str | None = None,
-        python_path: str | None = None,
-        conf: Mapping[str, str] | None = None,
-    ) -> list[str]:
-        """The ``flink run`` arguments :meth:`submit` uses (what a user types against their cluster)."""
         cmd = ["run", "--detached", "--python", str(job_file)]
         files = ",".join(str(f) for f in py_files)
         if files:
@@ -470,7 +437,18 @@ class FlinkCluster:
             cmd += [f"-D{k}={v}"]
         if savepoint:
             cmd += ["--fromSavepoint", savepoint]
-        return [*cmd, *args]
+        cmd += args
+        before = {j["jid"] for j in self.jobs()}
+        out = self.flink(*cmd, timeout_s=timeout_s, env=env)
+        found = _JOB_ID.findall(out)
+        if found:
+            log.info("flink run: job %s submitted", found[-1])
+            return found[-1]
+        new = [j["jid"] for j in self.jobs() if j["jid"] not in before]
+        if len(new) == 1:
+            log.warning("flink run printed no job id; the new job on the cluster is %s", new[0])
+            return str(new[0])
+        raise FlinkClusterError(f"flink run printed no job id:\n{out[-6000:]}")
 
     def stop_with_savepoint(
         self, job_id: str, directory: Path | None = None, *, timeout_s: float = 300.0

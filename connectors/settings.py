@@ -67,6 +67,23 @@ def by_alias(cls: type[BaseSettings], values: Mapping[str, Any]) -> dict[str, An
     return {(fields[k].alias or k) if k in fields else k: v for k, v in values.items()}
 
 
+def child_environment(conn: Connections) -> dict[str, str]:
+    """The environment for a job subprocess: this process's, without any clickpulse setting (a leftover
+    ``CLICKPULSE_*`` from the caller's shell must not reach the job), pointed at ``conn``'s services."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CLICKPULSE_")
+        and k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "CLICKHOUSE_URL")
+    }
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=conn.kafka_bootstrap_servers,
+        REDIS_URL=conn.redis_url.get_secret_value(),
+        CLICKHOUSE_URL=conn.clickhouse_url.get_secret_value(),
+    )
+    return env
+
+
 def load_connections(home: Path | None = None) -> Connections:
     """Build :class:`Connections` from the environment, falling back to ``<home>/stack.env``."""
     env_file = (home or home_dir()) / "stack.env"

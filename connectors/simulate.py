@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,29 +68,53 @@ def sim_config(opts: SimulateOptions, *, now: datetime | None = None) -> SimConf
     return SimConfig(**{**base.__dict__, "start": start})
 
 
+@dataclass
+class Produced:
+    """When each record was handed to the producer (wall clock, by position) and the elapsed time."""
+
+    sent_at: list[float]
+    seconds: float
+
+
 def produce(
     bootstrap: str,
     topic: str,
-    records: list[SimRecord],
+    records: Sequence[SimRecord],
     *,
     rate: float = 0.0,
-    progress: Callable[[int], object] | None = None,
-) -> None:
-    """Send ``records`` in order (record timestamps = simulated receive time), at most ``rate``/s."""
-    producer = kafka_io.producer(bootstrap)
+    progress: Callable[[int], None] | None = None,
+    pause: Callable[[int], bool] | None = None,
+) -> Produced:
+    """Send ``records`` in order, at most ``rate`` per second (0: no fixed limit).
+
+    ``pause(i)`` (optional, checked every 100 records) makes the producer wait while it returns true, ``i``
+    being the number of records handed to the producer so far (see :class:`IngestBacklog`). Record
+    timestamps are the simulated receive times.
+    """
+    producer = kafka_io.producer(bootstrap, linger_ms=5)
+    sent_at = [0.0] * len(records)
     t0 = time.monotonic()
     try:
         for i, rec in enumerate(records):
-            producer.send(topic, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp_ms)
-            if rate > 0 and i % 64 == 0:
+            if i % 100 == 0:
+                if pause is not None and pause(i):
+                    producer.flush()
+                    while pause(i):
+                        time.sleep(0.02)
+                if progress is not None and i % 1000 == 0:
+                    progress(i)
+            if rate > 0 and i % 16 == 0:
                 ahead = i / rate - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
-            if progress is not None and i % 1000 == 0:
-                progress(i)
+            sent_at[i] = time.time()
+            producer.send(topic, key=rec.key, value=rec.value, timestamp_ms=rec.timestamp_ms)
         producer.flush()
     finally:
         producer.close()
+    if progress is not None:
+        progress(len(records))
+    return Produced(sent_at, time.monotonic() - t0)
 
 
 def run_simulation(bootstrap: str, opts: SimulateOptions, console: Console | None = None) -> SimulateSummary:

@@ -70,22 +70,14 @@ def job_env(connections: Connections, tmp_path: Path) -> Iterator[dict[str, str]
     A unique ``CLICKPULSE_TOPIC_PREFIX`` gives the test its own copy of every contract topic (created
     here, deleted afterwards), a unique Redis key prefix and its own ``CLICKPULSE_HOME`` (checkpoints).
     """
-    from connectors.settings import CONTRACT_TOPICS
+    from connectors.settings import CONTRACT_TOPICS, child_environment
 
     prefix = f"t{uuid.uuid4().hex[:8]}."
     topics = {f"{prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()}
     kafka_io.ensure_topics(connections.kafka_bootstrap_servers, topics, partitions=4)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CLICKPULSE_")
-        and k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "CLICKHOUSE_URL")
-    }
+    env = child_environment(connections)
     env.update(
         {
-            "KAFKA_BOOTSTRAP_SERVERS": connections.kafka_bootstrap_servers,
-            "REDIS_URL": connections.redis_url.get_secret_value(),
-            "CLICKHOUSE_URL": connections.clickhouse_url.get_secret_value(),
             "CLICKPULSE_TOPIC_PREFIX": prefix,
             "CLICKPULSE_REDIS_PREFIX": f"test:{prefix}",
             "CLICKPULSE_HOME": str(tmp_path / "home"),

@@ -212,7 +212,8 @@ def test_pipeline_matches_the_truth_through_a_kill_9(
         # the reducer over each user's events in the order the triggers job read them; users whose
         # decisions depend on where the watermark stood (within the measured lag) may go either way
         sent_at = first.sent_at + second_sent[0].sent_at
-        arrival = observe_trigger_arrival(bootstrap, prefix, truth, sent_at, rules)
+        actions = [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions")]
+        arrival = observe_trigger_arrival(bootstrap, prefix, truth, sent_at, rules, actions)
         expectation = expected_trigger_decisions(records, truth, rules, arrival)
         expected = {f.action_id: f for f in expectation.fires}
         nominal = expected_trigger_fires(records, truth, rules)
@@ -227,7 +228,7 @@ def test_pipeline_matches_the_truth_through_a_kill_9(
         }
         summary = receiver.summary()
         assert summary["bad_signature"] == 0 and summary["malformed"] == 0
-        fired = {orjson.loads(m.value)["action_id"] for m in read_topic(bootstrap, f"{prefix}actions")}
+        fired = {a["action_id"] for a in actions}
         assert fired == set(receiver.unique()), "every fired action delivered, nothing else"
         by_rule: dict[str, set[str]] = defaultdict(set)
         for aid, f in expected.items():

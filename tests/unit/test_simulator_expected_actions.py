@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from udfs.simulator import (
     SimConfig,
     SimRecord,
     TriggerArrival,
+    TriggerExpectation,
     Truth,
     TruthEvent,
     expected_trigger_decisions,
@@ -142,9 +144,11 @@ def test_decisions_over_produced_order_are_the_nominal_ones() -> None:
     assert got.slack_s == pytest.approx(0.5 + 0.2 + 1.0)
 
 
-def test_an_order_read_after_its_partition_passed_the_deadline_does_not_cancel() -> None:
-    """Read last in its partition (the job's interleaving put it behind hours of other users' events),
-    the order cannot cancel: the watermark passed the deadline first whatever the job did in between."""
+def _order_moved(
+    place: Callable[[list[str], int, dict[str, TruthEvent]], int],
+) -> tuple[TruthEvent, TriggerExpectation]:
+    """The decisions when a cancelling order is read at another place of its partition: ``place(part,
+    deadline, events by id)`` gives its new index in the partition (the order already taken out)."""
     records, truth = generate(_in_order(4000, 23))
     rules = Rules.of(load_rules_file(DEMO_RULES))
     add, order = _cancelled_cart(records, truth, rules)
@@ -152,8 +156,15 @@ def test_an_order_read_after_its_partition_passed_the_deadline_does_not_cancel()
     parts = [list(p) for p in arrival.partitions]
     part = next(p for p in parts if order.message_id in p)
     part.remove(order.message_id)
-    part.append(order.message_id)
-    got = expected_trigger_decisions(records, truth, rules, arrival._replace(partitions=parts))
+    by_id = {e.message_id: e for e in truth.valid}
+    part.insert(place(part, add.timestamp_ms + 30 * 60_000, by_id), order.message_id)
+    return add, expected_trigger_decisions(records, truth, rules, arrival._replace(partitions=parts))
+
+
+def test_an_order_read_after_its_partition_passed_the_deadline_does_not_cancel() -> None:
+    """Read last in its partition (the job's interleaving put it behind hours of other users' events),
+    the order cannot cancel: the watermark passed the deadline first whatever the job did in between."""
+    add, got = _order_moved(lambda part, _deadline, _by_id: len(part))
     assert ("cart_abandoned", add.user_key) not in got.sensitive
     fire = next(f for f in got.fires if f.rule_id == "cart_abandoned" and f.user_key == add.user_key)
     assert fire.events[0]["message_id"] == add.message_id
@@ -163,17 +174,10 @@ def test_an_order_read_just_after_the_deadline_passed_may_go_either_way() -> Non
     """Read right behind the event that took its partition past the deadline, but produced at the same
     moment: whether the job had turned that into a watermark yet is unknowable, so the user is reported
     as order-sensitive instead of being compared."""
-    records, truth = generate(_in_order(4000, 23))
-    rules = Rules.of(load_rules_file(DEMO_RULES))
-    add, order = _cancelled_cart(records, truth, rules)
-    arrival = _arrival(truth)
-    parts = [list(p) for p in arrival.partitions]
-    part = next(p for p in parts if order.message_id in p)
-    by_id = {e.message_id: e for e in truth.valid}
-    deadline = add.timestamp_ms + 30 * 60_000
-    part.remove(order.message_id)
-    crossing = next(i for i, m in enumerate(part) if by_id[m].timestamp_ms > deadline + 2000)
-    part.insert(crossing + 1, order.message_id)
-    got = expected_trigger_decisions(records, truth, rules, arrival._replace(partitions=parts))
+
+    def behind_the_crossing(part: list[str], deadline: int, by_id: dict[str, TruthEvent]) -> int:
+        return 1 + next(i for i, m in enumerate(part) if by_id[m].timestamp_ms > deadline + 2000)
+
+    add, got = _order_moved(behind_the_crossing)
     assert ("cart_abandoned", add.user_key) in got.sensitive
     assert all(f.user_key != add.user_key for f in got.fires if f.rule_id == "cart_abandoned")
