@@ -87,9 +87,9 @@ def produce(
 ) -> Produced:
     """Send ``records`` in order, at most ``rate`` per second (0: no fixed limit).
 
-    ``pause(i)`` (optional, checked every 100 records) makes the producer wait while it returns true, ``i``
-    being the number of records handed to the producer so far (see :class:`IngestBacklog`). Record
-    timestamps are the simulated receive times.
+    ``pause(i)`` (optional, checked every 100 records) makes the producer wait while it returns true,
+    ``i`` being the number of records handed to the producer so far (the demo's
+    :class:`connectors.demo.IngestBacklog`). Record timestamps are the simulated receive times.
     """
     producer = kafka_io.producer(bootstrap, linger_ms=5)
     sent_at = [0.0] * len(records)
