@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[local,dev]'
 	@touch $@
 
 venv: $(VENV)/.installed ## create .venv and install clickpulse with dev tools (idempotent)
@@ -57,10 +57,10 @@ lint: venv ## ruff, mypy and the README configuration reference check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m connectors.configdoc --check
+	$(BIN)/python -m devstack.configdoc --check
 
 docs: venv ## regenerate README's configuration reference from the settings classes
-	$(BIN)/python -m connectors.configdoc --write
+	$(BIN)/python -m devstack.configdoc --write
 
 stack-up: venv sysdeps jars ## start the local stack (Kafka, Redis, ClickHouse endpoint)
 	$(BIN)/clickpulse stack up

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from connectors.stack import Stack, StackSettings
+from devstack.stack import Stack, StackSettings
 
 BENCHES = ("bench_stack", "bench_ingest", "bench_loader", "bench_sessionize", "bench_triggers")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

@@ -1,7 +1,7 @@
 """End-to-end benchmark: every job at once on this box, raw events -> ClickHouse and -> webhooks.
 
 ``python -m bench bench_e2e`` (or ``python -m bench.bench_e2e`` against the stack in the environment /
-``.clickpulse/stack.env``). The jobs run as in ``clickpulse demo`` (:class:`connectors.demo.Pipeline`:
+``.clickpulse/stack.env``). The jobs run as in ``clickpulse demo`` (:class:`devstack.demo.Pipeline`:
 ingest, sessionize, triggers, dispatch, load, each its own process, Flink jobs at parallelism 1) on
 their own topic prefix and database, with the demo rules plus one rule firing on every ``Order
 Completed`` (more samples for the webhook latency), delivered to a receiver in this process.
@@ -40,7 +40,8 @@ from kafka import KafkaConsumer, TopicPartition
 
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
-from connectors.demo import (
+from connectors.settings import CONTRACT_TOPICS, load_connections
+from devstack.demo import (
     ALL_JOBS,
     DEMO_RULES,
     Pipeline,
@@ -52,9 +53,8 @@ from connectors.demo import (
     quantile,
     rules_for_port,
 )
-from connectors.receiver import WebhookReceiver
-from connectors.settings import CONTRACT_TOPICS, load_connections
-from udfs.simulator import SimConfig, generate
+from devstack.receiver import WebhookReceiver
+from devstack.simulator import SimConfig, generate
 from udfs.timeutil import parse_timestamp_ms
 
 log = logging.getLogger("bench.e2e")

@@ -25,8 +25,8 @@ from kafka import KafkaConsumer, TopicPartition
 
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, load_connections
-from connectors.simulate import produce
-from udfs.simulator import SimConfig, generate
+from devstack.simulate import produce
+from devstack.simulator import SimConfig, generate
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -27,8 +27,8 @@ from connectors.clickhouse import client_from_url
 from connectors.loader import Loader, LoaderConfig
 from connectors.migrate import migrate
 from connectors.settings import load_connections
+from devstack.simulator import SimConfig, generate
 from udfs.ingest import OK, IngestOptions, IngestStage, MemoryIdentityStore
-from udfs.simulator import SimConfig, generate
 
 log = logging.getLogger("bench.loader")
 

@@ -27,9 +27,9 @@ import orjson
 
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, load_connections
+from devstack.simulator import SimConfig, generate
 from udfs import sessions
 from udfs.ingest import IngestOptions, IngestStage, MemoryIdentityStore, MemoryProfileStore
-from udfs.simulator import SimConfig, generate
 
 log = logging.getLogger("bench.sessionize")
 

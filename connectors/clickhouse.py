@@ -1,4 +1,4 @@
-"""Connecting to ClickHouse: the embedded endpoint (``connectors.chserver``) or a real server, same code.
+"""Connecting to ClickHouse: the embedded endpoint (``devstack.chserver``) or a real server, same code.
 
 Everything in the project (loader, migrations, ``clickpulse query``) connects with :func:`client_from_url`
 and a ``CLICKHOUSE_URL`` such as ``http://127.0.0.1:8123`` or ``https://user:secret@ch.example:8443/db``.

@@ -38,7 +38,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_stack(args: argparse.Namespace) -> int:
     """``clickpulse stack up|down|status``."""
-    from connectors.stack import Stack, StackError, StackSettings
+    from devstack.stack import Stack, StackError, StackSettings
 
     stack = Stack(StackSettings())
     try:
@@ -92,7 +92,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``clickpulse simulate``: seeded clickstream into ``events.raw``."""
     from connectors.settings import load_connections
-    from connectors.simulate import SimulateOptions, run_simulation
+    from devstack.simulate import SimulateOptions, run_simulation
 
     conn = load_connections()
     opts = SimulateOptions(
@@ -141,7 +141,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``clickpulse demo``: stack up, simulated traffic, a summary of what arrived."""
-    from connectors.demo import DemoOptions, run_demo
+    from devstack.demo import DemoOptions, run_demo
 
     opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, keep_running=args.keep_running)
     return run_demo(opts, console)
@@ -266,10 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Commands served by the local stack package (``devstack``, the ``local`` extra), not by the product.
+LOCAL_COMMANDS = frozenset({"stack", "simulate", "demo"})
+
+
+def local_stack_installed() -> bool:
+    """True when the local stack package and its dependencies (the ``local`` extra) are importable."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("devstack", "chdb"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clickpulse`` console script."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if args.command in LOCAL_COMMANDS and not local_stack_installed():
+        console.print(
+            f"[red]error:[/] `clickpulse {args.command}` needs the local stack, which is not installed here "
+            "(from a checkout: pip install -e '.[local]')"
+        )
+        return 2
     return int(args.func(args))
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from connectors import kafka as kafka_io
 from connectors.settings import Connections
-from connectors.stack import SERVICES, Stack, StackSettings, pid_alive
+from devstack.stack import SERVICES, Stack, StackSettings, pid_alive
 
 
 @pytest.fixture(scope="session")

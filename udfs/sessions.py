@@ -12,7 +12,7 @@ in short:
 
 * A session is a run of one user's events in which consecutive events are less than ``gap`` apart
   and every event is less than ``max`` after the session's first event (the same greedy rule as
-  :func:`udfs.simulator.expected_sessions`).
+  :func:`devstack.simulator.expected_sessions`).
 * A session is published (version 1..n) when the watermark passes ``end + gap``; every later change
   (an event within the allowed lateness) publishes a new version at once. ``version`` is the
   session's event count, so it grows with every change and is the same in every replay.

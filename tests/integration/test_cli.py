@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from connectors.clickhouse import client_from_url
-from connectors.stack import Stack
+from devstack.stack import Stack
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The embedded ClickHouse endpoint (``python -m connectors.chserver``) against real clients.
+"""The embedded ClickHouse endpoint (``python -m devstack.chserver``) against real clients.
 
 Starts the server as a subprocess on a free loopback port (once without and once with authentication) and
 drives it with clickhouse-connect (default settings: compression on, sessions on), urllib and curl.
@@ -33,8 +33,8 @@ import zstandard
 from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.summary import QuerySummary
 
-from connectors.chserver import ClickHouseError, parse_statement
 from connectors.clickhouse import client_from_url, redact_url, wait_healthy
+from devstack.chserver import ClickHouseError, parse_statement
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def _free_port() -> int:
 def _start(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Endpoint:
     port = _free_port()
     log_file = tmp / "chserver.log"
-    cmd = [sys.executable, "-m", "connectors.chserver", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "devstack.chserver", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--data-dir", str(tmp / "data"), "--log-file", str(log_file), *extra]
     proc = subprocess.Popen(
         cmd,
@@ -401,7 +401,7 @@ def test_data_dir_has_a_single_owner(endpoint: Endpoint) -> None:
         [
             sys.executable,
             "-m",
-            "connectors.chserver",
+            "devstack.chserver",
             "--port",
             str(_free_port()),
             "--data-dir",

@@ -1,6 +1,6 @@
 """The whole pipeline on the real stack, checked against the simulator's truth, through a kill -9.
 
-Every job runs at once as its own process, as in ``clickpulse demo`` (:class:`connectors.demo.Pipeline`):
+Every job runs at once as its own process, as in ``clickpulse demo`` (:class:`devstack.demo.Pipeline`):
 ingest, sessionize, triggers (``--no-dispatch``), dispatch and the loader, on the test's own topics and
 database, with ``docs/rules.demo.yaml`` pointed at a real receiver in this process that verifies every
 signature. A few thousand simulated records are produced at a steady rate (live traffic, not a backlog);
@@ -16,7 +16,7 @@ drained (end of event time) and everything is compared with what the truth says:
 * rollups: events per minute and event, daily active users, revenue per currency, sessions per day;
 * webhooks: every fired action delivered, every signature valid, and exactly the actions the pure reducer
   (whose semantics the triggers job tests check independently) makes of each user's events in the order
-  the triggers job read them (:func:`udfs.simulator.expected_trigger_decisions`). Where the job's
+  the triggers job read them (:func:`devstack.simulator.expected_trigger_decisions`). Where the job's
   watermark stood when an event arrived is bracketed by the measured lag; the few users whose decisions
   change within that bracket are left out of the comparison (at most 5 % of the fires, or 3).
 """
@@ -35,7 +35,8 @@ import orjson
 import pytest
 
 from connectors.clickhouse import client_from_url
-from connectors.demo import (
+from connectors.settings import Connections
+from devstack.demo import (
     ALL_JOBS,
     DEMO_RULES,
     Pipeline,
@@ -48,16 +49,15 @@ from connectors.demo import (
     rules_for_port,
     wait_for_events,
 )
-from connectors.receiver import WebhookReceiver
-from connectors.settings import Connections
-from udfs.rules import Rules, load_rules_file
-from udfs.simulator import (
+from devstack.receiver import WebhookReceiver
+from devstack.simulator import (
     SimConfig,
     expected_sessions,
     expected_trigger_decisions,
     expected_trigger_fires,
     generate,
 )
+from udfs.rules import Rules, load_rules_file
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """The jobs under ``flink run`` on a real standalone Flink cluster, with stop-with-savepoint and resume.
 
 A JobManager and a TaskManager from the PyFlink distribution run as separate processes on loopback
-(:class:`connectors.flink_cluster.FlinkCluster`). Every job is submitted the way ``docs/flink-run.md``
+(:class:`devstack.flink_cluster.FlinkCluster`). Every job is submitted the way ``docs/flink-run.md``
 tells users to: ``flink run --detached --python jobs/<job>.py --pyFiles clickpulse-src.zip --jarfile
 <kafka connector> --pyExecutable <venv python> --pyClientExecutable <venv python>``, with its
 settings in the environment and its options after the script. Ingest runs in Python PROCESS mode,
@@ -29,10 +29,10 @@ import orjson
 import pytest
 
 from connectors.flink import connector_jars
-from connectors.flink_cluster import PROJECT_PACKAGES, ClusterOptions, FlinkCluster, package_sources
-from connectors.simulate import produce
+from devstack.flink_cluster import PROJECT_PACKAGES, ClusterOptions, FlinkCluster, package_sources
+from devstack.simulate import produce
+from devstack.simulator import SimRecord
 from tests.job.test_ingest_job import check_against_truth, read_all, simulate, wait_for
-from udfs.simulator import SimRecord
 
 pytestmark = pytest.mark.integration
 

@@ -37,8 +37,8 @@ from connectors.loader import EVENTS, Loader, LoaderConfig, LoaderCounters, Msg,
 from connectors.migrate import migrate
 from connectors.query import QUERIES_DIR
 from connectors.settings import Connections
+from devstack.simulator import SimConfig, generate
 from udfs.ingest import OK, IngestOptions, IngestStage, MemoryIdentityStore
-from udfs.simulator import SimConfig, generate
 
 pytestmark = pytest.mark.integration
 
@@ -590,7 +590,7 @@ def _free_port() -> int:
 
 def _start_chserver(data_dir: Path, port: int, log_file: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "connectors.chserver", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "devstack.chserver", "--host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data_dir), "--log-file", str(log_file)],
         cwd=REPO,
     )  # fmt: skip

@@ -15,7 +15,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, Connections
-from connectors.stack import SERVICES, Stack, StackError, StackSettings, pid_alive
+from devstack.stack import SERVICES, Stack, StackError, StackSettings, pid_alive
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from connectors.simulate import produce
+from devstack.simulate import produce
+from devstack.simulator import SimConfig, SimRecord, Truth, generate
 from udfs.enrich import parse_page_url
-from udfs.simulator import SimConfig, SimRecord, Truth, generate
 
 pytestmark = pytest.mark.job
 

@@ -30,8 +30,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from connectors import kafka as kafka_io
+from devstack.simulator import SimConfig, generate
 from udfs.ingest import IngestOptions, IngestStage, MemoryIdentityStore, MemoryProfileStore
-from udfs.simulator import SimConfig, generate
 from udfs.timeutil import format_ms
 
 pytestmark = pytest.mark.job

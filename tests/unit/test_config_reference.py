@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from connectors import configdoc
+from devstack import configdoc
 
 pytestmark = [
     pytest.mark.unit,
@@ -41,7 +41,7 @@ def _all_settings(docs: list[configdoc.SettingsDoc]) -> list[tuple[configdoc.Set
 def test_readme_block_equals_the_generated_reference() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     assert configdoc.readme_block(text) == configdoc.render_markdown(), (
-        "README.md's configuration reference is stale: run `python -m connectors.configdoc --write`"
+        "README.md's configuration reference is stale: run `python -m devstack.configdoc --write`"
     )
 
 
@@ -50,7 +50,7 @@ def test_every_listed_class_is_a_settings_class_and_every_settings_class_is_list
     discovered = configdoc.discover_settings_classes()
     assert len(set(listed)) == len(listed), "a class is listed twice in SETTINGS_CLASSES"
     missing = {f"{c.__module__}:{c.__qualname__}" for c in set(discovered) - set(listed)}
-    assert not missing, f"add these to connectors.configdoc.SETTINGS_CLASSES: {sorted(missing)}"
+    assert not missing, f"add these to devstack.configdoc.SETTINGS_CLASSES: {sorted(missing)}"
     assert set(listed) == set(discovered)
 
 
@@ -256,7 +256,7 @@ def test_write_and_check(tmp_path: Path) -> None:
 
 def test_collecting_the_settings_starts_no_jvm() -> None:
     code = (
-        "import connectors.configdoc as c; c.render_markdown(); c.discover_settings_classes()\n"
+        "import devstack.configdoc as c; c.render_markdown(); c.discover_settings_classes()\n"
         "import pyflink.java_gateway as g\n"
         "assert g._gateway is None, 'a JVM gateway was started'\n"
     )

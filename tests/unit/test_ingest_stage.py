@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from devstack.simulator import SimConfig, generate
 from udfs.ingest import (
     DLQ,
     OK,
@@ -15,7 +16,6 @@ from udfs.ingest import (
     MemoryProfileStore,
     StoreUnavailable,
 )
-from udfs.simulator import SimConfig, generate
 
 pytestmark = pytest.mark.unit
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from devstack.simulator import expected_sessions
 from udfs.sessions import (
     MIXED_CURRENCY,
     Event,
@@ -25,7 +26,6 @@ from udfs.sessions import (
     session_id_for,
     step,
 )
-from udfs.simulator import expected_sessions
 
 pytestmark = pytest.mark.unit
 

@@ -23,8 +23,7 @@ from crawlerdetect import CrawlerDetect
 from geoip2fast import GeoIP2Fast
 from ua_parser import parse as parse_ua
 
-from udfs.identity import identity_link, record_key, resolve_user_key
-from udfs.simulator import (
+from devstack.simulator import (
     ERROR_CODES,
     MAX_FUTURE_MS,
     MAX_PAST_MS,
@@ -33,6 +32,7 @@ from udfs.simulator import (
     Truth,
     generate,
 )
+from udfs.identity import identity_link, record_key, resolve_user_key
 
 pytestmark = pytest.mark.unit
 

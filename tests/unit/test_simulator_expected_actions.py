@@ -1,4 +1,4 @@
-"""``udfs.simulator.expected_trigger_fires``: the reducer replayed over a simulation, checked against
+"""``devstack.simulator.expected_trigger_fires``: the reducer replayed over a simulation, checked against
 the truth's own (independently computed) aggregates; ``expected_trigger_decisions``: the same over the
 order a job read its input, with the watermark bracketed."""
 
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from udfs.rules import Rules, load_rules_file, parse_rules_document
-from udfs.simulator import (
+from devstack.simulator import (
     SimConfig,
     SimRecord,
     TriggerArrival,
@@ -23,6 +22,7 @@ from udfs.simulator import (
     expected_trigger_fires,
     generate,
 )
+from udfs.rules import Rules, load_rules_file, parse_rules_document
 from udfs.timeutil import parse_timestamp_ms
 
 pytestmark = pytest.mark.unit

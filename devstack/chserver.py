@@ -8,7 +8,7 @@ and cannot tell the difference, so pointing ``CLICKHOUSE_URL`` at a real server 
 
 Run it as::
 
-    python -m connectors.chserver --host 127.0.0.1 --port 8123 --data-dir DIR \\
+    python -m devstack.chserver --host 127.0.0.1 --port 8123 --data-dir DIR \\
         [--log-file FILE] [--user U --password-env VAR] [--port-file FILE]
 
 What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does not):
@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
 
-logger = logging.getLogger("connectors.chserver")
+logger = logging.getLogger("devstack.chserver")
 
 DEFAULT_FORMAT = "TabSeparated"
 DEFAULT_SESSION_TIMEOUT_S = 60
@@ -1273,7 +1273,7 @@ def serve(
 # ----------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m connectors.chserver",
+        prog="python -m devstack.chserver",
         description="Serve a chDB data directory on ClickHouse's HTTP interface (its single owner).",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from connectors import kafka as kafka_io
-from udfs.simulator import SimConfig, SimRecord, Truth, generate
+from devstack.simulator import SimConfig, SimRecord, Truth, generate
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def produce(
 
     ``pause(i)`` (optional, checked every 100 records) makes the producer wait while it returns true,
     ``i`` being the number of records handed to the producer so far (the demo's
-    :class:`connectors.demo.IngestBacklog`). Record timestamps are the simulated receive times.
+    :class:`devstack.demo.IngestBacklog`). Record timestamps are the simulated receive times.
     """
     producer = kafka_io.producer(bootstrap, linger_ms=5)
     sent_at = [0.0] * len(records)

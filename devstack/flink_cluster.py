@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import yaml
 
-from connectors.stack import free_port
+from devstack.stack import free_port
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class FlinkCluster:
             if src.is_file() and src.name != "config.yaml":
                 shutil.copyfile(src, self.conf_dir / src.name)
         (self.conf_dir / "config.yaml").write_text(
-            "# Written by connectors.flink_cluster: a private standalone cluster on loopback.\n"
+            "# Written by devstack.flink_cluster: a private standalone cluster on loopback.\n"
             + yaml.safe_dump(self.config(), sort_keys=True, width=1_000_000)
         )
 

@@ -2,7 +2,7 @@
 
 1. ``stack up`` (Kafka, Redis, ClickHouse endpoint); a fresh set of contract topics under the prefix
    ``demo.``, a fresh database ``clickpulse_demo`` (the loader applies the migrations);
-2. the local webhook receiver (:mod:`connectors.receiver`) and ``docs/rules.demo.yaml`` pointed at it;
+2. the local webhook receiver (:mod:`devstack.receiver`) and ``docs/rules.demo.yaml`` pointed at it;
 3. every job at once, each in its own process (a local Flink mini-cluster per Flink job): ingest,
    sessionize, triggers (``--no-dispatch``), dispatch and load; the demo waits until all are running;
 4. the simulator's records (default 200,000: duplicates, malformed and late events, deal hunters,
@@ -60,12 +60,10 @@ from rich.table import Table
 
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
-from connectors.receiver import Receipt, WebhookReceiver, describe_action
 from connectors.settings import CONTRACT_TOPICS, Connections, child_environment, load_connections
-from connectors.simulate import Produced, SimulateOptions, produce, sim_config
-from connectors.stack import Stack, StackError, StackSettings
-from udfs.rules import Rules, SequenceWhen, load_rules_file
-from udfs.simulator import (
+from devstack.receiver import Receipt, WebhookReceiver, describe_action
+from devstack.simulate import Produced, SimulateOptions, produce, sim_config
+from devstack.simulator import (
     SimRecord,
     TriggerArrival,
     TriggerExpectation,
@@ -74,6 +72,8 @@ from udfs.simulator import (
     expected_trigger_decisions,
     generate,
 )
+from devstack.stack import Stack, StackError, StackSettings
+from udfs.rules import Rules, SequenceWhen, load_rules_file
 from udfs.timeutil import parse_iso8601_ms
 
 log = logging.getLogger(__name__)
@@ -639,7 +639,8 @@ def collect_results(
     expected: TriggerExpectation | None = None,
 ) -> Results:
     """Read what the pipeline made (ClickHouse, ``events.dlq``, ``events.late``, the receiver) and compare
-    it with the simulator's truth. ``expected``: :func:`udfs.simulator.expected_trigger_decisions` if known.
+    it with the simulator's truth. ``expected``: :func:`devstack.simulator.expected_trigger_decisions`
+    if known.
 
     Exact checks: raw in = enriched + duplicates + DLQ (per reason); every ``events.late`` record is an
     event the simulator delivered hours late; the sessions are the truth's rule (30 min gap) over every
@@ -649,7 +650,7 @@ def collect_results(
     Trigger decisions are compared with the reducer over each user's events in the order the triggers job
     read them (``events.enriched``). A replay compresses days into minutes, so where the job's watermark
     stood when a user's event arrived can be minutes of simulated time either way; users whose decisions
-    change within that bracket (:func:`udfs.simulator.expected_trigger_decisions`) are counted as
+    change within that bracket (:func:`devstack.simulator.expected_trigger_decisions`) are counted as
     order-sensitive and shown, every other user's actions must be exactly the expected ones.
     """
     res = Results()

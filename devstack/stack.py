@@ -403,7 +403,7 @@ class Stack:
         data = self.root / "clickhouse"
         data.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "connectors.chserver", "--host", "127.0.0.1", "--port", str(port),
+            sys.executable, "-m", "devstack.chserver", "--host", "127.0.0.1", "--port", str(port),
             "--data-dir", str(data), "--log-file", str(self.logs / "clickhouse.log"),
         ]  # fmt: skip
         pid = _spawn(cmd, self.logs / "clickhouse.stdout.log", REPO_ROOT)
@@ -412,7 +412,7 @@ class Stack:
             url=f"http://127.0.0.1:{port}",
             pid=pid,
             ports={"clickhouse": port},
-            marker="connectors.chserver",
+            marker="devstack.chserver",
         )
 
     # down / status ------------------------------------------------------------------------------

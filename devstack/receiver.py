@@ -3,7 +3,7 @@
 Used by ``clickpulse demo``, the end-to-end tests and the benchmark, and runnable on its own for the
 example rules (``docs/rules.example.yaml`` posts to ``127.0.0.1:8099``)::
 
-    CLICKPULSE_WEBHOOK_SECRET=s3cret python -m connectors.receiver --port 8099
+    CLICKPULSE_WEBHOOK_SECRET=s3cret python -m devstack.receiver --port 8099
 
 It is a ``http.server.ThreadingHTTPServer`` on a daemon thread (one thread per connection, so the
 dispatcher's keep-alive connections are served in parallel). Every ``POST`` is checked with
@@ -257,8 +257,8 @@ class WebhookReceiver:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m connectors.receiver``: serve until Ctrl-C, printing every webhook it gets."""
-    p = argparse.ArgumentParser(prog="connectors.receiver", description=__doc__.splitlines()[0])
+    """``python -m devstack.receiver``: serve until Ctrl-C, printing every webhook it gets."""
+    p = argparse.ArgumentParser(prog="devstack.receiver", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8099, help="port (default 8099, as in the example rules)")
     p.add_argument(
