@@ -1,7 +1,10 @@
-"""PyFlink plumbing shared by the jobs: settings common to every job, the environment, Kafka DDL.
+"""PyFlink plumbing shared by the Flink jobs: one place for the execution environment, Kafka tables,
+keying, keyed-state descriptors, operator counters and running a job.
 
-Nothing here runs at import time. ``jobs/<name>.py`` builds its frozen settings in ``main()``, calls
-:func:`create_table_env` and then only wires sources, operators and sinks.
+Nothing here runs at import time. ``jobs/<name>.py`` composes its frozen settings in ``main()``
+(:func:`connectors.settings.compose`), calls :func:`create_table_env`, creates its Kafka tables with
+:func:`kafka_source` / :func:`kafka_sink`, builds its part of the graph from input tables, and hands the
+statement set to :func:`run_job`.
 """
 
 from __future__ import annotations
@@ -11,70 +14,90 @@ import contextlib
 import logging
 import os
 import sys
+import sysconfig
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+
+from connectors.settings import Connections, ConsumerSettings, Settings, StartingOffsets, add_consumer_args
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class StartingOffsets(StrEnum):
-    """Where a job starts reading when it has no checkpoint to restore."""
+class PythonExecutionMode(StrEnum):
+    """Where PyFlink runs Python operators."""
 
-    EARLIEST = "earliest"
-    LATEST = "latest"
-    COMMITTED = "committed"  # the group's committed offsets, falling back to earliest
+    THREAD = "thread"  # embedded in the TaskManager JVM (pemja): no serialization, no extra process
+    PROCESS = "process"  # a separate Python worker per TaskManager (required by pandas/Arrow UDFs)
 
 
-class JobSettings(BaseSettings):
-    """Settings every job has. Environment variables are named in each field's docstring."""
+class FlinkSettings(Settings):
+    """How a Flink job runs: checkpoints, restore, parallelism, its Python workers and its jars."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore")
-
-    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
-    """``KAFKA_BOOTSTRAP_SERVERS``: Kafka bootstrap servers (default ``127.0.0.1:9092``)."""
-    redis_url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"), alias="REDIS_URL")
-    """``REDIS_URL``: Redis for identity links and profiles (default ``redis://127.0.0.1:6379/0``)."""
-    topic_prefix: str = Field("", alias="CLICKPULSE_TOPIC_PREFIX")
-    """``CLICKPULSE_TOPIC_PREFIX``: prefix of every contract topic (default empty)."""
-    group_id: str = Field("", alias="CLICKPULSE_GROUP_ID")
-    """``CLICKPULSE_GROUP_ID`` / ``--group-id``: consumer group (default ``clickpulse-<job>``)."""
-    starting_offsets: StartingOffsets = Field(StartingOffsets.COMMITTED, alias="CLICKPULSE_STARTING_OFFSETS")
-    """``CLICKPULSE_STARTING_OFFSETS`` / ``--starting-offsets``: earliest, latest or committed (default)."""
-    bounded: bool = Field(False, alias="CLICKPULSE_BOUNDED")
-    """``CLICKPULSE_BOUNDED`` / ``--bounded``: stop at the offsets that were latest at start (default off)."""
-    parallelism: int | None = Field(None, alias="CLICKPULSE_PARALLELISM", gt=0)
-    """``CLICKPULSE_PARALLELISM`` / ``--parallelism``: operator parallelism (default: 1 on the local
+    parallelism: int | None = Field(None, alias="CLICKPULSE_FLINK_PARALLELISM", gt=0)
+    """``CLICKPULSE_FLINK_PARALLELISM`` / ``--parallelism``: operator parallelism (default: 1 on the local
     mini-cluster; under ``flink run`` the cluster's ``parallelism.default`` / ``-p``)."""
-    checkpoint_interval_ms: int = Field(5000, alias="CLICKPULSE_CHECKPOINT_INTERVAL_MS")
-    """``CLICKPULSE_CHECKPOINT_INTERVAL_MS``: exactly-once commit cadence (default 5000)."""
-    checkpoint_dir: Path | None = Field(None, alias="CLICKPULSE_CHECKPOINT_DIR")
-    """``CLICKPULSE_CHECKPOINT_DIR``: checkpoint storage (default ``<home>/flink/<job>/checkpoints``)."""
-    restore: str = Field("auto", alias="CLICKPULSE_RESTORE")
-    """``CLICKPULSE_RESTORE`` / ``--restore``: ``auto`` (latest retained checkpoint), ``none`` or a path."""
-    transaction_timeout_ms: int = Field(600_000, alias="CLICKPULSE_TRANSACTION_TIMEOUT_MS")
-    """``CLICKPULSE_TRANSACTION_TIMEOUT_MS``: Kafka transaction timeout (default 600000 = 10 min: below the
-    broker's 15 min ``transaction.max.timeout.ms``, far above checkpoint interval + restart time)."""
-    python_executable: str = Field("", alias="CLICKPULSE_PYTHON_EXECUTABLE")
-    """``CLICKPULSE_PYTHON_EXECUTABLE``: Python of the UDF workers (default: the one running the job)."""
-    jars_dir: Path | None = Field(None, alias="CLICKPULSE_JARS_DIR")
-    """``CLICKPULSE_JARS_DIR``: connector jars from ``make jars`` (default ``<repo>/.clickpulse/jars``)."""
-    flink_rest_url: str = Field("", alias="CLICKPULSE_FLINK_REST_URL")
+    checkpoint_interval_ms: int = Field(5000, alias="CLICKPULSE_FLINK_CHECKPOINT_INTERVAL_MS", gt=0)
+    """``CLICKPULSE_FLINK_CHECKPOINT_INTERVAL_MS`` / ``--checkpoint-interval-ms``: exactly-once commit
+    cadence (default 5000)."""
+    checkpoint_dir: Path | None = Field(None, alias="CLICKPULSE_FLINK_CHECKPOINT_DIR")
+    """``CLICKPULSE_FLINK_CHECKPOINT_DIR``: checkpoint storage (default
+    ``<state dir>/flink/<job>/checkpoints``)."""
+    restore: str = Field("auto", alias="CLICKPULSE_FLINK_RESTORE")
+    """``CLICKPULSE_FLINK_RESTORE`` / ``--restore``: ``auto`` (latest retained checkpoint), ``none`` or a
+    path (default ``auto``)."""
+    transaction_timeout_ms: int = Field(600_000, alias="CLICKPULSE_KAFKA_TRANSACTION_TIMEOUT_MS")
+    """``CLICKPULSE_KAFKA_TRANSACTION_TIMEOUT_MS``: Kafka transaction timeout of the exactly-once sinks
+    (default 600000 = 10 min: below the broker's 15 min ``transaction.max.timeout.ms``, far above
+    checkpoint interval + restart time)."""
+    python_executable: str = Field("", alias="CLICKPULSE_FLINK_PYTHON_EXECUTABLE")
+    """``CLICKPULSE_FLINK_PYTHON_EXECUTABLE``: Python of the UDF workers (default: the one running the
+    job)."""
+    python_execution_mode: PythonExecutionMode = Field(
+        PythonExecutionMode.THREAD, alias="CLICKPULSE_FLINK_PYTHON_EXECUTION_MODE"
+    )
+    """``CLICKPULSE_FLINK_PYTHON_EXECUTION_MODE``: ``thread`` (embedded in the JVM, default) or ``process``
+    for the keyed Python operators of sessionize and triggers (ingest's vectorized stage always runs in
+    process mode)."""
+    jars_dir: Path | None = Field(None, alias="CLICKPULSE_MAVEN_JARS_DIR")
+    """``CLICKPULSE_MAVEN_JARS_DIR``: where ``make jars`` put the Maven-resolved jars (default
+    ``<repo>/.clickpulse/jars``)."""
+    rest_url: str = Field("", alias="CLICKPULSE_FLINK_REST_URL")
     """``CLICKPULSE_FLINK_REST_URL``: JobManager REST URL for the counter log (default: the local
     mini-cluster's, on a free loopback port; empty under ``flink run`` unless set)."""
-    home: Path = Field(Path(".clickpulse"), alias="CLICKPULSE_HOME")
-    """``CLICKPULSE_HOME``: local state directory (default ``.clickpulse``)."""
 
-    def topic(self, name: str) -> str:
-        """Full name of a contract topic."""
-        return f"{self.topic_prefix}{name}"
+
+def add_flink_args(p: argparse.ArgumentParser) -> None:
+    """The command-line options of :class:`FlinkSettings`."""
+    p.add_argument("--parallelism", type=int, default=None, help="operator parallelism (default 1)")
+    p.add_argument(
+        "--restore", default=None, help="auto (latest checkpoint, default), none, or a checkpoint path"
+    )
+    p.add_argument(
+        "--checkpoint-interval-ms", type=int, default=None, help="checkpoint interval (default 5000)"
+    )
+
+
+def job_options(
+    job: str, argv: Sequence[str] | None, add_args: Callable[[argparse.ArgumentParser], None]
+) -> dict[str, Any]:
+    """Parse a job's command line: the consumer and Flink options plus the job's own (``add_args``).
+
+    Returns the parsed values by field name (``None`` = not given), for :func:`connectors.settings.compose`.
+    """
+    p = argparse.ArgumentParser(prog=f"jobs.{job}", description=f"clickpulse {job} job")
+    add_consumer_args(p)
+    add_flink_args(p)
+    add_args(p)
+    return vars(p.parse_args(list(argv) if argv is not None else None))
 
 
 def connector_jars(jars_dir: Path | None) -> list[str]:
@@ -90,22 +113,6 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest completed checkpoint (``chk-N`` with ``_metadata``) under ``checkpoint_dir``."""
     found = [p.parent for p in checkpoint_dir.glob("*/chk-*/_metadata")]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log to stderr; re-enable our loggers (PyFlink's import configures logging and disables them)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for name, logger in logging.Logger.manager.loggerDict.items():
-        if isinstance(logger, logging.Logger) and name.split(".")[0] in (
-            "clickpulse",
-            "connectors",
-            "jobs",
-            "udfs",
-        ):
-            logger.disabled = False
-    for top in ("clickpulse", "connectors", "jobs", "udfs"):  # the gateway later sets root to WARNING
-        logging.getLogger(top).setLevel(level)
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
 
 def _free_port() -> int:
@@ -146,7 +153,7 @@ def under_flink_run() -> bool:
     return "PYFLINK_GATEWAY_PORT" in os.environ
 
 
-def flink_config(job: str, s: JobSettings) -> dict[str, str]:
+def flink_config(job: str, s: FlinkSettings, state_dir: Path) -> dict[str, str]:
     """The Flink configuration of a job (checkpointing, state, restore, Python workers)."""
     cluster = under_flink_run()
     conf = {
@@ -178,7 +185,7 @@ def flink_config(job: str, s: JobSettings) -> dict[str, str]:
         conf["python.client.executable"] = s.python_executable or sys.executable
     ckpt: Path | None = None
     if not cluster or s.checkpoint_dir is not None:
-        ckpt = (s.checkpoint_dir or s.home / "flink" / job / "checkpoints").resolve()
+        ckpt = (s.checkpoint_dir or state_dir / "flink" / job / "checkpoints").resolve()
         ckpt.mkdir(parents=True, exist_ok=True)
         conf["execution.checkpointing.dir"] = ckpt.as_uri()
     if not cluster:  # local mini-cluster
@@ -200,29 +207,66 @@ def flink_config(job: str, s: JobSettings) -> dict[str, str]:
     return conf
 
 
-def create_table_env(job: str, s: JobSettings, extra: Mapping[str, str] | None = None) -> Any:
-    """A ``StreamTableEnvironment`` configured for ``job`` (returns ``(env, t_env)``)."""
+def embedded_python_path() -> None:
+    """Let the JVM-embedded interpreter (THREAD mode, pemja) import this repo and this venv's packages.
+
+    PyFlink starts the JVM from this process, so it inherits ``PYTHONPATH``; the embedded interpreter
+    builds its ``sys.path`` from it. Call it from ``main()`` before :func:`create_table_env`.
+    """
+    paths = [str(REPO_ROOT), sysconfig.get_paths()["purelib"]]
+    existing = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([existing] if existing else [])])
+
+
+def python_operator_options(s: FlinkSettings) -> dict[str, str]:
+    """Flink options of a job whose keyed operators run in Python: the execution mode of
+    :class:`FlinkSettings` (in THREAD mode the embedded interpreter must find our packages, see
+    :func:`embedded_python_path`, which this calls)."""
+    if s.python_execution_mode is PythonExecutionMode.THREAD:
+        embedded_python_path()
+    return {"python.execution-mode": s.python_execution_mode.value}
+
+
+def create_table_env(
+    job: str, s: FlinkSettings, state_dir: Path, extra: Mapping[str, str] | None = None
+) -> tuple[Any, Any]:
+    """``(env, t_env)``: a ``StreamExecutionEnvironment`` and its ``StreamTableEnvironment`` for ``job``.
+
+    ``extra`` overrides :func:`flink_config`; a job with keyed Python operators passes
+    :func:`python_operator_options` in it.
+    """
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import EnvironmentSettings, StreamTableEnvironment
 
     conf = Configuration()
-    for k, v in {**flink_config(job, s), **(extra or {})}.items():
+    for k, v in {**flink_config(job, s, state_dir), **(extra or {})}.items():
         conf.set_string(k, v)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env, EnvironmentSettings.new_instance().in_streaming_mode().build())
     return env, t_env
 
 
-# ------------------------------------------------------------------------------------------ DDL
+# ------------------------------------------------------------------------------------------ Kafka
 
 
 def _quote_option(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _quote_ident(name: str) -> str:
+def quote_identifier(name: str) -> str:
+    """A SQL identifier in backquotes."""
     return "`" + name.replace("`", "``") + "`"
+
+
+def sql_string(text: str) -> str:
+    """A SQL string literal."""
+    return _quote_option(text)
+
+
+def sql_interval(ms: int) -> str:
+    """A SQL ``INTERVAL`` of ``ms`` milliseconds."""
+    return f"INTERVAL '{ms / 1000:.3f}' SECOND"
 
 
 def with_clause(options: Mapping[str, str]) -> str:
@@ -234,19 +278,36 @@ def with_clause(options: Mapping[str, str]) -> str:
     )
 
 
+def create_table(t_env: Any, name: str, columns: str, options: Mapping[str, str]) -> None:
+    """``CREATE TEMPORARY TABLE name (columns) WITH (options)``."""
+    t_env.execute_sql(
+        f"CREATE TEMPORARY TABLE {quote_identifier(name)} (\n{columns}\n) {with_clause(options)}"
+    )
+
+
+def _client_properties(conn: Connections) -> dict[str, str]:
+    return {f"properties.{k}": v for k, v in conn.kafka_properties().items()}
+
+
 def kafka_source_options(
-    s: JobSettings, topic: str, group_id: str, *, key_fields: str | None = None, value_format: str = "raw"
+    conn: Connections,
+    consumer: ConsumerSettings,
+    topic: str,
+    group_id: str,
+    *,
+    key_fields: str | None = None,
+    value_format: str = "raw",
 ) -> dict[str, str]:
     """Options of a Kafka source table reading ``topic`` (read_committed)."""
     startup = {
         StartingOffsets.EARLIEST: "earliest-offset",
         StartingOffsets.LATEST: "latest-offset",
         StartingOffsets.COMMITTED: "group-offsets",
-    }[s.starting_offsets]
+    }[consumer.starting_offsets]
     opts = {
         "connector": "kafka",
         "topic": topic,
-        "properties.bootstrap.servers": s.kafka_bootstrap_servers,
+        **_client_properties(conn),
         "properties.group.id": group_id,
         "properties.isolation.level": "read_committed",
         "properties.auto.offset.reset": "earliest",
@@ -256,19 +317,24 @@ def kafka_source_options(
     }
     if key_fields:
         opts.update({"key.format": "raw", "key.fields": key_fields, "value.fields-include": "EXCEPT_KEY"})
-    if s.bounded:
+    if consumer.bounded:
         opts["scan.bounded.mode"] = "latest-offset"
     return opts
 
 
 def kafka_sink_options(
-    s: JobSettings, topic: str, transactional_id_prefix: str, *, exactly_once: bool = True
+    conn: Connections,
+    flink: FlinkSettings,
+    topic: str,
+    transactional_id_prefix: str,
+    *,
+    exactly_once: bool = True,
 ) -> dict[str, str]:
     """Options of a Kafka sink table with a raw ``k`` key column and raw ``v`` value column."""
     opts = {
         "connector": "kafka",
         "topic": topic,
-        "properties.bootstrap.servers": s.kafka_bootstrap_servers,
+        **_client_properties(conn),
         "key.format": "raw",
         "key.fields": "k",
         "value.format": "raw",
@@ -282,7 +348,7 @@ def kafka_sink_options(
             {
                 "sink.delivery-guarantee": "exactly-once",
                 "sink.transactional-id-prefix": transactional_id_prefix,
-                "properties.transaction.timeout.ms": str(s.transaction_timeout_ms),
+                "properties.transaction.timeout.ms": str(flink.transaction_timeout_ms),
             }
         )
     else:
@@ -290,35 +356,174 @@ def kafka_sink_options(
     return opts
 
 
-def create_table(t_env: Any, name: str, columns: str, options: Mapping[str, str]) -> None:
-    """``CREATE TEMPORARY TABLE name (columns) WITH (options)``."""
-    t_env.execute_sql(f"CREATE TEMPORARY TABLE {_quote_ident(name)} (\n{columns}\n) {with_clause(options)}")
+def create_kafka_sinks(
+    t_env: Any, conn: Connections, flink: FlinkSettings, group_id: str, sinks: Mapping[str, str]
+) -> None:
+    """Exactly-once ``(k STRING, v BYTES)`` sink tables, ``{table name: contract topic}``; each one's
+    transactional id prefix is ``<group_id>-<topic>``."""
+    for name, topic in sinks.items():
+        create_table(
+            t_env,
+            name,
+            "  k STRING,\n  v BYTES",
+            kafka_sink_options(conn, flink, conn.topic(topic), f"{group_id}-{topic}"),
+        )
 
 
-def env_or_default(name: str, default: str) -> str:
-    """Read one environment variable (only from ``main()`` code paths)."""
-    return os.environ.get(name, default)
+def create_enriched_source(
+    t_env: Any,
+    name: str,
+    conn: Connections,
+    consumer: ConsumerSettings,
+    group_id: str,
+    *,
+    out_of_orderness_ms: int,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """The ``events.enriched`` source table: key ``k`` (user_key), value ``v`` (the event's JSON bytes)
+    and the rowtime ``event_time``, taken in the JVM from the JSON ``event_time_ms`` (the Kafka record
+    time when it is missing or malformed), with per-partition watermarks ``event_time - out_of_orderness``.
+    """
+    create_table(
+        t_env,
+        name,
+        f"""  k STRING,
+  v BYTES,
+  kafka_ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
+  event_time AS COALESCE(
+    TO_TIMESTAMP_LTZ(TRY_CAST(JSON_VALUE(CAST(v AS STRING), '$.event_time_ms') AS BIGINT), 3), kafka_ts),
+  WATERMARK FOR event_time AS event_time - {sql_interval(out_of_orderness_ms)}""",
+        {
+            **kafka_source_options(conn, consumer, conn.topic("events.enriched"), group_id, key_fields="k"),
+            **(extra or {}),
+        },
+    )
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Options every job accepts (``clickpulse run <job>`` passes them through)."""
-    p.add_argument("--group-id", default=None, help="consumer group (default clickpulse-<job>)")
-    p.add_argument(
-        "--starting-offsets",
-        choices=["earliest", "latest", "committed"],
-        default=None,
-        help="where to start without a checkpoint (default committed, falling back to earliest)",
+#: The user_key of an enriched event from its Kafka key, else from its JSON (for keying in the JVM).
+ENRICHED_USER_KEY_SQL = "COALESCE(k, JSON_VALUE(CAST(v AS STRING), '$.user_key'), '')"
+
+
+# ------------------------------------------------------------------------------------ keyed operators
+
+
+def key_by_first_field(t_env: Any, table: Any, value_type: Any) -> Any:
+    """A PyFlink ``KeyedStream`` of ``table`` = ``(key STRING, value)``, keyed in the JVM; the keyed
+    Python function receives ``value`` (typed ``value_type``) with the key as its current key.
+
+    ``DataStream.key_by`` runs a Python operator before the shuffle only to compute the key, which here
+    is already a column: a second Python hop per event, for nothing (~2,400 -> ~4,000 events/s for
+    sessionize on this box, ``docs/adr/004-sessions.md``). This applies the Java ``KeyByKeySelector``
+    PyFlink uses behind that operator straight to the SQL stream. It relies on PyFlink internals
+    (``_j_data_stream``, ``KeyedStream``'s constructor): re-check on a PyFlink upgrade.
+    """
+    from pyflink.common import Types
+    from pyflink.datastream.data_stream import KeyedStream
+    from pyflink.java_gateway import get_gateway
+
+    key_type = Types.STRING()
+    typed = t_env.to_append_stream(table, Types.ROW([key_type, value_type]))
+    j_keyed = typed._j_data_stream.keyBy(
+        get_gateway().jvm.KeyByKeySelector(), Types.ROW([key_type]).get_java_type_info()
     )
-    p.add_argument("--parallelism", type=int, default=None, help="operator parallelism (default 1)")
-    p.add_argument(
-        "--bounded", action="store_const", const=True, default=None, help="stop at today's end offsets"
-    )
-    p.add_argument(
-        "--restore", default=None, help="auto (latest checkpoint, default), none, or a checkpoint path"
-    )
-    p.add_argument(
-        "--checkpoint-interval-ms", type=int, default=None, help="checkpoint interval (default 5000)"
-    )
+    return KeyedStream(j_keyed, value_type, typed)
+
+
+def string_value_state(name: str, ttl_ms: int) -> Any:
+    """A ``ValueStateDescriptor`` of ``STRING`` with a processing-time TTL (``ttl_ms`` > 0) refreshed on
+    every write, expired values never returned.
+
+    Typed ``STRING``: in THREAD mode PyFlink converts ``PRIMITIVE_ARRAY(BYTE)`` state element by element
+    into a tuple of ints (and fails on a missing value), while strings cross pemja as they are.
+    """
+    from pyflink.common import Types
+    from pyflink.common.time import Time
+    from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+
+    descriptor = ValueStateDescriptor(name, Types.STRING())
+    if ttl_ms > 0:
+        descriptor.enable_time_to_live(
+            StateTtlConfig.new_builder(Time.milliseconds(ttl_ms))
+            .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
+            .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
+            .build()
+        )
+    return descriptor
+
+
+def subtask_index(runtime_context: Any) -> int:
+    """This subtask's index (0 if it cannot be told). PyFlink 2.2's THREAD-mode context calls a Java
+    method Flink 2 moved to ``getTaskInfo()``; go through the wrapped Java context then."""
+    try:
+        return int(runtime_context.get_index_of_this_subtask())
+    except Exception:  # noqa: BLE001 - pemja raises its own exception types
+        try:
+            java_context = runtime_context._runtime_context  # noqa: SLF001
+            return int(java_context.getTaskInfo().getIndexOfThisSubtask())
+        except Exception:  # noqa: BLE001
+            return 0
+
+
+class OperatorCounters:
+    """Counters of a Python operator, counted in Python (``totals[name] += n`` on the hot path) and
+    pushed to Flink counters (``clickpulse.<prefix>_<name>``) at most every ``flush_s`` (each ``inc``
+    crosses into the JVM), with a log line ``<label>[subtask]: name=total …`` every ``log_interval_s``.
+
+    ``shared`` names count the same on every subtask (e.g. broadcast rules): only subtask 0 reports them,
+    so sums over subtasks stay right.
+    """
+
+    def __init__(
+        self,
+        runtime_context: Any,
+        prefix: str,
+        names: Iterable[str],
+        *,
+        label: str,
+        log_interval_s: float,
+        flush_s: float = 1.0,
+        shared: frozenset[str] = frozenset(),
+    ) -> None:
+        """Register the counters with the operator's metric group."""
+        names = tuple(names)
+        group = runtime_context.get_metrics_group().add_group("clickpulse")
+        self.subtask = subtask_index(runtime_context)
+        self.label = label
+        self.metrics = {
+            n: group.counter(f"{prefix}_{n}") for n in names if not (self.subtask and n in shared)
+        }
+        self.totals = dict.fromkeys(names, 0)
+        self.flushed = dict.fromkeys(names, 0)
+        self.flush_s = flush_s
+        self.log_interval_s = log_interval_s
+        now = time.monotonic()
+        self.next_flush = now + flush_s
+        self.next_log = now + log_interval_s
+
+    def maybe_flush(self, now: float | None = None) -> None:
+        """Push deltas to Flink when ``flush_s`` has passed (and log when the log interval has)."""
+        now = time.monotonic() if now is None else now
+        if now < self.next_flush:
+            return
+        self.next_flush = now + self.flush_s
+        for name, counter in self.metrics.items():
+            delta = self.totals[name] - self.flushed[name]
+            if delta:
+                counter.inc(delta)
+                self.flushed[name] = self.totals[name]
+        if now >= self.next_log:
+            self.next_log = now + self.log_interval_s
+            log.info(
+                "%s[%d]: %s", self.label, self.subtask, " ".join(f"{k}={v}" for k, v in self.totals.items())
+            )
+
+    def close(self) -> None:
+        """Push the last counts and log them."""
+        self.next_flush = self.next_log = 0.0
+        self.maybe_flush()
+
+
+# ---------------------------------------------------------------------------------------- running
 
 
 def submitted_detached(job: str, result: Any, t_env: Any) -> bool:
@@ -331,24 +536,76 @@ def submitted_detached(job: str, result: Any, t_env: Any) -> bool:
     return True
 
 
-def execute_and_log(job: str, statements: Any, t_env: Any, s: JobSettings, interval_s: float = 10.0) -> None:
-    """Execute a statement set, log the job's counters every ``interval_s`` and once at the end."""
+Outcome = Literal["detached", "finished", "failed", "stopped"]
+
+
+def run_job(
+    job: str,
+    statements: Any,
+    t_env: Any,
+    flink: FlinkSettings,
+    log_interval_ms: int,
+    *,
+    stop: threading.Event | None = None,
+    on_submitted: Callable[[], None] | None = None,
+) -> Outcome:
+    """Submit ``statements`` and wait for the job, logging its counters every ``log_interval_ms`` (from
+    the REST API) and once at the end.
+
+    Without ``stop`` it blocks until the job ends (bounded runs end; unbounded ones run until the process
+    is killed) and raises if it failed. With ``stop`` it also returns when ``stop`` is set, after
+    cancelling the job (``"stopped"``), and reports a failure as ``"failed"`` (logged).
+    ``on_submitted`` runs once the job is submitted (not for a detached submission).
+    """
     from connectors.flink_metrics import CounterLogger
 
-    rest = s.flink_rest_url
-    if not rest and "PYFLINK_GATEWAY_PORT" not in os.environ:
+    rest = flink.rest_url
+    if not rest and not under_flink_run():
         rest = f"http://127.0.0.1:{t_env.get_config().get('rest.port', '')}"
     result = statements.execute()
     if submitted_detached(job, result, t_env):
-        return
+        return "detached"
+    if on_submitted is not None:
+        on_submitted()
     if rest:
         log.info("%s: Flink REST API (metrics, job status) at %s", job, rest)
-    logger = CounterLogger(job, rest, interval_s) if rest else None
-    if logger is not None:
-        logger.start()
+    counters = CounterLogger(job, rest, log_interval_ms / 1000) if rest else None
+    if counters is not None:
+        counters.start()
     try:
-        result.wait()
+        if stop is None:
+            result.wait()
+            return "finished"
+        return _wait_or_cancel(job, result, stop)
     finally:
-        if logger is not None:
-            logger.stop()
-            logger.poll()  # final counts while the job is still known to the JobManager
+        if counters is not None:
+            counters.stop()
+            counters.poll()  # final counts while the job is still known to the JobManager
+
+
+def _wait_or_cancel(job: str, result: Any, stop: threading.Event) -> Outcome:
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            result.wait()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=wait, name=f"{job}-job", daemon=True).start()
+    while not stop.is_set() and not done.is_set():
+        stop.wait(0.5)
+    if done.is_set():
+        if failure:
+            log.error("%s job failed: %s", job, failure[0])
+            return "failed"
+        return "finished"
+    log.info("cancelling the Flink job")
+    try:
+        result.get_job_client().cancel().result(30)
+    except Exception as exc:  # noqa: BLE001 - the JVM may already be gone (SIGTERM to the group)
+        log.debug("cancel: %s", exc)
+    return "stopped"

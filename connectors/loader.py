@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from enum import StrEnum
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
@@ -50,6 +49,7 @@ from kafka.structs import OffsetAndMetadata
 
 from connectors.clickhouse import client_from_url, redact_url
 from connectors.migrate import validate_identifier
+from connectors.settings import StartingOffsets
 from udfs.dlq import dlq_record
 from udfs.timeutil import TimestampError, parse_timestamp_ms
 
@@ -495,14 +495,6 @@ class BatchBuffer:
 
 
 # ================================================================================ the loader
-
-
-class StartingOffsets(StrEnum):
-    """Where a partition is read from when this process first gets it (after replaying any intent)."""
-
-    EARLIEST = "earliest"
-    LATEST = "latest"
-    COMMITTED = "committed"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import enum
 import importlib
 import inspect
@@ -34,12 +35,14 @@ import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import annotated_types
 from pydantic import AliasChoices, AliasPath, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
+
+from connectors.settings import RENAMED
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +54,22 @@ END_MARKER = "<!-- config-reference:end -->"
 #: Every settings class, ``module:Class``, in the order the reference shows them.
 SETTINGS_CLASSES: tuple[str, ...] = (
     "connectors.settings:Connections",
-    "devstack.stack:StackSettings",
-    "connectors.flink:JobSettings",
+    "connectors.settings:ConsumerSettings",
+    "connectors.flink:FlinkSettings",
     "jobs.ingest:IngestSettings",
     "jobs.sessionize:SessionizeSettings",
-    "jobs.load:LoadSettings",
-    "jobs.dispatch:DispatchSettings",
     "jobs.triggers:TriggersSettings",
+    "connectors.dispatch:DispatchSettings",
+    "jobs.load:LoadSettings",
+    "devstack.stack:StackSettings",
+)
+#: Each job's settings (a frozen dataclass of areas), ``module:Class``, in the order the reference shows.
+JOB_SETTINGS: tuple[str, ...] = (
+    "jobs.ingest:IngestJobSettings",
+    "jobs.sessionize:SessionizeJobSettings",
+    "jobs.triggers:TriggersJobSettings",
+    "jobs.dispatch:DispatchJobSettings",
+    "jobs.load:LoadJobSettings",
 )
 #: Packages searched by :func:`discover_settings_classes`.
 SCANNED_PACKAGES: tuple[str, ...] = ("connectors", "jobs", "devstack")
@@ -138,7 +150,7 @@ def discover_settings_classes(packages: Sequence[str] = SCANNED_PACKAGES) -> lis
                 if (
                     isinstance(obj, type)
                     and issubclass(obj, BaseSettings)
-                    and obj is not BaseSettings
+                    and obj.model_fields  # not a base class such as connectors.settings.Settings
                     and obj.__module__ == module_name
                 ):
                     found[f"{module_name}:{obj.__qualname__}"] = obj
@@ -350,6 +362,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def job_areas(specs: Sequence[str] = JOB_SETTINGS) -> list[tuple[str, list[type[BaseSettings]]]]:
+    """``(job, [area classes])`` for each job's settings dataclass."""
+    out = []
+    for spec in specs:
+        module_name, _, name = spec.partition(":")
+        kind = getattr(importlib.import_module(module_name), name)
+        hints = get_type_hints(kind)
+        out.append((module_name.rsplit(".", 1)[-1], [hints[f.name] for f in dataclasses.fields(kind)]))
+    return out
+
+
 def render_markdown(specs: Sequence[str] = SETTINGS_CLASSES) -> str:
     """The configuration reference as Markdown (the README block without its markers)."""
     lines = [
@@ -357,8 +380,15 @@ def render_markdown(specs: Sequence[str] = SETTINGS_CLASSES) -> str:
         "do not edit by hand -->",
         "",
         "Precedence: command-line flag, then environment variable, then `.clickpulse/stack.env` "
-        "(written by `clickpulse stack up`), then the default. Names are matched case-insensitively.",
+        "(written by `clickpulse stack up`), then the default. Names are matched case-insensitively. "
+        "Names follow `CLICKPULSE_<AREA>_<NAME>`; durations are whole milliseconds (`_MS`). "
+        "Each job reads the areas below:",
+        "",
+        "| job | settings areas |",
+        "|---|---|",
     ]
+    for job, areas in job_areas():
+        lines.append(f"| `{job}` | {', '.join(f'`{a.__name__}`' for a in areas)} |")
     for doc in reference(specs):
         lines += ["", f"### `{doc.name}` — `{doc.source}`", ""]
         if doc.summary:
@@ -373,6 +403,19 @@ def render_markdown(specs: Sequence[str] = SETTINGS_CLASSES) -> str:
                 f"| `{s.env_var}` | {_cell(flags)} | {_cell(s.type)} | {_cell(s.default)} "
                 f"| {_cell(s.description)} |"
             )
+    lines += [
+        "",
+        "### Renamed variables",
+        "",
+        "These old names still work: each logs a deprecation warning once and sets the new variable "
+        "(unless that is set too). Old names in seconds are converted to milliseconds.",
+        "",
+        "| old name | new name |",
+        "|---|---|",
+    ]
+    for r in RENAMED:
+        unit = " (seconds → milliseconds)" if r.scale != 1 else ""
+        lines.append(f"| `{r.old}` | `{r.new}`{unit} |")
     return "\n".join(lines) + "\n"
 
 

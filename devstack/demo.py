@@ -60,7 +60,13 @@ from rich.table import Table
 
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
-from connectors.settings import CONTRACT_TOPICS, Connections, child_environment, load_connections
+from connectors.settings import (
+    CONTRACT_TOPICS,
+    Connections,
+    child_environment,
+    load_connections,
+    process_environment,
+)
 from devstack.receiver import Receipt, WebhookReceiver, describe_action
 from devstack.simulate import Produced, SimulateOptions, produce, sim_config
 from devstack.simulator import (
@@ -128,7 +134,8 @@ class PipelineConfig:
     """Where and how the jobs run.
 
     ``env`` is the complete environment of every job process (connections, topic prefix, home, secret).
-    Checkpoints go to ``<CLICKPULSE_HOME>/flink/<job>/checkpoints``, logs and savepoints under ``workdir``.
+    Checkpoints go to ``<CLICKPULSE_STATE_DIR>/flink/<job>/checkpoints``, logs and savepoints under
+    ``workdir``.
     """
 
     env: dict[str, str]
@@ -866,11 +873,11 @@ def job_environment(
     env = child_environment(conn)
     env.update(
         CLICKPULSE_TOPIC_PREFIX=prefix,
-        CLICKPULSE_REDIS_PREFIX=f"{prefix.rstrip('.')}:{time.time_ns()}:",
-        CLICKPULSE_HOME=str(home),
+        CLICKPULSE_REDIS_KEY_PREFIX=f"{prefix.rstrip('.')}:{time.time_ns()}:",
+        CLICKPULSE_STATE_DIR=str(home),
         CLICKPULSE_WEBHOOK_SECRET=secret,
-        CLICKPULSE_CHECKPOINT_INTERVAL_MS=str(checkpoint_interval_ms),
-        CLICKPULSE_LOG_INTERVAL_S="5",
+        CLICKPULSE_FLINK_CHECKPOINT_INTERVAL_MS=str(checkpoint_interval_ms),
+        CLICKPULSE_JOB_LOG_INTERVAL_MS="5000",
         # a busy 2-core box: a Redis round trip may take longer than the 50 ms default (fail-open would
         # then resolve identities without the store, and the numbers would no longer match the truth)
         CLICKPULSE_REDIS_TIMEOUT_MS="2000",
@@ -880,7 +887,7 @@ def job_environment(
         # drained soon after its last record (see finish()). The triggers job's setting also decides when
         # its rules source counts as idle, and until then event time stands still: producing starts
         # after that (Pipeline.wait_event_time), and the drain has to come within it.
-        CLICKPULSE_IDLE_TIMEOUT_S="600",
+        CLICKPULSE_SESSIONIZE_IDLE_TIMEOUT_MS="600000",
         CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS="30000",
     )
     return env
@@ -918,7 +925,8 @@ def _live_view(p: Progress, pipeline: Pipeline, t0: float) -> Table:
 def run_demo(opts: DemoOptions, console: Console) -> int:
     """Run the demo; returns the process exit code (0: every number matches the truth)."""
     t_start = time.monotonic()
-    stack = Stack(StackSettings())
+    env = process_environment()
+    stack = Stack(StackSettings.from_env(env), environ=env)
     pipeline: Pipeline | None = None
     receiver: WebhookReceiver | None = None
     was_up = all(row["healthy"] for row in stack.status())

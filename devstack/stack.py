@@ -29,15 +29,21 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
 
 from connectors import kafka as kafka_io
-from connectors.settings import CONTRACT_TOPICS
+from connectors.settings import (
+    CONTRACT_TOPICS,
+    DEFAULT_STATE_DIR,
+    STATE_DIR_VAR,
+    Connections,
+    Settings,
+    translate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +56,29 @@ class StackError(RuntimeError):
     """A problem the user can fix; the message is one line saying what to do."""
 
 
-class StackSettings(BaseSettings):
-    """Options of the local stack, read from ``CLICKPULSE_*`` environment variables."""
+class StackSettings(Settings):
+    """Options of the local stack (``clickpulse stack up``); the topic prefix is
+    :class:`connectors.settings.Connections`' and comes with the environment the stack is given."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_prefix="CLICKPULSE_")
-
-    home: Path = Path(".clickpulse")
-    """``CLICKPULSE_HOME``: state directory (default ``.clickpulse``)."""
-    jars_dir: Path | None = None
-    """``CLICKPULSE_JARS_DIR``: where ``make jars`` put the jars (default ``<repo>/.clickpulse/jars``)."""
-    kafka_port: int | None = None
+    home: Path = Field(Path(DEFAULT_STATE_DIR), alias=STATE_DIR_VAR)
+    """``CLICKPULSE_STATE_DIR``: state directory (default ``.clickpulse``)."""
+    jars_dir: Path | None = Field(None, alias="CLICKPULSE_MAVEN_JARS_DIR")
+    """``CLICKPULSE_MAVEN_JARS_DIR``: where ``make jars`` put the jars (default
+    ``<repo>/.clickpulse/jars``)."""
+    kafka_port: int | None = Field(None, alias="CLICKPULSE_KAFKA_PORT")
     """``CLICKPULSE_KAFKA_PORT``: broker port (default: last used, else a free port)."""
-    kafka_controller_port: int | None = None
+    kafka_controller_port: int | None = Field(None, alias="CLICKPULSE_KAFKA_CONTROLLER_PORT")
     """``CLICKPULSE_KAFKA_CONTROLLER_PORT``: KRaft controller port (default: last used, else free)."""
-    redis_port: int | None = None
+    redis_port: int | None = Field(None, alias="CLICKPULSE_REDIS_PORT")
     """``CLICKPULSE_REDIS_PORT``: Redis port (default: last used, else a free port)."""
-    clickhouse_port: int | None = None
+    clickhouse_port: int | None = Field(None, alias="CLICKPULSE_CLICKHOUSE_PORT")
     """``CLICKPULSE_CLICKHOUSE_PORT``: ClickHouse HTTP port (default: last used, else a free port)."""
-    kafka_heap: str = "768m"
+    kafka_heap: str = Field("768m", alias="CLICKPULSE_KAFKA_HEAP")
     """``CLICKPULSE_KAFKA_HEAP``: broker JVM heap (default ``768m``)."""
-    topic_partitions: int = Field(4, validation_alias=AliasChoices("CLICKPULSE_TOPIC_PARTITIONS"))
+    topic_partitions: int = Field(4, alias="CLICKPULSE_TOPIC_PARTITIONS", gt=0)
     """``CLICKPULSE_TOPIC_PARTITIONS``: partitions of each contract topic created (default 4)."""
-    topic_prefix: str = ""
-    """``CLICKPULSE_TOPIC_PREFIX``: prefix of every contract topic name (default empty)."""
-    startup_timeout_s: float = 120.0
-    """``CLICKPULSE_STARTUP_TIMEOUT_S``: how long ``up`` waits for health (default 120)."""
+    startup_timeout_ms: int = Field(120_000, alias="CLICKPULSE_STACK_STARTUP_TIMEOUT_MS", gt=0)
+    """``CLICKPULSE_STACK_STARTUP_TIMEOUT_MS``: how long ``up`` waits for health (default 120000)."""
 
     @property
     def root(self) -> Path:
@@ -188,10 +192,12 @@ def _spawn(cmd: list[str], log_file: Path, cwd: Path) -> int:
 class Stack:
     """Start, stop and inspect the local services described by :class:`StackSettings`."""
 
-    def __init__(self, settings: StackSettings, environ: dict[str, str] | None = None) -> None:
-        """Use ``environ`` (default ``os.environ``) to find externally configured services."""
+    def __init__(self, settings: StackSettings, environ: Mapping[str, str] | None = None) -> None:
+        """Use ``environ`` (default ``os.environ``; not ``stack.env``) to find externally configured
+        services and the topic prefix."""
         self.settings = settings
-        self.environ = dict(os.environ if environ is None else environ)
+        self.environ = translate(os.environ if environ is None else environ)
+        self.topic_prefix = Connections.from_env(self.environ).topic_prefix
         self.root = settings.root
         self.logs = self.root / "logs"
         self.state_file = self.root / "stack.json"
@@ -226,8 +232,8 @@ class Stack:
     def write_env(self, state: dict[str, ServiceState]) -> None:
         """Write stack.env with one line per service."""
         lines = [f"{ENV_VARS[name]}={state[name].url}" for name in SERVICES if name in state]
-        if self.settings.topic_prefix:
-            lines.append(f"CLICKPULSE_TOPIC_PREFIX={self.settings.topic_prefix}")
+        if self.topic_prefix:
+            lines.append(f"CLICKPULSE_TOPIC_PREFIX={self.topic_prefix}")
         tmp = self.env_file.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self.env_file)
@@ -309,7 +315,7 @@ class Stack:
         self.write_env(new_state)
         created = kafka_io.ensure_topics(
             new_state["kafka"].url,
-            {f"{self.settings.topic_prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()},
+            {f"{self.topic_prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()},
             partitions=self.settings.topic_partitions,
         )
         if created:
@@ -317,7 +323,7 @@ class Stack:
         return new_state
 
     def _wait(self, name: str, svc: ServiceState) -> None:
-        deadline = time.monotonic() + self.settings.startup_timeout_s
+        deadline = time.monotonic() + self.settings.startup_timeout_ms / 1000
         while time.monotonic() < deadline:
             if self.healthy(name, svc.url):
                 return
@@ -325,7 +331,7 @@ class Stack:
                 raise StackError(f"{name} exited during start-up; see {self.logs / (name + '.log')}")
             time.sleep(0.3)
         raise StackError(
-            f"{name} at {svc.url} not healthy after {self.settings.startup_timeout_s:.0f}s; "
+            f"{name} at {svc.url} not healthy after {self.settings.startup_timeout_ms / 1000:.0f}s; "
             f"see {self.logs / (name + '.log')}"
         )
 

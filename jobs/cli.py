@@ -38,9 +38,11 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_stack(args: argparse.Namespace) -> int:
     """``clickpulse stack up|down|status``."""
+    from connectors.settings import process_environment
     from devstack.stack import Stack, StackError, StackSettings
 
-    stack = Stack(StackSettings())
+    env = process_environment()
+    stack = Stack(StackSettings.from_env(env), environ=env)
     try:
         if args.action == "up":
             state = stack.up(progress=lambda m: console.print(f"[cyan]•[/] {m}"))
@@ -155,17 +157,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from connectors.migrate import MigrationError, migrate, pending
     from connectors.settings import load_connections
 
-    url = load_connections().clickhouse_url.get_secret_value()
+    conn = load_connections()
+    url = conn.clickhouse_url.get_secret_value()
+    database = args.database or conn.clickhouse_database
     try:
         if args.dry_run:
-            todo = pending(url, args.database)
+            todo = pending(url, database)
             console.print(f"pending: {', '.join(todo) if todo else 'nothing'}")
             return 0
-        applied = migrate(url, args.database)
+        applied = migrate(url, database)
     except MigrationError as e:
         console.print(f"[red]error:[/] {e}")
         return 1
-    console.print(f"[green]applied[/] {', '.join(applied)}" if applied else f"{args.database} is up to date")
+    console.print(f"[green]applied[/] {', '.join(applied)}" if applied else f"{database} is up to date")
     return 0
 
 
@@ -222,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     m = sub.add_parser("migrate", help="apply pending ClickHouse migrations (sql/NNNN_*.sql) once, in order")
-    m.add_argument("--database", default="clickpulse", help="target database (default clickpulse)")
+    m.add_argument(
+        "--database",
+        default=None,
+        help="target database (default CLICKPULSE_CLICKHOUSE_DATABASE, clickpulse)",
+    )
     m.add_argument("--dry-run", action="store_true", help="only list what would be applied")
     m.set_defaults(func=cmd_migrate)
 

@@ -32,42 +32,62 @@ from pyflink.table import DataTypes
 from pyflink.table.udf import FunctionContext, ScalarFunction, udf
 
 from connectors.flink import (
-    JobSettings,
-    add_common_args,
+    FlinkSettings,
+    create_kafka_sinks,
     create_table,
     create_table_env,
-    execute_and_log,
-    kafka_sink_options,
+    job_options,
     kafka_source_options,
-    setup_logging,
+    run_job,
 )
+from connectors.runtime import setup_logging
+from connectors.settings import Connections, ConsumerSettings, Settings, compose, environment, seconds_flag
 
 log = logging.getLogger("clickpulse.ingest")
 
 JOB = "ingest"
 
 
-class IngestSettings(JobSettings):
-    """Settings of the ingest job (plus every :class:`connectors.flink.JobSettings` field)."""
+class IngestSettings(Settings):
+    """Options of the ingest stage and its deduplication."""
 
-    dedup_window_s: int = Field(24 * 3600, alias="CLICKPULSE_DEDUP_WINDOW_S")
-    """``CLICKPULSE_DEDUP_WINDOW_S``: how long a message_id is remembered (default 86400 = 24 h)."""
-    max_payload_bytes: int = Field(32 * 1024, alias="CLICKPULSE_MAX_PAYLOAD_BYTES")
-    """``CLICKPULSE_MAX_PAYLOAD_BYTES``: larger raw records go to the DLQ as size_exceeded (default 32768)."""
-    max_future_s: int = Field(24 * 3600, alias="CLICKPULSE_MAX_FUTURE_S")
-    """``CLICKPULSE_MAX_FUTURE_S``: reject events this far ahead of received_at (default 86400)."""
-    max_past_s: int = Field(30 * 24 * 3600, alias="CLICKPULSE_MAX_PAST_S")
-    """``CLICKPULSE_MAX_PAST_S``: reject events this far behind received_at (default 2592000 = 30 d)."""
-    internal_domains: str = Field("", alias="CLICKPULSE_INTERNAL_DOMAINS")
-    """``CLICKPULSE_INTERNAL_DOMAINS``: comma-separated hosts counted as internal referrers (default none)."""
-    anonymize_ip: bool = Field(False, alias="CLICKPULSE_ANONYMIZE_IP")
-    """``CLICKPULSE_ANONYMIZE_IP``: zero the host part of IPs after the geo lookup (default off)."""
-    redis_timeout_ms: int = Field(50, alias="CLICKPULSE_REDIS_TIMEOUT_MS")
+    dedup_window_ms: int = Field(24 * 3600 * 1000, alias="CLICKPULSE_INGEST_DEDUP_WINDOW_MS", gt=0)
+    """``CLICKPULSE_INGEST_DEDUP_WINDOW_MS`` / ``--dedup-window-ms``: how long a message_id is remembered
+    (default 86400000 = 24 h)."""
+    max_payload_bytes: int = Field(32 * 1024, alias="CLICKPULSE_INGEST_MAX_PAYLOAD_BYTES", gt=0)
+    """``CLICKPULSE_INGEST_MAX_PAYLOAD_BYTES``: larger raw records go to the DLQ as size_exceeded (default
+    32768)."""
+    max_future_ms: int = Field(24 * 3600 * 1000, alias="CLICKPULSE_INGEST_MAX_FUTURE_MS", ge=0)
+    """``CLICKPULSE_INGEST_MAX_FUTURE_MS``: reject events this far ahead of received_at (default 86400000 =
+    24 h)."""
+    max_past_ms: int = Field(30 * 24 * 3600 * 1000, alias="CLICKPULSE_INGEST_MAX_PAST_MS", ge=0)
+    """``CLICKPULSE_INGEST_MAX_PAST_MS``: reject events this far behind received_at (default 2592000000 =
+    30 d)."""
+    internal_domains: str = Field("", alias="CLICKPULSE_INGEST_INTERNAL_DOMAINS")
+    """``CLICKPULSE_INGEST_INTERNAL_DOMAINS``: comma-separated hosts counted as internal referrers (default
+    none)."""
+    anonymize_ip: bool = Field(False, alias="CLICKPULSE_INGEST_ANONYMIZE_IP")
+    """``CLICKPULSE_INGEST_ANONYMIZE_IP``: zero the host part of IPs after the geo lookup (default off)."""
+    redis_timeout_ms: int = Field(50, alias="CLICKPULSE_REDIS_TIMEOUT_MS", gt=0)
     """``CLICKPULSE_REDIS_TIMEOUT_MS``: latency bound of one Redis round trip; then fail open (default 50)."""
-    redis_prefix: str = Field("clickpulse:", alias="CLICKPULSE_REDIS_PREFIX")
-    """``CLICKPULSE_REDIS_PREFIX``: prefix of identity/profile keys (default ``clickpulse:``)."""
-    log_interval_s: float = Field(10.0, alias="CLICKPULSE_LOG_INTERVAL_S")
-    """``CLICKPULSE_LOG_INTERVAL_S``: period of the one-line counter log (default 10)."""
+    redis_key_prefix: str = Field("clickpulse:", alias="CLICKPULSE_REDIS_KEY_PREFIX")
+    """``CLICKPULSE_REDIS_KEY_PREFIX``: prefix of identity/profile keys (default ``clickpulse:``)."""
+
+
+def add_ingest_args(p: argparse.ArgumentParser) -> None:
+    """The ingest job's own command-line options."""
+    p.add_argument("--dedup-window-ms", type=int, default=None, help="dedup window (default 86400000)")
+    p.add_argument("--dedup-window-s", dest="dedup_window_ms", type=seconds_flag, help=argparse.SUPPRESS)
+
+
+@dataclass(frozen=True)
+class IngestJobSettings:
+    """Everything the ingest job reads: the areas it is composed of."""
+
+    connections: Connections
+    consumer: ConsumerSettings
+    flink: FlinkSettings
+    ingest: IngestSettings
 
 
 # ------------------------------------------------------------------------------------------ UDF
@@ -89,19 +109,20 @@ class StageConfig:
     log_interval_s: float
 
     @classmethod
-    def of(cls, s: IngestSettings) -> StageConfig:
+    def of(cls, s: IngestJobSettings) -> StageConfig:
         """Pick the stage's fields out of the job settings."""
+        i = s.ingest
         return cls(
-            source_topic=s.topic("events.raw"),
-            max_bytes=s.max_payload_bytes,
-            max_future_s=s.max_future_s,
-            max_past_s=s.max_past_s,
-            internal_domains=tuple(d.strip() for d in s.internal_domains.split(",") if d.strip()),
-            anonymize_ip=s.anonymize_ip,
-            redis_url=s.redis_url.get_secret_value(),
-            redis_timeout_s=s.redis_timeout_ms / 1000.0,
-            redis_prefix=s.redis_prefix,
-            log_interval_s=s.log_interval_s,
+            source_topic=s.connections.topic("events.raw"),
+            max_bytes=i.max_payload_bytes,
+            max_future_s=i.max_future_ms // 1000,
+            max_past_s=i.max_past_ms // 1000,
+            internal_domains=tuple(d.strip() for d in i.internal_domains.split(",") if d.strip()),
+            anonymize_ip=i.anonymize_ip,
+            redis_url=s.connections.redis_url.get_secret_value(),
+            redis_timeout_s=i.redis_timeout_ms / 1000.0,
+            redis_prefix=i.redis_key_prefix,
+            log_interval_s=s.consumer.log_interval_ms / 1000.0,
         )
 
 
@@ -192,79 +213,80 @@ STAGE_ROW = DataTypes.ROW(
 # ---------------------------------------------------------------------------------------- wiring
 
 
-def build(t_env: Any, s: IngestSettings) -> Any:
-    """Declare tables and return the statement set that runs the job."""
-    from pyflink.table import Schema
-
-    group_id = s.group_id or f"clickpulse-{JOB}"
+def create_raw_source(t_env: Any, name: str, s: IngestJobSettings) -> None:
+    """The ``events.raw`` source table: key, value bytes, partition, offset and the record timestamp
+    (= received_at)."""
     create_table(
         t_env,
-        "raw_events",
+        name,
         """  k BYTES,
   v BYTES,
   `partition` INT METADATA VIRTUAL,
   `offset` BIGINT METADATA VIRTUAL,
   received_at TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL""",
-        kafka_source_options(s, s.topic("events.raw"), group_id, key_fields="k"),
+        kafka_source_options(
+            s.connections,
+            s.consumer,
+            s.connections.topic("events.raw"),
+            s.consumer.group(JOB),
+            key_fields="k",
+        ),
     )
-    for name, topic in (("enriched_sink", "events.enriched"), ("dlq_sink", "events.dlq")):
-        create_table(
-            t_env,
-            name,
-            "  k STRING,\n  v BYTES",
-            kafka_sink_options(s, s.topic(topic), f"{group_id}-{topic}"),
-        )
+
+
+def build(t_env: Any, raw: Any, s: IngestJobSettings) -> tuple[Any, Any]:
+    """The ingest part of the graph: ``raw`` (a table shaped like :func:`create_raw_source`'s) ->
+    ``(enriched, dlq)``, two ``(k STRING, v BYTES)`` tables: unique valid events keyed by user_key, and
+    DLQ records keyed by the original key."""
+    from pyflink.table import Schema
+
+    t_env.create_temporary_view("ingest_raw", raw)
     t_env.create_temporary_function(
         "ingest_stage", udf(IngestStageUdf(StageConfig.of(s)), result_type=STAGE_ROW, func_type="pandas")
     )
     staged = t_env.sql_query(
         "SELECT r.kind AS kind, r.message_id AS message_id, r.user_key AS user_key, r.payload AS payload "
         "FROM (SELECT ingest_stage(k, v, CAST(received_at AS TIMESTAMP(3)), `partition`, `offset`) AS r "
-        "FROM raw_events)"
+        "FROM ingest_raw)"
     )
-    # Materialize the stage once: both sinks read this stream, so the Python UDF runs once per record.
+    # Materialize the stage once: both outputs read this stream, so the Python UDF runs once per record.
     stream = t_env.to_data_stream(staged)
     t_env.create_temporary_view(
-        "staged",
+        "ingest_staged",
         t_env.from_data_stream(
             stream, Schema.new_builder().column_by_expression("proc", "PROCTIME()").build()
         ),
     )
-    t_env.get_config().set("table.exec.state.ttl", f"{s.dedup_window_s} s")
-    statements = t_env.create_statement_set()
-    statements.add_insert_sql("INSERT INTO dlq_sink SELECT user_key, payload FROM staged WHERE kind = 'dlq'")
-    statements.add_insert_sql(
-        "INSERT INTO enriched_sink SELECT user_key, payload FROM ("
+    t_env.get_config().set("table.exec.state.ttl", f"{s.ingest.dedup_window_ms} ms")
+    dlq = t_env.sql_query("SELECT user_key AS k, payload AS v FROM ingest_staged WHERE kind = 'dlq'")
+    enriched = t_env.sql_query(
+        "SELECT user_key AS k, payload AS v FROM ("
         "  SELECT user_key, payload, ROW_NUMBER() OVER (PARTITION BY message_id ORDER BY proc ASC) AS rn"
-        "  FROM staged WHERE kind = 'ok'"
+        "  FROM ingest_staged WHERE kind = 'ok'"
         ") WHERE rn = 1"
     )
-    return statements
-
-
-def parse_args(argv: Sequence[str] | None) -> IngestSettings:
-    """Settings from the environment (and ``.clickpulse/stack.env``) overridden by the command line."""
-    from connectors.settings import by_alias, home_dir
-
-    p = argparse.ArgumentParser(prog="jobs.ingest", description=__doc__.splitlines()[0])
-    add_common_args(p)
-    p.add_argument("--dedup-window-s", type=int, default=None, help="dedup window in seconds (default 86400)")
-    args = p.parse_args(list(argv) if argv is not None else None)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    env_file = home_dir() / "stack.env"
-    return IngestSettings(
-        _env_file=env_file if env_file.is_file() else None, **by_alias(IngestSettings, overrides)
-    )
+    return enriched, dlq
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ingest job (blocks until it ends: bounded runs end, unbounded ones run until killed)."""
     setup_logging()
-    settings = parse_args(argv)
-    _, t_env = create_table_env(JOB, settings)
-    statements = build(t_env, settings)
-    log.info("submitting %s (group %s)", JOB, settings.group_id or f"clickpulse-{JOB}")
-    execute_and_log(JOB, statements, t_env, settings, settings.log_interval_s)
+    s = compose(IngestJobSettings, environment(), job_options(JOB, argv, add_ingest_args))
+    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir)
+    create_raw_source(t_env, "raw_events", s)
+    enriched, dlq = build(t_env, t_env.from_path("raw_events"), s)
+    create_kafka_sinks(
+        t_env,
+        s.connections,
+        s.flink,
+        s.consumer.group(JOB),
+        {"enriched_sink": "events.enriched", "dlq_sink": "events.dlq"},
+    )
+    statements = t_env.create_statement_set()
+    statements.add_insert("dlq_sink", dlq)
+    statements.add_insert("enriched_sink", enriched)
+    log.info("submitting %s (group %s)", JOB, s.consumer.group(JOB))
+    run_job(JOB, statements, t_env, s.flink, s.consumer.log_interval_ms)
     return 0
 
 

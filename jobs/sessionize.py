@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import sysconfig
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -44,14 +42,20 @@ from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 
 from connectors.flink import (
-    REPO_ROOT,
-    JobSettings,
-    create_table,
+    ENRICHED_USER_KEY_SQL,
+    FlinkSettings,
+    OperatorCounters,
+    create_enriched_source,
+    create_kafka_sinks,
     create_table_env,
-    kafka_sink_options,
-    kafka_source_options,
-    submitted_detached,
+    job_options,
+    key_by_first_field,
+    python_operator_options,
+    run_job,
+    string_value_state,
 )
+from connectors.runtime import setup_logging
+from connectors.settings import Connections, ConsumerSettings, Settings, compose, environment, seconds_flag
 from udfs import sessions as reducer
 
 log = logging.getLogger("clickpulse.sessionize")
@@ -61,44 +65,72 @@ JOB = "sessionize"
 UID_SESSIONS = "sessionize-sessions"
 STATE_NAME = "sessions-v1"
 
+BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 #: Rows in and out of the keyed function: ``(key, value bytes)``.
-OUT_TYPE = Types.ROW_NAMED(["k", "v"], [Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE())])
+OUT_TYPE = Types.ROW_NAMED(["k", "v"], [Types.STRING(), BYTES])
 EVENT_TYPE = OUT_TYPE
 LATE_TAG = OutputTag("late-events", OUT_TYPE)
 
+_HOUR_MS = 3600 * 1000
 
-class SessionizeSettings(JobSettings):
-    """Settings of the sessionize job (plus every :class:`connectors.flink.JobSettings` field)."""
 
-    session_gap_s: int = Field(1800, alias="CLICKPULSE_SESSION_GAP_S")
-    """``CLICKPULSE_SESSION_GAP_S`` / ``--gap-s``: inactivity gap closing a session (default 1800)."""
-    session_max_s: int = Field(24 * 3600, alias="CLICKPULSE_SESSION_MAX_S")
-    """``CLICKPULSE_SESSION_MAX_S`` / ``--max-session-s``: longest session; longer activity splits
-    (default 86400)."""
-    allowed_lateness_s: int = Field(3600, alias="CLICKPULSE_ALLOWED_LATENESS_S")
-    """``CLICKPULSE_ALLOWED_LATENESS_S`` / ``--allowed-lateness-s``: how far behind the watermark an event
-    still updates its session; later ones go to ``events.late`` (default 3600)."""
-    out_of_orderness_s: int = Field(60, alias="CLICKPULSE_OUT_OF_ORDERNESS_S")
-    """``CLICKPULSE_OUT_OF_ORDERNESS_S`` / ``--out-of-orderness-s``: watermark delay behind the newest
-    event time per partition (default 60)."""
-    idle_timeout_s: int = Field(60, alias="CLICKPULSE_IDLE_TIMEOUT_S")
-    """``CLICKPULSE_IDLE_TIMEOUT_S``: a partition without records for this long stops holding the
-    watermark back (default 60). Keep it well above the longest stall of a partition that has data
-    (time spent in operators chained to the source still counts, FLINK-40234): a partition marked
-    idle too early lets the watermark run ahead and its events turn late."""
-    state_ttl_s: int = Field(7 * 24 * 3600, alias="CLICKPULSE_SESSION_STATE_TTL_S")
-    """``CLICKPULSE_SESSION_STATE_TTL_S``: safety-net TTL (processing time since last write) of a key's
-    state; timers purge it normally at end + gap + lateness (default 604800 = 7 days)."""
+class SessionizeSettings(Settings):
+    """Options of event-time sessionization."""
+
+    gap_ms: int = Field(30 * 60 * 1000, alias="CLICKPULSE_SESSIONIZE_GAP_MS", gt=0)
+    """``CLICKPULSE_SESSIONIZE_GAP_MS`` / ``--gap-ms``: inactivity gap closing a session (default 1800000 =
+    30 min)."""
+    max_length_ms: int = Field(24 * _HOUR_MS, alias="CLICKPULSE_SESSIONIZE_MAX_LENGTH_MS", gt=0)
+    """``CLICKPULSE_SESSIONIZE_MAX_LENGTH_MS`` / ``--max-length-ms``: longest session; longer activity
+    splits (default 86400000 = 24 h)."""
+    allowed_lateness_ms: int = Field(_HOUR_MS, alias="CLICKPULSE_SESSIONIZE_ALLOWED_LATENESS_MS", ge=0)
+    """``CLICKPULSE_SESSIONIZE_ALLOWED_LATENESS_MS`` / ``--allowed-lateness-ms``: how far behind the
+    watermark an event still updates its session; later ones go to ``events.late`` (default 3600000 =
+    1 h)."""
+    out_of_orderness_ms: int = Field(60_000, alias="CLICKPULSE_SESSIONIZE_OUT_OF_ORDERNESS_MS", ge=0)
+    """``CLICKPULSE_SESSIONIZE_OUT_OF_ORDERNESS_MS`` / ``--out-of-orderness-ms``: watermark delay behind
+    the newest event time per partition (default 60000)."""
+    idle_timeout_ms: int = Field(60_000, alias="CLICKPULSE_SESSIONIZE_IDLE_TIMEOUT_MS", gt=0)
+    """``CLICKPULSE_SESSIONIZE_IDLE_TIMEOUT_MS``: a partition without records for this long stops holding
+    the watermark back (default 60000). Keep it well above the longest stall of a partition that has data
+    (time spent in operators chained to the source still counts, FLINK-40234): a partition marked idle
+    too early lets the watermark run ahead and its events turn late."""
+    state_ttl_ms: int = Field(7 * 24 * _HOUR_MS, alias="CLICKPULSE_SESSIONIZE_STATE_TTL_MS", gt=0)
+    """``CLICKPULSE_SESSIONIZE_STATE_TTL_MS``: safety-net TTL (processing time since last write) of a
+    key's state; timers purge it normally at end + gap + lateness (default 604800000 = 7 days)."""
     state_backend: str = Field("rocksdb", alias="CLICKPULSE_SESSIONIZE_STATE_BACKEND")
     """``CLICKPULSE_SESSIONIZE_STATE_BACKEND``: ``rocksdb`` (default: state on disk, any number of users)
     or ``hashmap`` (state on the JVM heap: faster, bounded by memory)."""
-    state_cache_keys: int = Field(20_000, alias="CLICKPULSE_SESSIONIZE_STATE_CACHE")
-    """``CLICKPULSE_SESSIONIZE_STATE_CACHE``: decoded per-key states kept in the Python worker
+    state_cache_keys: int = Field(20_000, alias="CLICKPULSE_SESSIONIZE_STATE_CACHE_KEYS", ge=0)
+    """``CLICKPULSE_SESSIONIZE_STATE_CACHE_KEYS``: decoded per-key states kept in the Python worker
     (write-through; Flink state stays the source of truth; 0 disables; default 20000)."""
-    python_execution_mode: str = Field("thread", alias="CLICKPULSE_PYTHON_EXECUTION_MODE")
-    """``CLICKPULSE_PYTHON_EXECUTION_MODE``: ``thread`` (embedded, default) or ``process``."""
-    log_interval_s: float = Field(10.0, alias="CLICKPULSE_LOG_INTERVAL_S")
-    """``CLICKPULSE_LOG_INTERVAL_S``: period of the one-line counter log (default 10)."""
+
+
+def add_sessionize_args(p: argparse.ArgumentParser) -> None:
+    """The sessionize job's own command-line options (the hidden ``-s`` ones are deprecated, in seconds)."""
+    p.add_argument("--gap-ms", dest="gap_ms", type=int, default=None, help="inactivity gap (1800000)")
+    p.add_argument(
+        "--max-length-ms", dest="max_length_ms", type=int, default=None, help="max length (86400000)"
+    )
+    p.add_argument("--allowed-lateness-ms", type=int, default=None, help="allowed lateness (3600000)")
+    p.add_argument("--out-of-orderness-ms", type=int, default=None, help="watermark delay (60000)")
+    for old, dest in (
+        ("--gap-s", "gap_ms"),
+        ("--max-session-s", "max_length_ms"),
+        ("--allowed-lateness-s", "allowed_lateness_ms"),
+        ("--out-of-orderness-s", "out_of_orderness_ms"),
+    ):
+        p.add_argument(old, dest=dest, type=seconds_flag, help=argparse.SUPPRESS)
+
+
+@dataclass(frozen=True)
+class SessionizeJobSettings:
+    """Everything the sessionize job reads: the areas it is composed of."""
+
+    connections: Connections
+    consumer: ConsumerSettings
+    flink: FlinkSettings
+    sessionize: SessionizeSettings
 
 
 # ------------------------------------------------------------------------------ process function
@@ -117,16 +149,17 @@ class FunctionConfig:
     log_interval_s: float
 
     @classmethod
-    def of(cls, s: SessionizeSettings) -> FunctionConfig:
+    def of(cls, s: SessionizeJobSettings) -> FunctionConfig:
         """Pick the function's fields out of the job settings."""
+        c = s.sessionize
         return cls(
-            gap_ms=s.session_gap_s * 1000,
-            max_ms=s.session_max_s * 1000,
-            allowed_lateness_ms=s.allowed_lateness_s * 1000,
-            out_of_orderness_ms=s.out_of_orderness_s * 1000,
-            state_ttl_ms=s.state_ttl_s * 1000,
-            state_cache_keys=s.state_cache_keys,
-            log_interval_s=s.log_interval_s,
+            gap_ms=c.gap_ms,
+            max_ms=c.max_length_ms,
+            allowed_lateness_ms=c.allowed_lateness_ms,
+            out_of_orderness_ms=c.out_of_orderness_ms,
+            state_ttl_ms=c.state_ttl_ms,
+            state_cache_keys=c.state_cache_keys,
+            log_interval_s=s.consumer.log_interval_ms / 1000.0,
         )
 
 
@@ -178,24 +211,10 @@ class StateCache:
         self.entries.pop(key, None)
 
 
-def _subtask_index(runtime_context: RuntimeContext) -> int:
-    """This subtask's index. PyFlink 2.2's THREAD-mode context calls ``getIndexOfThisSubtask()``, which
-    Flink 2 moved to ``getTaskInfo()``; go through the wrapped Java context then (-1 if that fails too)."""
-    try:
-        return int(runtime_context.get_index_of_this_subtask())
-    except AttributeError:
-        java_context = getattr(runtime_context, "_runtime_context", None)
-        try:
-            return int(java_context.getTaskInfo().getIndexOfThisSubtask())  # type: ignore[union-attr]
-        except AttributeError:
-            return -1
-
-
 class SessionizeFunction(KeyedProcessFunction):
     """Keyed by user_key: one ``ValueState`` (:func:`udfs.sessions.dump_state` JSON), event-time timers.
 
-    The state is typed ``STRING``: in THREAD mode PyFlink converts ``PRIMITIVE_ARRAY(BYTE)`` state
-    element by element into a tuple of ints, while strings cross pemja as they are.
+    The state is typed ``STRING`` (see :func:`connectors.flink.string_value_state`).
     """
 
     def __init__(self, config: FunctionConfig) -> None:
@@ -204,9 +223,6 @@ class SessionizeFunction(KeyedProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         """Create the state handle (with a safety-net TTL), the reducer config and the counters."""
-        from pyflink.common.time import Time
-        from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
-
         c = self.config
         # (THREAD mode: pemja routes Python logging into the TaskManager log; never print to stderr,
         # the JVM's stderr is a pipe PyFlink does not drain)
@@ -217,24 +233,12 @@ class SessionizeFunction(KeyedProcessFunction):
             allowed_lateness_ms=c.allowed_lateness_ms,
             out_of_orderness_ms=c.out_of_orderness_ms,
         )
-        descriptor = ValueStateDescriptor(STATE_NAME, Types.STRING())
-        descriptor.enable_time_to_live(
-            StateTtlConfig.new_builder(Time.milliseconds(c.state_ttl_ms))
-            .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
-            .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
-            .build()
-        )
-        self.state = runtime_context.get_state(descriptor)
+        self.state = runtime_context.get_state(string_value_state(STATE_NAME, c.state_ttl_ms))
         self.cache = StateCache(c.state_cache_keys, min(c.state_ttl_ms / 1000, 3600.0))
-        self.subtask = _subtask_index(runtime_context)
-        group = runtime_context.get_metrics_group().add_group("clickpulse")
-        self.metrics = {name: group.counter(f"sessions_{name}") for name in COUNTERS}
-        # counted here and pushed to the Flink counters once a second: each ``inc`` crosses into the JVM
-        self.totals = dict.fromkeys(COUNTERS, 0)
-        self.flushed = dict.fromkeys(COUNTERS, 0)
-        now = time.monotonic()
-        self.next_flush = now + 1.0
-        self.next_log = now + c.log_interval_s
+        self.counters = OperatorCounters(
+            runtime_context, "sessions", COUNTERS, label=JOB, log_interval_s=c.log_interval_s
+        )
+        self.totals = self.counters.totals
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[Any]:
         """One enriched event: reduce, store, register timers, emit sessions / the late event."""
@@ -292,143 +296,67 @@ class SessionizeFunction(KeyedProcessFunction):
             totals = self.totals
             for name in _COUNT_FIELDS:
                 totals[name] += getattr(counts, name)
-        if now >= self.next_flush:
-            self._flush(now)
-
-    def _flush(self, now: float) -> None:
-        self.next_flush = now + 1.0
-        for name, total in self.totals.items():
-            delta = total - self.flushed[name]
-            if delta:
-                self.metrics[name].inc(delta)
-                self.flushed[name] = total
-        if now >= self.next_log:
-            self.next_log = now + self.config.log_interval_s
-            log.info("sessionize[%d]: %s", self.subtask, " ".join(f"{k}={v}" for k, v in self.totals.items()))
+        self.counters.maybe_flush(now)
 
     def close(self) -> None:
         """Push the last counts and log them."""
-        self.next_log = 0.0
-        self._flush(time.monotonic())
+        self.counters.close()
 
 
 # ---------------------------------------------------------------------------------------- wiring
 
 
-def _interval(seconds: int) -> str:
-    return f"INTERVAL '{int(seconds)}' SECOND"
-
-
-def keyed_by_first_field(t_env: Any, table: Any, value_type: Any) -> Any:
-    """A PyFlink ``KeyedStream`` of ``table`` = ``(key STRING, value ROW)``, keyed in the JVM.
-
-    ``DataStream.key_by`` runs a Python operator that turns each element into ``Row(key, element)``
-    and then keys the Java stream by field 0 (``KeyByKeySelector``). Here SQL already produces that
-    ``(key, element)`` row, so the same Java key-by follows directly and one Python hop per event is
-    saved (~2,400 -> ~4,000 events/s on this box, see ``docs/adr/004-sessions.md``). Downstream, the
-    keyed function sees exactly what it would after ``key_by``: the element, with the key as the
-    current key.
-    """
-    from pyflink.datastream.data_stream import KeyedStream
-    from pyflink.java_gateway import get_gateway
-
-    key_type = Types.STRING()
-    typed = t_env.to_append_stream(table, Types.ROW([key_type, value_type]))
-    j_keyed = typed._j_data_stream.keyBy(
-        get_gateway().jvm.KeyByKeySelector(), Types.ROW([key_type]).get_java_type_info()
-    )
-    return KeyedStream(j_keyed, value_type, typed)
-
-
-def build(env: Any, t_env: Any, s: SessionizeSettings) -> Any:
-    """Declare sources, the keyed session operator and sinks; return the statement set that runs the job."""
-    group_id = s.group_id or f"clickpulse-{JOB}"
-    create_table(
-        t_env,
-        "enriched_events",
-        f"""  k STRING,
-  v BYTES,
-  kafka_ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
-  event_time AS COALESCE(
-    TO_TIMESTAMP_LTZ(TRY_CAST(JSON_VALUE(CAST(v AS STRING), '$.event_time_ms') AS BIGINT), 3), kafka_ts),
-  WATERMARK FOR event_time AS event_time - {_interval(s.out_of_orderness_s)}""",
-        kafka_source_options(s, s.topic("events.enriched"), group_id, key_fields="k"),
-    )
-    for name, topic in (("sessions_sink", "sessions"), ("late_sink", "events.late")):
-        create_table(
-            t_env,
-            name,
-            "  k STRING,\n  v BYTES",
-            kafka_sink_options(s, s.topic(topic), f"{group_id}-{topic}"),
-        )
-    events = t_env.sql_query(
-        "SELECT k, ROW(k, v) FROM ("
-        "  SELECT COALESCE(k, JSON_VALUE(CAST(v AS STRING), '$.user_key'), '') AS k, v FROM enriched_events)"
+def build(t_env: Any, events: Any, s: SessionizeJobSettings) -> tuple[Any, Any]:
+    """The sessionize part of the graph: ``events`` (``k`` user_key, ``v`` the enriched event's JSON, with
+    an event-time attribute and watermarks, see :func:`connectors.flink.create_enriched_source`) ->
+    ``(sessions, late)``, two ``(k STRING, v BYTES)`` tables: session records keyed by session_id and
+    too-late events keyed by user_key."""
+    t_env.create_temporary_view("sessionize_events", events)
+    keyed_rows = t_env.sql_query(
+        f"SELECT k, ROW(k, v) FROM (SELECT {ENRICHED_USER_KEY_SQL} AS k, v FROM sessionize_events)"
     )
     sessions = (
-        keyed_by_first_field(t_env, events, EVENT_TYPE)
+        key_by_first_field(t_env, keyed_rows, EVENT_TYPE)
         .process(SessionizeFunction(FunctionConfig.of(s)), output_type=OUT_TYPE)
         .uid(UID_SESSIONS)
         .name("sessionize")
     )
     late = sessions.get_side_output(LATE_TAG)
-    t_env.create_temporary_view("session_records", t_env.from_data_stream(sessions))
-    t_env.create_temporary_view("late_records", t_env.from_data_stream(late))
-    statements = t_env.create_statement_set()
-    statements.add_insert_sql("INSERT INTO sessions_sink SELECT k, v FROM session_records")
-    statements.add_insert_sql("INSERT INTO late_sink SELECT k, v FROM late_records")
-    return statements
-
-
-def parse_args(argv: Sequence[str] | None) -> SessionizeSettings:
-    """Settings from the environment (and ``.clickpulse/stack.env``) overridden by the command line."""
-    from connectors.settings import by_alias, home_dir
-    from jobs.ingest import add_common_args
-
-    p = argparse.ArgumentParser(prog="jobs.sessionize", description=__doc__.splitlines()[0])
-    add_common_args(p)
-    p.add_argument("--gap-s", dest="session_gap_s", type=int, default=None, help="inactivity gap (1800)")
-    p.add_argument("--max-session-s", dest="session_max_s", type=int, default=None, help="max length (86400)")
-    p.add_argument("--allowed-lateness-s", type=int, default=None, help="allowed lateness (3600)")
-    p.add_argument("--out-of-orderness-s", type=int, default=None, help="watermark delay (60)")
-    args = p.parse_args(list(argv) if argv is not None else None)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    env_file = home_dir() / "stack.env"
-    return SessionizeSettings(
-        _env_file=env_file if env_file.is_file() else None, **by_alias(SessionizeSettings, overrides)
-    )
-
-
-def thread_mode_environment() -> None:
-    """Make the JVM-embedded interpreter (pemja) find this venv's packages and the repo's modules.
-
-    The JVM is started by PyFlink from this process and inherits its environment; in THREAD mode it
-    embeds the interpreter of ``python.executable``, whose ``sys.path`` comes from ``PYTHONPATH``.
-    """
-    paths = [str(REPO_ROOT), sysconfig.get_paths()["purelib"]]
-    existing = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([existing] if existing else [])])
+    return t_env.from_data_stream(sessions), t_env.from_data_stream(late)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sessionize job (blocks until it ends: bounded runs end, unbounded ones run until killed)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = parse_args(argv)
-    thread_mode_environment()
-    env, t_env = create_table_env(
+    setup_logging()
+    s = compose(SessionizeJobSettings, environment(), job_options(JOB, argv, add_sessionize_args))
+    _, t_env = create_table_env(
         JOB,
-        settings,
+        s.flink,
+        s.connections.state_dir,
         extra={
-            "python.execution-mode": settings.python_execution_mode,
-            "table.exec.source.idle-timeout": f"{settings.idle_timeout_s} s",
-            "state.backend.type": settings.state_backend,
+            **python_operator_options(s.flink),
+            "table.exec.source.idle-timeout": f"{s.sessionize.idle_timeout_ms} ms",
+            "state.backend.type": s.sessionize.state_backend,
         },
     )
-    statements = build(env, t_env, settings)
-    log.info("submitting %s (group %s)", JOB, settings.group_id or f"clickpulse-{JOB}")
-    result = statements.execute()
-    if not submitted_detached(JOB, result, t_env):
-        result.wait()
+    group_id = s.consumer.group(JOB)
+    create_enriched_source(
+        t_env,
+        "enriched_events",
+        s.connections,
+        s.consumer,
+        group_id,
+        out_of_orderness_ms=s.sessionize.out_of_orderness_ms,
+    )
+    sessions, late = build(t_env, t_env.from_path("enriched_events"), s)
+    create_kafka_sinks(
+        t_env, s.connections, s.flink, group_id, {"sessions_sink": "sessions", "late_sink": "events.late"}
+    )
+    statements = t_env.create_statement_set()
+    statements.add_insert("sessions_sink", sessions)
+    statements.add_insert("late_sink", late)
+    log.info("submitting %s (group %s)", JOB, group_id)
+    run_job(JOB, statements, t_env, s.flink, s.consumer.log_interval_ms)
     return 0
 
 

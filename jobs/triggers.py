@@ -35,7 +35,6 @@ import argparse
 import logging
 import os
 import sys
-import sysconfig
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,17 +47,25 @@ from pyflink.datastream import KeyedBroadcastProcessFunction, RuntimeContext
 from pyflink.datastream.state import MapStateDescriptor
 
 from connectors.actions import RuleRecord, effective_rules, read_rule_records
+from connectors.dispatch import DispatchSettings, add_dispatch_args
 from connectors.flink import (
-    REPO_ROOT,
-    add_common_args,
+    ENRICHED_USER_KEY_SQL,
+    FlinkSettings,
+    OperatorCounters,
+    create_enriched_source,
     create_table,
     create_table_env,
+    job_options,
     kafka_sink_options,
     kafka_source_options,
-    setup_logging,
-    submitted_detached,
+    key_by_first_field,
+    python_operator_options,
+    run_job,
+    sql_string,
+    string_value_state,
 )
-from jobs.dispatch import DispatchSettings, add_dispatch_args, stop_on_signals
+from connectors.runtime import setup_logging, stop_on_signals
+from connectors.settings import Connections, ConsumerSettings, Settings, compose, environment
 from udfs.rules import Rule, RuleError, Rules
 
 log = logging.getLogger("clickpulse.triggers")
@@ -70,22 +77,19 @@ USER_STATE_NAME = "triggers-user-state-v1"
 RULES_STATE_NAME = "triggers-rule-records-v1"
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
-#: What the SQL source hands to the keyed operator: user_key (the key) and the enriched event's bytes.
-EVENT_TYPE = Types.ROW_NAMED(["k", "v"], [Types.STRING(), BYTES])
+#: What the keyed operator emits: user_key and the action's JSON bytes.
 OUT_TYPE = Types.ROW_NAMED(["k", "v"], [Types.STRING(), BYTES])
-# State values are the compact JSON text of dump_state / encode_rule_record, typed STRING: PyFlink 2.2's
-# THREAD-mode state converter turns PRIMITIVE_ARRAY(BYTE) values into tuples of ints, and fails on the
-# null of a key without state.
+# Broadcast state values are the compact JSON text of encode_rule_record, typed STRING (see
+# connectors.flink.string_value_state for why).
 RULES_STATE = MapStateDescriptor(RULES_STATE_NAME, Types.STRING(), Types.STRING())
 #: Bound of the per-subtask cache of registered (user, time) timers.
 PENDING_TIMER_CACHE = 200_000
 
 
-class TriggersSettings(DispatchSettings):
-    """Settings of the triggers job: :class:`jobs.dispatch.DispatchSettings` (webhooks, rules file,
-    allowlist, every :class:`connectors.flink.JobSettings` field) plus the ones below.
+class TriggersSettings(Settings):
+    """Options of rule evaluation (webhook delivery is :class:`connectors.dispatch.DispatchSettings`).
 
-    ``group_id`` (``--group-id``) is the Flink source's consumer group (default ``clickpulse-triggers``).
+    The Flink source's consumer group is ``--group-id`` (default ``clickpulse-triggers``).
     """
 
     dispatch: bool = Field(True, alias="CLICKPULSE_TRIGGERS_DISPATCH")
@@ -94,7 +98,7 @@ class TriggersSettings(DispatchSettings):
     dispatch_group_id: str = Field("", alias="CLICKPULSE_DISPATCH_GROUP_ID")
     """``CLICKPULSE_DISPATCH_GROUP_ID``: consumer group of the in-process dispatch loop (default
     ``clickpulse-dispatch``, or ``<group-id>-dispatch`` when ``--group-id`` is given)."""
-    out_of_orderness_ms: int = Field(2000, alias="CLICKPULSE_TRIGGERS_OUT_OF_ORDERNESS_MS")
+    out_of_orderness_ms: int = Field(2000, alias="CLICKPULSE_TRIGGERS_OUT_OF_ORDERNESS_MS", ge=0)
     """``CLICKPULSE_TRIGGERS_OUT_OF_ORDERNESS_MS`` / ``--out-of-orderness-ms``: watermark delay behind the
     newest event time per partition; sequence rules fire this much after their deadline (default 2000)."""
     read_uncommitted: bool = Field(False, alias="CLICKPULSE_TRIGGERS_READ_UNCOMMITTED")
@@ -103,17 +107,17 @@ class TriggersSettings(DispatchSettings):
     event → webhook latency; the price: after an ingest failure the aborted records were already
     evaluated, and a replay that enriches an event differently (e.g. a changed identity) can fire an
     action for a record that is never committed. Actions stay at-least-once with the same ids."""
-    idle_timeout_ms: int = Field(2000, alias="CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS")
+    idle_timeout_ms: int = Field(2000, alias="CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS", gt=0)
     """``CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS``: a source partition without records for this long stops
     holding the watermark back (default 2000)."""
-    watermark_interval_ms: int = Field(200, alias="CLICKPULSE_TRIGGERS_WATERMARK_INTERVAL_MS")
+    watermark_interval_ms: int = Field(200, alias="CLICKPULSE_TRIGGERS_WATERMARK_INTERVAL_MS", gt=0)
     """``CLICKPULSE_TRIGGERS_WATERMARK_INTERVAL_MS``: how often watermarks are emitted (default 200)."""
-    buffer_timeout_ms: int = Field(5, alias="CLICKPULSE_TRIGGERS_BUFFER_TIMEOUT_MS")
+    buffer_timeout_ms: int = Field(5, alias="CLICKPULSE_TRIGGERS_BUFFER_TIMEOUT_MS", ge=0)
     """``CLICKPULSE_TRIGGERS_BUFFER_TIMEOUT_MS``: longest time a record waits in a network buffer between
     operators (Flink's default is 100; default 5)."""
-    bundle_size: int = Field(100, alias="CLICKPULSE_TRIGGERS_BUNDLE_SIZE")
+    bundle_size: int = Field(100, alias="CLICKPULSE_TRIGGERS_BUNDLE_SIZE", gt=0)
     """``CLICKPULSE_TRIGGERS_BUNDLE_SIZE``: Python bundle size, PROCESS mode only (default 100)."""
-    bundle_time_ms: int = Field(5, alias="CLICKPULSE_TRIGGERS_BUNDLE_TIME_MS")
+    bundle_time_ms: int = Field(5, alias="CLICKPULSE_TRIGGERS_BUNDLE_TIME_MS", gt=0)
     """``CLICKPULSE_TRIGGERS_BUNDLE_TIME_MS``: Python bundle time, PROCESS mode only (default 5)."""
     state_backend: str = Field("rocksdb", alias="CLICKPULSE_TRIGGERS_STATE_BACKEND")
     """``CLICKPULSE_TRIGGERS_STATE_BACKEND``: ``rocksdb`` (default: state on local disk, incremental
@@ -122,20 +126,54 @@ class TriggersSettings(DispatchSettings):
     """``CLICKPULSE_TRIGGERS_TIMER_SERVICE``: where event-time timers live, ``heap`` (default: a timer
     registration is a hash-set insert; checkpointed with the keyed state, ~100 bytes per pending timer)
     or ``rocksdb`` (off-heap, for many millions of users with pending timers)."""
-    python_execution_mode: str = Field("thread", alias="CLICKPULSE_PYTHON_EXECUTION_MODE")
-    """``CLICKPULSE_PYTHON_EXECUTION_MODE``: ``thread`` (embedded in the JVM, default) or ``process``."""
-    state_ttl_s: int = Field(100 * 86_400, alias="CLICKPULSE_TRIGGERS_STATE_TTL_S")
-    """``CLICKPULSE_TRIGGERS_STATE_TTL_S``: a user's rule state is dropped this long after its last change
+    state_ttl_ms: int = Field(100 * 86_400_000, alias="CLICKPULSE_TRIGGERS_STATE_TTL_MS", ge=0)
+    """``CLICKPULSE_TRIGGERS_STATE_TTL_MS``: a user's rule state is dropped this long after its last change
     (processing time); 0 disables. Keep it above the longest ``remember_for`` / cooldown / ``once`` horizon
-    (default 8640000 = 100 days, above the default 90-day ``remember_for``)."""
+    (default 8640000000 = 100 days, above the default 90-day ``remember_for``)."""
     event_filter: str = Field("none", alias="CLICKPULSE_TRIGGERS_EVENT_FILTER")
     """``CLICKPULSE_TRIGGERS_EVENT_FILTER`` / ``--event-filter``: JVM pre-filter on the event name:
     ``none`` (default: every event reaches Python, rules may change freely), ``auto`` (the events the
     rules at submission use) or a comma-separated list. Rules loaded later that need other events are
     refused loudly (log + ``rules_outside_filter`` counter) and need a restart."""
-    rules_snapshot_timeout_s: float = Field(30.0, alias="CLICKPULSE_TRIGGERS_RULES_SNAPSHOT_TIMEOUT_S")
-    """``CLICKPULSE_TRIGGERS_RULES_SNAPSHOT_TIMEOUT_S``: how long the driver may take to read the rules
-    topic before submitting (default 30)."""
+    rules_snapshot_timeout_ms: int = Field(
+        30_000, alias="CLICKPULSE_TRIGGERS_RULES_SNAPSHOT_TIMEOUT_MS", gt=0
+    )
+    """``CLICKPULSE_TRIGGERS_RULES_SNAPSHOT_TIMEOUT_MS``: how long the driver may take to read the rules
+    topic before submitting (default 30000)."""
+
+
+def add_triggers_args(p: argparse.ArgumentParser) -> None:
+    """The triggers job's own command-line options (plus the dispatch ones)."""
+    add_dispatch_args(p)
+    p.add_argument(
+        "--no-dispatch",
+        dest="dispatch",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not deliver webhooks from this process (run `clickpulse run dispatch` instead)",
+    )
+    p.add_argument("--out-of-orderness-ms", type=int, default=None, help="watermark delay (default 2000)")
+    p.add_argument(
+        "--event-filter", default=None, help="none (default), auto, or event names, comma-separated"
+    )
+
+
+@dataclass(frozen=True)
+class TriggersJobSettings:
+    """Everything the triggers job reads: the areas it is composed of."""
+
+    connections: Connections
+    consumer: ConsumerSettings
+    flink: FlinkSettings
+    triggers: TriggersSettings
+    dispatch: DispatchSettings
+
+    def dispatch_group(self) -> str:
+        """Consumer group of the in-process dispatch loop."""
+        if self.triggers.dispatch_group_id:
+            return self.triggers.dispatch_group_id
+        return f"{self.consumer.group_id}-dispatch" if self.consumer.group_id else "clickpulse-dispatch"
 
 
 # ------------------------------------------------------------------------------ process function
@@ -193,9 +231,6 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         """Create the state handle (with TTL), the initial rules and the counters."""
-        from pyflink.common.time import Time
-        from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
-
         from udfs import triggers
         from udfs.rules import Allowlist
 
@@ -203,23 +238,19 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         c = self.config
         self.t = triggers
-        descriptor = ValueStateDescriptor(USER_STATE_NAME, Types.STRING())
-        if c.state_ttl_ms > 0:
-            descriptor.enable_time_to_live(
-                StateTtlConfig.new_builder(Time.milliseconds(c.state_ttl_ms))
-                .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
-                .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
-                .build()
-            )
-        self.state = runtime_context.get_state(descriptor)
-        group = runtime_context.get_metrics_group().add_group("clickpulse")
-        self.metrics = {name: group.counter(f"triggers_{name}") for name in COUNTERS}
-        self.totals = dict.fromkeys(COUNTERS, 0)
-        self.flushed = dict.fromkeys(COUNTERS, 0)
-        self.next_flush = 0.0
+        self.state = runtime_context.get_state(string_value_state(USER_STATE_NAME, c.state_ttl_ms))
+        self.counters = OperatorCounters(
+            runtime_context,
+            "triggers",
+            COUNTERS,
+            label=JOB,
+            log_interval_s=c.log_interval_s,
+            flush_s=0.5,
+            shared=RULE_COUNTERS,
+        )
+        self.totals = self.counters.totals
+        self.subtask = self.counters.subtask
         self.pending_timers: dict[tuple[str, int], None] = {}
-        self.subtask = _subtask_index(runtime_context)
-        self.next_log = time.monotonic() + c.log_interval_s
         self.allowlist = Allowlist.parse(c.allowlist)
         self.records = c.snapshot_records()
         self.errors: dict[str, str] = {}
@@ -335,7 +366,7 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
         raw = self.state.value() or ""
         self.totals["timers_fired"] += 1
         if not raw:
-            self._flush_counters()
+            self.counters.maybe_flush()
             return
         state = self.t.load_state(raw.encode())
         self.pending_timers.pop((state.user_key, timestamp), None)
@@ -376,70 +407,14 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
             self.totals["fires"] += len(fires)
         for fire in fires:
             yield Row(fire.user_key, orjson.dumps(fire.to_action()))
-        self._flush_counters()
+        self.counters.maybe_flush()
 
     def _count(self, name: str, n: int) -> None:
         self.totals[name] += n
-        self._flush_counters()
-
-    def _flush_counters(self) -> None:
-        """Push counter deltas to Flink (each call crosses into the JVM: at most every 500 ms) and log."""
-        now = time.monotonic()
-        if now < self.next_flush:
-            return
-        self.next_flush = now + 0.5
-        for name, total in self.totals.items():
-            if self.subtask and name in RULE_COUNTERS:
-                continue  # every subtask sees the same rules: subtask 0 alone reports them
-            delta = total - self.flushed[name]
-            if delta:
-                self.metrics[name].inc(delta)
-                self.flushed[name] = total
-        if now >= self.next_log:
-            self.next_log = now + self.config.log_interval_s
-            log.info("triggers[%d]: %s", self.subtask, " ".join(f"{k}={v}" for k, v in self.totals.items()))
-
-
-def _subtask_index(runtime_context: RuntimeContext) -> int:
-    """This subtask's index. PyFlink 2.2's THREAD-mode context calls a Java method Flink 2 removed, so
-    fall back to the Java ``TaskInfo`` (only used to label log lines)."""
-    try:
-        return int(runtime_context.get_index_of_this_subtask())
-    except Exception:  # noqa: BLE001 - pemja raises its own exception types
-        try:
-            java_context = runtime_context._runtime_context  # noqa: SLF001
-            return int(java_context.getTaskInfo().getIndexOfThisSubtask())
-        except Exception:  # noqa: BLE001
-            return 0
+        self.counters.maybe_flush()
 
 
 # ---------------------------------------------------------------------------------------- wiring
-
-
-def key_by_first_field(t_env: Any, table: Any, row_type: Any) -> Any:
-    """A ``KeyedStream`` of ``table`` = ``(key STRING, payload)``, keyed in the JVM; the keyed Python
-    function gets ``payload``.
-
-    ``DataStream.key_by`` runs a Python operator before the shuffle only to compute the key, which here
-    is already a column: a second Python call per event, for nothing. This applies the Java
-    ``KeyByKeySelector`` PyFlink uses behind that operator straight to the SQL stream (typed as the
-    plain ``RowTypeInfo`` PyFlink's keyed operators read). Same trick as ``jobs/sessionize.py``.
-    """
-    from pyflink.datastream.data_stream import KeyedStream
-    from pyflink.java_gateway import get_gateway
-
-    typed = t_env.to_append_stream(table, row_type)
-    key_type = Types.ROW([row_type.get_field_types()[0]]).get_java_type_info()
-    j_keyed = typed._j_data_stream.keyBy(get_gateway().jvm.KeyByKeySelector(), key_type)
-    return KeyedStream(j_keyed, row_type.get_field_types()[1], typed)
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _seconds(ms: int) -> str:
-    return f"INTERVAL '{ms / 1000:.3f}' SECOND"
 
 
 def event_filter_sql(names: frozenset[str] | None) -> str:
@@ -448,7 +423,7 @@ def event_filter_sql(names: frozenset[str] | None) -> str:
         return ""
     if not names:
         return " WHERE FALSE"
-    listed = ", ".join(_quote(n) for n in sorted(names))
+    listed = ", ".join(sql_string(n) for n in sorted(names))
     return f" WHERE JSON_VALUE(CAST(v AS STRING), '$.event') IN ({listed})"
 
 
@@ -463,37 +438,38 @@ def resolve_event_filter(setting: str, rules: Rules) -> frozenset[str] | None:
     return frozenset(n.strip() for n in text.split(",") if n.strip())
 
 
-def flink_options(s: TriggersSettings) -> dict[str, str]:
+def flink_options(s: TriggersJobSettings) -> dict[str, str]:
     """Latency-oriented Flink options of this job (on top of :func:`connectors.flink.flink_config`)."""
+    t = s.triggers
     return {
-        "python.execution-mode": s.python_execution_mode,
-        "python.fn-execution.bundle.size": str(s.bundle_size),
-        "python.fn-execution.bundle.time": str(s.bundle_time_ms),
-        "execution.buffer-timeout.interval": f"{s.buffer_timeout_ms} ms",
-        "pipeline.auto-watermark-interval": f"{s.watermark_interval_ms} ms",
-        "table.exec.source.idle-timeout": f"{s.idle_timeout_ms} ms",
-        "state.backend.type": s.state_backend,
-        "state.backend.rocksdb.timer-service.factory": s.timer_service.upper(),
+        **python_operator_options(s.flink),
+        "python.fn-execution.bundle.size": str(t.bundle_size),
+        "python.fn-execution.bundle.time": str(t.bundle_time_ms),
+        "execution.buffer-timeout.interval": f"{t.buffer_timeout_ms} ms",
+        "pipeline.auto-watermark-interval": f"{t.watermark_interval_ms} ms",
+        "table.exec.source.idle-timeout": f"{t.idle_timeout_ms} ms",
+        "state.backend.type": t.state_backend,
+        "state.backend.rocksdb.timer-service.factory": t.timer_service.upper(),
     }
 
 
-def build(t_env: Any, s: TriggersSettings, config: FunctionConfig) -> Any:
-    """Declare sources, the keyed trigger operator and the actions sink; return the statement set."""
-    group_id = s.group_id or f"clickpulse-{JOB}"
-    low_latency_fetch = {"properties.fetch.min.bytes": "1", "properties.fetch.max.wait.ms": "100"}
-    create_table(
+#: Kafka fetch settings of the triggers sources: hand records over at once instead of batching.
+LOW_LATENCY_FETCH = {"properties.fetch.min.bytes": "1", "properties.fetch.max.wait.ms": "100"}
+
+
+def create_sources(t_env: Any, s: TriggersJobSettings) -> None:
+    """The ``enriched_events`` and ``rule_records`` source tables of the triggers job."""
+    group_id = s.consumer.group(JOB)
+    create_enriched_source(
         t_env,
         "enriched_events",
-        f"""  k STRING,
-  v BYTES,
-  kafka_ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
-  event_time AS COALESCE(
-    TO_TIMESTAMP_LTZ(CAST(JSON_VALUE(CAST(v AS STRING), '$.event_time_ms') AS BIGINT), 3), kafka_ts),
-  WATERMARK FOR event_time AS event_time - {_seconds(s.out_of_orderness_ms)}""",
-        {
-            **kafka_source_options(s, s.topic("events.enriched"), group_id, key_fields="k"),
-            **low_latency_fetch,
-            **({"properties.isolation.level": "read_uncommitted"} if s.read_uncommitted else {}),
+        s.connections,
+        s.consumer,
+        group_id,
+        out_of_orderness_ms=s.triggers.out_of_orderness_ms,
+        extra={
+            **LOW_LATENCY_FETCH,
+            **({"properties.isolation.level": "read_uncommitted"} if s.triggers.read_uncommitted else {}),
         },
     )
     create_table(
@@ -506,87 +482,75 @@ def build(t_env: Any, s: TriggersSettings, config: FunctionConfig) -> Any:
   epoch AS TO_TIMESTAMP_LTZ(0, 3),
   WATERMARK FOR epoch AS epoch""",
         {
-            **kafka_source_options(s, s.topic("rules"), f"{group_id}-rules", key_fields="k"),
+            **kafka_source_options(
+                s.connections, s.consumer, s.connections.topic("rules"), f"{group_id}-rules", key_fields="k"
+            ),
             # the whole compacted topic every time: replayed records are older than the driver's
             # snapshot or the broadcast state and change nothing ("newest offset wins")
             "scan.startup.mode": "earliest-offset",
-            **low_latency_fetch,
+            **LOW_LATENCY_FETCH,
         },
     )
-    create_table(
-        t_env,
-        "actions_sink",
-        "  k STRING,\n  v BYTES",
-        {
-            **kafka_sink_options(s, s.topic("actions"), f"{group_id}-actions", exactly_once=False),
-            "properties.linger.ms": "0",
-        },
+
+
+def build(t_env: Any, events: Any, rule_records: Any, config: FunctionConfig) -> Any:
+    """The triggers part of the graph: ``events`` (``k`` user_key, ``v`` the enriched event's JSON, with
+    an event-time attribute and watermarks) and ``rule_records`` (``k`` rule id, ``v`` rule JSON or NULL,
+    ``partition``, ``offset``) -> actions, a ``(k STRING, v BYTES)`` table keyed by user_key."""
+    t_env.create_temporary_view("triggers_events", events)
+    t_env.create_temporary_view("triggers_rule_records", rule_records)
+    keyed_rows = t_env.sql_query(
+        f"SELECT {ENRICHED_USER_KEY_SQL} AS k, v FROM triggers_events" + event_filter_sql(config.event_filter)
     )
-    events = t_env.sql_query(
-        "SELECT COALESCE(k, JSON_VALUE(CAST(v AS STRING), '$.user_key'), '') AS k, v FROM enriched_events"
-        + event_filter_sql(config.event_filter)
+    rules = t_env.sql_query(
+        "SELECT k, v, `partition`, `offset` FROM triggers_rule_records WHERE k IS NOT NULL"
     )
-    rule_records = t_env.sql_query("SELECT k, v, `partition`, `offset` FROM rule_records WHERE k IS NOT NULL")
-    keyed = key_by_first_field(t_env, events, EVENT_TYPE)
-    broadcast = t_env.to_data_stream(rule_records).broadcast(RULES_STATE)
+    broadcast = t_env.to_data_stream(rules).broadcast(RULES_STATE)
     actions = (
-        keyed.connect(broadcast)
+        key_by_first_field(t_env, keyed_rows, BYTES)
+        .connect(broadcast)
         .process(TriggerFunction(config), output_type=OUT_TYPE)
         .uid(UID_TRIGGERS)
         .name("triggers")
     )
-    t_env.create_temporary_view("action_records", t_env.from_data_stream(actions))
-    statements = t_env.create_statement_set()
-    statements.add_insert_sql("INSERT INTO actions_sink SELECT k, v FROM action_records")
-    return statements
+    return t_env.from_data_stream(actions)
 
 
-def parse_args(argv: Sequence[str] | None) -> TriggersSettings:
-    """Settings from the environment (and ``.clickpulse/stack.env``) overridden by the command line."""
-    from connectors.settings import by_alias, home_dir
-
-    p = argparse.ArgumentParser(prog="jobs.triggers", description=__doc__.splitlines()[0])
-    add_common_args(p)
-    add_dispatch_args(p)
-    p.add_argument(
-        "--no-dispatch",
-        dest="dispatch",
-        action="store_const",
-        const=False,
-        default=None,
-        help="do not deliver webhooks from this process (run `clickpulse run dispatch` instead)",
-    )
-    p.add_argument("--out-of-orderness-ms", type=int, default=None, help="watermark delay (default 2000)")
-    p.add_argument(
-        "--event-filter", default=None, help="none (default), auto, or event names, comma-separated"
-    )
-    args = p.parse_args(list(argv) if argv is not None else None)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    env_file = home_dir() / "stack.env"
-    return TriggersSettings(
-        _env_file=env_file if env_file.is_file() else None, **by_alias(TriggersSettings, overrides)
-    )
-
-
-def embedded_python_path() -> None:
-    """Let the JVM-embedded interpreter (THREAD mode, pemja) import this repo and this venv's packages.
-
-    PyFlink starts the JVM from this process, so it inherits ``PYTHONPATH``; the embedded interpreter
-    builds its ``sys.path`` from it.
-    """
-    paths = [str(REPO_ROOT), sysconfig.get_paths()["purelib"]]
-    existing = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([existing] if existing else [])])
-
-
-def _warn_missing_secrets(rules: Rules, s: TriggersSettings, environ: Mapping[str, str]) -> None:
+def _warn_missing_secrets(rules: Rules, s: TriggersJobSettings, environ: Mapping[str, str]) -> None:
     from connectors.webhook import destination_for
 
     for rule in rules.active():
         try:
-            destination_for(rule, environ, default_secret_env=s.webhook_secret_env)
+            destination_for(rule, environ, default_secret_env=s.dispatch.webhook_secret_env)
         except RuleError as exc:
-            log.warning("%s: its actions will go to %s", exc, s.topic("actions.dlq"))
+            log.warning("%s: its actions will go to %s", exc, s.connections.topic("actions.dlq"))
+
+
+def function_config(s: TriggersJobSettings, file_rules: list[Rule]) -> FunctionConfig:
+    """Read the rules topic once (so the first events already see today's rules) and make the keyed
+    function's configuration."""
+    snapshot = read_rule_records(
+        s.connections.kafka_bootstrap_servers,
+        s.connections.topic("rules"),
+        timeout_s=s.triggers.rules_snapshot_timeout_ms / 1000,
+    )
+    rules, errors = effective_rules(file_rules, snapshot, s.dispatch.allowlist())
+    for rule_id, err in errors.items():
+        log.error("rule %s from the rules topic refused: %s", rule_id, err)
+    log.info("rules at start: %s", ", ".join(r.id for r in rules) or "(none)")
+    event_filter = resolve_event_filter(s.triggers.event_filter, rules)
+    if event_filter is not None:
+        log.info("JVM pre-filter on event names: %s", ", ".join(sorted(event_filter)))
+    if s.triggers.dispatch:
+        _warn_missing_secrets(rules, s, os.environ)
+    return FunctionConfig(
+        file_rules=tuple(file_rules),
+        snapshot=tuple((rid, r.partition, r.offset, r.value) for rid, r in snapshot.items()),
+        allowlist=tuple(s.dispatch.webhook_allowlist.split(",")),
+        event_filter=event_filter,
+        state_ttl_ms=s.triggers.state_ttl_ms,
+        log_interval_s=s.consumer.log_interval_ms / 1000,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -597,100 +561,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     dispatch loop stops once those actions are settled.
     """
     from connectors.actions import ActionDispatch
-    from connectors.flink_metrics import CounterLogger
 
     setup_logging()
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    settings = parse_args(argv)
-    allowlist = settings.allowlist()
+    s = compose(TriggersJobSettings, environment(), job_options(JOB, argv, add_triggers_args))
     try:
-        file_rules = settings.file_rules()
+        file_rules = s.dispatch.file_rules()
     except (RuleError, OSError) as exc:
         log.error("rules file: %s", exc)
         return 2
-    snapshot = read_rule_records(
-        settings.kafka_bootstrap_servers, settings.topic("rules"), timeout_s=settings.rules_snapshot_timeout_s
+    config = function_config(s, file_rules)
+    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=flink_options(s))
+    create_sources(t_env, s)
+    actions = build(t_env, t_env.from_path("enriched_events"), t_env.from_path("rule_records"), config)
+    create_table(
+        t_env,
+        "actions_sink",
+        "  k STRING,\n  v BYTES",
+        {
+            **kafka_sink_options(
+                s.connections,
+                s.flink,
+                s.connections.topic("actions"),
+                f"{s.consumer.group(JOB)}-actions",
+                exactly_once=False,
+            ),
+            "properties.linger.ms": "0",
+        },
     )
-    rules, errors = effective_rules(file_rules, snapshot, allowlist)
-    for rule_id, err in errors.items():
-        log.error("rule %s from the rules topic refused: %s", rule_id, err)
-    log.info("rules at start: %s", ", ".join(r.id for r in rules) or "(none)")
-    event_filter = resolve_event_filter(settings.event_filter, rules)
-    if event_filter is not None:
-        log.info("JVM pre-filter on event names: %s", ", ".join(sorted(event_filter)))
-    if settings.dispatch:
-        _warn_missing_secrets(rules, settings, os.environ)
-    config = FunctionConfig(
-        file_rules=tuple(file_rules),
-        snapshot=tuple((rid, r.partition, r.offset, r.value) for rid, r in snapshot.items()),
-        allowlist=tuple(settings.webhook_allowlist.split(",")),
-        event_filter=event_filter,
-        state_ttl_ms=settings.state_ttl_s * 1000,
-        log_interval_s=settings.log_interval_s,
-    )
-    if settings.python_execution_mode == "thread":
-        embedded_python_path()
-    _, t_env = create_table_env(JOB, settings, extra=flink_options(settings))
-    statements = build(t_env, settings, config)
+    statements = t_env.create_statement_set()
+    statements.add_insert("actions_sink", actions)
 
     stop = threading.Event()
     stop_on_signals(stop)
-    group_id = settings.group_id or f"clickpulse-{JOB}"
-    log.info("submitting %s (group %s)", JOB, group_id)
-    result = statements.execute()
-    if submitted_detached(JOB, result, t_env):  # `flink run --detached`: the job runs on without us
-        if settings.dispatch:
+    drain = threading.Event()
+    dispatcher: threading.Thread | None = None
+    if s.triggers.dispatch:
+        dispatch_config = s.dispatch.dispatch_config(s.connections, s.consumer, s.dispatch_group())
+        dispatch = ActionDispatch(dispatch_config, file_rules, os.environ)
+        dispatcher = threading.Thread(target=dispatch.run, args=(stop, drain), name="dispatch", daemon=True)
+    log.info("submitting %s (group %s)", JOB, s.consumer.group(JOB))
+    outcome = run_job(
+        JOB,
+        statements,
+        t_env,
+        s.flink,
+        s.consumer.log_interval_ms,
+        stop=stop,
+        on_submitted=dispatcher.start if dispatcher is not None else None,
+    )
+    if outcome == "detached":  # `flink run --detached`: the job runs on without us
+        if s.triggers.dispatch:
             log.warning("detached submission: deliver webhooks with `clickpulse run dispatch`")
         return 0
-    job_done = threading.Event()
-    failure: list[BaseException] = []
-
-    def wait_job() -> None:
-        try:
-            result.wait()
-        except Exception as exc:  # noqa: BLE001 - reported by main()
-            failure.append(exc)
-        finally:
-            job_done.set()
-
-    threading.Thread(target=wait_job, name="triggers-job", daemon=True).start()
-    rest = settings.flink_rest_url
-    if not rest and "PYFLINK_GATEWAY_PORT" not in os.environ:
-        rest = f"http://127.0.0.1:{t_env.get_config().get('rest.port', '')}"
-    counters = CounterLogger(JOB, rest, settings.log_interval_s) if rest else None
-    if counters is not None:
-        log.info("Flink REST API (metrics, job status) at %s", rest)
-        counters.start()
-    dispatcher: threading.Thread | None = None
-    drain = threading.Event()
-    if settings.dispatch:
-        dispatch_group = settings.dispatch_group_id or (
-            f"{settings.group_id}-dispatch" if settings.group_id else "clickpulse-dispatch"
-        )
-        dispatch = ActionDispatch(settings.dispatch_config(dispatch_group), file_rules, os.environ)
-        dispatcher = threading.Thread(target=dispatch.run, args=(stop, drain), name="dispatch", daemon=True)
-        dispatcher.start()
-    while not stop.is_set() and not job_done.is_set():
-        stop.wait(0.5)
-    if job_done.is_set() and not failure and settings.bounded:
+    if outcome == "finished" and s.consumer.bounded:
         drain.set()  # let the dispatch loop settle what the bounded run produced, then stop
-    elif not job_done.is_set():
-        log.info("cancelling the Flink job")
-        try:
-            result.get_job_client().cancel().result(30)
-        except Exception as exc:  # noqa: BLE001 - the JVM may already be gone (SIGTERM to the group)
-            log.debug("cancel: %s", exc)
-        stop.set()
     else:
         stop.set()
     if dispatcher is not None:
-        dispatcher.join(timeout=settings.dispatch_shutdown_s + 30)
-    if counters is not None:
-        counters.stop()
-    if failure:
-        log.error("triggers job failed: %s", failure[0])
-        return 1
-    return 0
+        dispatcher.join(timeout=s.dispatch.dispatch_shutdown_ms / 1000 + 30)
+    return 1 if outcome == "failed" else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from connectors.settings import environment
 from devstack import configdoc
 
 pytestmark = [
@@ -98,16 +99,30 @@ def test_a_variable_shared_by_several_classes_has_one_default(docs: list[configd
     assert not disagree
 
 
-def test_subclasses_name_what_they_inherit(docs: list[configdoc.SettingsDoc]) -> None:
-    inherits = {doc.name: [base.__name__ for base in doc.inherits] for doc in docs}
-    assert inherits["Connections"] == []
-    assert inherits["IngestSettings"] == ["JobSettings"]
-    assert inherits["TriggersSettings"] == ["DispatchSettings", "JobSettings"]
+def test_each_job_is_composed_of_documented_areas(docs: list[configdoc.SettingsDoc]) -> None:
+    areas = {job: [a.__name__ for a in classes] for job, classes in configdoc.job_areas()}
+    common = ["Connections", "ConsumerSettings"]
+    assert areas["ingest"] == [*common, "FlinkSettings", "IngestSettings"]
+    assert areas["sessionize"] == [*common, "FlinkSettings", "SessionizeSettings"]
+    assert areas["triggers"] == [*common, "FlinkSettings", "TriggersSettings", "DispatchSettings"]
+    assert areas["dispatch"] == [*common, "DispatchSettings"]
+    assert areas["load"] == [*common, "LoadSettings"]
+    documented = {doc.cls for doc in docs}
+    assert all(a in documented for _, classes in configdoc.job_areas() for a in classes)
     text = configdoc.render_markdown()
-    assert "Also: the `JobSettings` options." in text
-    assert "Also: the `DispatchSettings` and `JobSettings` options." in text
-    ingest = next(doc for doc in docs if doc.name == "IngestSettings")
-    assert "kafka_bootstrap_servers" not in {s.field for s in ingest.settings}
+    assert "| `ingest` | `Connections`, `ConsumerSettings`, `FlinkSettings`, `IngestSettings` |" in text
+    # every connection field is declared once, in Connections
+    owners: dict[str, list[str]] = {}
+    for doc, s in _all_settings(docs):
+        owners.setdefault(s.env_var, []).append(doc.name)
+    assert owners["KAFKA_BOOTSTRAP_SERVERS"] == ["Connections"]
+    assert owners["CLICKPULSE_TOPIC_PREFIX"] == ["Connections"]
+
+
+def test_renamed_variables_are_listed() -> None:
+    text = configdoc.render_markdown()
+    assert "| `CLICKPULSE_SESSION_GAP_S` | `CLICKPULSE_SESSIONIZE_GAP_MS` (seconds → milliseconds) |" in text
+    assert "| `CLICKPULSE_GROUP_ID` | `CLICKPULSE_JOB_GROUP_ID` |" in text
 
 
 # --------------------------------------------------------------- the variables really set the fields
@@ -141,7 +156,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, docs: list[configdoc.SettingsDoc
 
 
 def test_each_documented_variable_sets_its_field(
-    docs: list[configdoc.SettingsDoc], monkeypatch: pytest.MonkeyPatch
+    docs: list[configdoc.SettingsDoc], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     _clean_env(monkeypatch, docs)
     for doc in docs:
@@ -150,14 +165,14 @@ def test_each_documented_variable_sets_its_field(
             raw, expected = _probe(info, info.get_default(call_default_factory=True, validated_data={}))
             with monkeypatch.context() as m:
                 m.setenv(s.env_var, raw)
-                value = getattr(doc.cls(), s.field)
+                value = getattr(doc.cls.from_env(environment(state_dir=tmp_path)), s.field)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             assert value == expected, f"{doc.name}.{s.field}: {s.env_var}={raw} gave {value!r}"
 
 
 def test_no_undocumented_variable_sets_a_field(
-    docs: list[configdoc.SettingsDoc], monkeypatch: pytest.MonkeyPatch
+    docs: list[configdoc.SettingsDoc], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     _clean_env(monkeypatch, docs)
     leaks = []
@@ -170,7 +185,7 @@ def test_no_undocumented_variable_sets_a_field(
             raw, expected = _probe(info, info.get_default(call_default_factory=True, validated_data={}))
             with monkeypatch.context() as m:
                 m.setenv(bare, raw)
-                value = getattr(doc.cls(), s.field)
+                value = getattr(doc.cls.from_env(environment(state_dir=tmp_path)), s.field)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             if value == expected:
@@ -220,14 +235,14 @@ def test_field_rendering() -> None:
 
 def test_real_settings_rendering(docs: list[configdoc.SettingsDoc]) -> None:
     text = configdoc.render_markdown()
-    row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_STARTING_OFFSETS`"))
+    row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_JOB_STARTING_OFFSETS`"))
     assert "`earliest` / `latest` / `committed`" in row and "| `committed` |" in row
     row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_LOAD_BATCH_MAX_ROWS`"))
     assert "| int > 0 | `20000` |" in row
-    row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_CHECKPOINT_DIR`"))
+    row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_FLINK_CHECKPOINT_DIR`"))
     assert "| path, optional | unset |" in row
     row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_TOPIC_PARTITIONS`"))
-    assert "| `4` |" in row  # validation_alias on a class with env_prefix
+    assert "| `4` |" in row
 
 
 # ---------------------------------------------------------------------------------------- the CLI
