@@ -379,7 +379,7 @@ def test_every_flink_deployment_upgrades_with_savepoints_on_s3() -> None:
 
 
 def test_every_flink_job_runs_at_the_parallelism_of_its_spec() -> None:
-    """The job's own CLICKPULSE_FLINK_PARALLELISM becomes parallelism.default and wins: it must equal the spec."""
+    """The job's CLICKPULSE_FLINK_PARALLELISM becomes parallelism.default and wins: it must equal the spec."""
     for doc in of_kind("FlinkDeployment"):
         name = doc["metadata"]["name"]
         parallelism = doc["spec"]["job"]["parallelism"]
@@ -674,7 +674,9 @@ def test_rendered_flink_jobs_keep_parallelism_and_env_equal(
             if doc["kind"] != "FlinkDeployment":
                 continue
             (main,) = [c for c in containers(doc) if c["name"] == "flink-main-container"]
-            assert env_value(main, "CLICKPULSE_FLINK_PARALLELISM") == str(doc["spec"]["job"]["parallelism"]), rel
+            assert env_value(main, "CLICKPULSE_FLINK_PARALLELISM") == str(
+                doc["spec"]["job"]["parallelism"]
+            ), rel
             assert ":" in doc["spec"]["image"], (
                 f"{rel}: the image transformer missed {doc['metadata']['name']}"
             )
