@@ -18,9 +18,9 @@ Plan:
    every pending sequence deadline at once. After a rule record, timers wait until the rules source is
    idle again (``idle_timeout_ms``).
 3. :class:`TriggerFunction`, a ``KeyedBroadcastProcessFunction`` keyed by user_key, in Python THREAD
-   mode (embedded in the JVM by pemja): one ``ValueState`` per user (``udfs.triggers.dump_state``,
-   with a TTL), event-time timers from the pure reducer :func:`udfs.triggers.step` /
-   :func:`udfs.triggers.on_timer`, and the rule records in broadcast state. The rules in force are the
+   mode (embedded in the JVM by pemja): one ``ValueState`` per user (``udfs.rules.dump_state``,
+   with a TTL), event-time timers from the pure reducer :func:`udfs.rules.step` /
+   :func:`udfs.rules.on_timer`, and the rule records in broadcast state. The rules in force are the
    ``--rules`` file overlaid by the topic, "newest offset wins" (:mod:`connectors.actions`); the driver
    reads the topic once before submitting, so the first events already see today's rules.
 4. Actions -> ``actions`` (key user_key, value the action JSON), at-least-once (no transactions: an
@@ -196,13 +196,12 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
         from pyflink.common.time import Time
         from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
-        from udfs import triggers
-        from udfs.rules import Allowlist
+        from udfs.rules import Allowlist, evaluate
 
         if not logging.getLogger().handlers:  # the embedded interpreter has no logging set up
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         c = self.config
-        self.t = triggers
+        self.t = evaluate
         descriptor = ValueStateDescriptor(USER_STATE_NAME, Types.STRING())
         if c.state_ttl_ms > 0:
             descriptor.enable_time_to_live(

@@ -24,7 +24,7 @@ from typing import Any, TypeAlias
 import orjson
 
 from udfs.event import EventError, EventHeader
-from udfs.rules import (
+from udfs.rules.definition import (
     CountWhen,
     EventMatcher,
     ReturningWhen,
