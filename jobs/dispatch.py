@@ -28,8 +28,8 @@ from pydantic import Field
 
 from connectors.actions import ActionDispatch, DispatchConfig
 from connectors.flink import JobSettings, StartingOffsets, add_common_args, setup_logging
-from connectors.webhook import DEFAULT_SECRET_ENV, RetryPolicy
-from udfs.rules import Allowlist, Rule, load_rules_file
+from connectors.webhook import RetryPolicy
+from udfs.rules import DEFAULT_SECRET_ENV, Allowlist, Rule, load_rules_file
 
 log = logging.getLogger("clickpulse.dispatch")
 

@@ -21,7 +21,7 @@ Plan:
    mode (embedded in the JVM by pemja): one ``ValueState`` per user (``udfs.rules.dump_state``,
    with a TTL), event-time timers from the pure reducer :func:`udfs.rules.step` /
    :func:`udfs.rules.on_timer`, and the rule records in broadcast state. The rules in force are the
-   ``--rules`` file overlaid by the topic, "newest offset wins" (:mod:`connectors.actions`); the driver
+   ``--rules`` file overlaid by the topic, "newest offset wins" (:mod:`udfs.rules.book`); the driver
    reads the topic once before submitting, so the first events already see today's rules.
 4. Actions -> ``actions`` (key user_key, value the action JSON), at-least-once (no transactions: an
    action is readable as soon as it is written, not at the next checkpoint).
@@ -47,7 +47,7 @@ from pyflink.common import Row, Types
 from pyflink.datastream import KeyedBroadcastProcessFunction, RuntimeContext
 from pyflink.datastream.state import MapStateDescriptor
 
-from connectors.actions import RuleRecord, effective_rules, read_rule_records
+from connectors.actions import read_rule_records
 from connectors.flink import (
     REPO_ROOT,
     add_common_args,
@@ -59,7 +59,7 @@ from connectors.flink import (
     submitted_detached,
 )
 from jobs.dispatch import DispatchSettings, add_dispatch_args, stop_on_signals
-from udfs.rules import Rule, RuleError, Rules
+from udfs.rules import Rule, RuleError, RuleRecord, Rules, effective_rules, resolve_event_filter
 
 log = logging.getLogger("clickpulse.triggers")
 
@@ -232,7 +232,7 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
     # -- rules -------------------------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        from connectors.actions import effective_rules
+        from udfs.rules import effective_rules
 
         rules, errors = effective_rules(self.config.file_rules, self.records, self.allowlist)
         for rule_id, err in errors.items():
@@ -265,7 +265,7 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
 
     def _restore(self, broadcast_state: Any) -> None:
         """Once per subtask: merge records kept in broadcast state (restored from a checkpoint)."""
-        from connectors.actions import decode_rule_record, newer
+        from udfs.rules import decode_rule_record, newer
 
         self.restored = True
         changed = False
@@ -279,7 +279,7 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
 
     def process_broadcast_element(self, value: Row, ctx: Any) -> Iterator[Any]:
         """One ``rules`` topic record: keep it in broadcast state; apply it when newest for its id."""
-        from connectors.actions import encode_rule_record, newer
+        from udfs.rules import encode_rule_record, newer
 
         state = ctx.get_broadcast_state(RULES_STATE)
         if not self.restored:
@@ -451,17 +451,6 @@ def event_filter_sql(names: frozenset[str] | None) -> str:
     return f" WHERE JSON_VALUE(CAST(v AS STRING), '$.event') IN ({listed})"
 
 
-def resolve_event_filter(setting: str, rules: Rules) -> frozenset[str] | None:
-    """``none`` -> no filter; ``auto`` -> the events today's rules use; else the comma-separated names."""
-    text = setting.strip()
-    if text.lower() in ("", "none"):
-        return None
-    if text.lower() == "auto":
-        names = rules.relevant_events()
-        return names if names else None  # no rule yet (or one needing every event): no filter
-    return frozenset(n.strip() for n in text.split(",") if n.strip())
-
-
 def flink_options(s: TriggersSettings) -> dict[str, str]:
     """Latency-oriented Flink options of this job (on top of :func:`connectors.flink.flink_config`)."""
     return {
@@ -579,7 +568,7 @@ def embedded_python_path() -> None:
 
 
 def _warn_missing_secrets(rules: Rules, s: TriggersSettings, environ: Mapping[str, str]) -> None:
-    from connectors.webhook import destination_for
+    from udfs.rules import destination_for
 
     for rule in rules.active():
         try:

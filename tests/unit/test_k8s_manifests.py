@@ -29,9 +29,8 @@ from pydantic import AliasChoices, AliasPath
 from pydantic_settings import BaseSettings
 
 from connectors.settings import CONTRACT_TOPICS
-from connectors.webhook import DEFAULT_SECRET_ENV
 from jobs.cli import JOBS
-from udfs.rules import Allowlist, parse_rules_document
+from udfs.rules import DEFAULT_SECRET_ENV, Allowlist, parse_rules_document
 
 pytestmark = [
     pytest.mark.unit,

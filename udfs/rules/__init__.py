@@ -10,6 +10,11 @@ Import from this package (``from udfs.rules import Rules, step``); the modules s
   implementation must match: :func:`step` / :func:`on_timer` over :class:`UserState`, the
   :class:`Event` it reads, the :class:`Fire` it emits (``action_id`` from :func:`action_id_for`) and
   the keyed-state encoding :func:`dump_state` / :func:`load_state`.
+- :mod:`udfs.rules.book`: the rule book around them. The rules in force (:func:`effective_rules`:
+  the ``--rules`` file overlaid by ``rules`` topic records, :class:`RuleRecord`, "newest offset wins"
+  by :func:`newer`, their broadcast-state encoding), the event names the rules need
+  (:func:`resolve_event_filter`) and where a rule's actions go (:func:`destination_for`: URL, timeout
+  and HMAC secret, read from an environment mapping passed in).
 
 The I/O around them lives elsewhere: ``connectors.actions`` (reading the ``rules`` topic, the dispatch
 loop), ``connectors.webhook`` (signing and HTTP delivery), ``jobs.triggers`` (the Flink operator).
@@ -17,6 +22,17 @@ loop), ``connectors.webhook`` (signing and HTTP delivery), ``jobs.triggers`` (th
 
 from __future__ import annotations
 
+from udfs.rules.book import (
+    DEFAULT_SECRET_ENV,
+    Destination,
+    RuleRecord,
+    decode_rule_record,
+    destination_for,
+    effective_rules,
+    encode_rule_record,
+    newer,
+    resolve_event_filter,
+)
 from udfs.rules.definition import (
     ACTIVITY_EXCLUDED_TYPES,
     LOOPBACK_ONLY,
@@ -97,4 +113,14 @@ __all__ = [
     "load_state",
     "on_timer",
     "step",
+    # book
+    "DEFAULT_SECRET_ENV",
+    "Destination",
+    "RuleRecord",
+    "decode_rule_record",
+    "destination_for",
+    "effective_rules",
+    "encode_rule_record",
+    "newer",
+    "resolve_event_filter",
 ]
