@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ import orjson
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from connectors.webhook import RetryPolicy, WebhookDispatcher, dead_letter_record
+from connectors.webhook import LatencySample, RetryPolicy, WebhookDispatcher, dead_letter_record
 from udfs.rules import (
     DEFAULT_SECRET_ENV,
     LOOPBACK_ONLY,
@@ -278,7 +277,7 @@ class DispatchCounters:
     dead_lettered: int = 0
     unknown_rule: int = 0
     malformed: int = 0
-    fire_to_delivery_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    fire_to_delivery_ms: LatencySample = field(default_factory=LatencySample)
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -506,7 +505,7 @@ class ActionDispatch:
             self.counters.delivered += 1
             if isinstance(fired, str):
                 try:
-                    self.counters.fire_to_delivery_ms.append(time.time() * 1000.0 - parse_timestamp_ms(fired))
+                    self.counters.fire_to_delivery_ms.add(time.time() * 1000.0 - parse_timestamp_ms(fired))
                 except ValueError:
                     pass
             offsets = self._inflight.pop(str(action.get("action_id")), [])
@@ -586,7 +585,7 @@ class ActionDispatch:
         stats = self._dispatcher.stats() if self._dispatcher is not None else {}
         with self._lock:
             c = self.counters
-            lat = sorted(c.fire_to_delivery_ms)
+            fire_p50, fire_p99 = c.fire_to_delivery_ms.quantiles(0.50, 0.99)
             in_flight = sum(len(p.pending) for p in self._parts.values())
             out: dict[str, Any] = {
                 "actions": c.actions,
@@ -601,8 +600,8 @@ class ActionDispatch:
         out["retried"] = stats.get("retried", 0)
         out["send_p50_ms"] = _round(stats.get("latency_p50_ms"))
         out["send_p99_ms"] = _round(stats.get("latency_p99_ms"))
-        out["fire_to_delivery_p50_ms"] = _round(lat[len(lat) // 2] if lat else None)
-        out["fire_to_delivery_p99_ms"] = _round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None)
+        out["fire_to_delivery_p50_ms"] = _round(fire_p50)
+        out["fire_to_delivery_p99_ms"] = _round(fire_p99)
         return out
 
     def _maybe_log(self) -> None:

@@ -50,6 +50,7 @@ import orjson
 from udfs.rules import LOOPBACK_ONLY, Allowlist, Destination
 
 __all__ = [
+    "LatencySample",
     "RetryPolicy",
     "WebhookDispatcher",
     "dead_letter_record",
@@ -128,31 +129,48 @@ def dead_letter_record(action: Mapping[str, Any], attempts: int, last_error: str
 # stats
 
 
+class LatencySample:
+    """The most recent ``size`` latencies (ms), for quantiles such as p50 and p99."""
+
+    def __init__(self, size: int = 4096) -> None:
+        """Keep at most ``size`` values; older ones drop out."""
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, ms: float) -> None:
+        """Record one latency."""
+        self._values.append(ms)
+
+    def extend(self, other: LatencySample) -> None:
+        """Add every value of ``other`` (the newest ones stay when this sample overflows)."""
+        self._values.extend(other._values)
+
+    def quantiles(self, *qs: float) -> list[float | None]:
+        """The value at each quantile ``q`` in [0, 1] (1 = the maximum); ``None`` each when empty."""
+        ordered = sorted(self._values)
+        if not ordered:
+            return [None] * len(qs)
+        return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in qs]
+
+
 @dataclass
 class _LaneStats:
     ok: int = 0
     retried: int = 0
     failed: int = 0
     rejected: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    latencies_ms: LatencySample = field(default_factory=LatencySample)
 
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
+        p50, p99, top = self.latencies_ms.quantiles(0.50, 0.99, 1.0)
         return {
             "ok": self.ok,
             "retried": self.retried,
             "failed": self.failed,
             "rejected": self.rejected,
-            "latency_p50_ms": _quantile(lat, 0.50),
-            "latency_p99_ms": _quantile(lat, 0.99),
-            "latency_max_ms": lat[-1] if lat else None,
+            "latency_p50_ms": p50,
+            "latency_p99_ms": p99,
+            "latency_max_ms": top,
         }
-
-
-def _quantile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,7 +420,7 @@ class WebhookDispatcher:
         with self._lock:
             stats = self._stats[key]
             stats.ok += 1
-            stats.latencies_ms.append(latency_ms)
+            stats.latencies_ms.add(latency_ms)
         if self._on_delivered is not None:
             try:
                 self._on_delivered(item.action, attempts)
