@@ -1,11 +1,9 @@
-"""Rules as of the compacted ``rules`` topic, and the dispatch loop ``actions`` -> signed webhooks.
+"""Reading the compacted ``rules`` topic, and the dispatch loop ``actions`` -> signed webhooks.
 
-Rule records. The ``rules`` topic is compacted and keyed by rule id, so per id only the record with the
-highest offset counts (a tombstone removes the rule). :class:`RuleRecord` keeps that offset, and
-:func:`effective_rules` overlays the records on the rules of the ``--rules`` file. Because "newest
-offset wins" (:func:`newer`), records can be applied in any order and more than once: the triggers job
-starts from a snapshot read here (:func:`read_rule_records`) and then replays the topic through Flink's
-broadcast state without ever going back to an older version of a rule.
+Rule records. :func:`read_rule_records` reads the topic to its end once (the triggers job's snapshot
+before it submits); :class:`RuleBook` follows it live. Both keep, per rule id, the newest
+:class:`udfs.rules.RuleRecord` and overlay them on the ``--rules`` file with
+:func:`udfs.rules.effective_rules` ("newest offset wins": the pure logic lives in ``udfs.rules.book``).
 
 Dispatch (:class:`ActionDispatch`). A plain Kafka consumer loop over ``actions``: each action is
 resolved to its rule's webhook (:class:`RuleBook` follows the rules topic), handed to
@@ -23,7 +21,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,20 +29,24 @@ import orjson
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from connectors.webhook import DEFAULT_SECRET_ENV, RetryPolicy, WebhookDispatcher, dead_letter_record
-from connectors.webhook import destination_for as _destination_for
-from udfs.rules import LOOPBACK_ONLY, Allowlist, Rule, RuleError, Rules, rule_from_topic_value
+from connectors.webhook import LatencySample, RetryPolicy, WebhookDispatcher, dead_letter_record
+from udfs.rules import (
+    DEFAULT_SECRET_ENV,
+    LOOPBACK_ONLY,
+    Allowlist,
+    Rule,
+    RuleError,
+    RuleRecord,
+    destination_for,
+    effective_rules,
+    newer,
+)
 from udfs.timeutil import parse_timestamp_ms
 
 __all__ = [
     "ActionDispatch",
     "DispatchConfig",
     "RuleBook",
-    "RuleRecord",
-    "decode_rule_record",
-    "effective_rules",
-    "encode_rule_record",
-    "newer",
     "read_rule_records",
 ]
 
@@ -53,65 +54,7 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
-# rule records
-
-
-@dataclass(frozen=True)
-class RuleRecord:
-    """One ``rules`` topic record: its partition, offset and value (``None`` = tombstone)."""
-
-    partition: int
-    offset: int
-    value: bytes | None
-
-
-def newer(candidate: RuleRecord, current: RuleRecord | None) -> bool:
-    """True when ``candidate`` supersedes ``current`` (same rule id): a higher offset in the same partition.
-
-    A record from another partition (the topic was repartitioned, so the id moved) always supersedes.
-    """
-    if current is None:
-        return True
-    if candidate.partition != current.partition:
-        return True
-    return candidate.offset > current.offset
-
-
-def encode_rule_record(record: RuleRecord) -> str:
-    """Compact JSON text for Flink broadcast state: ``[partition, offset, value text or null]``."""
-    text = record.value.decode("utf-8", errors="replace") if record.value is not None else None
-    return orjson.dumps([record.partition, record.offset, text]).decode()
-
-
-def decode_rule_record(data: str | bytes) -> RuleRecord:
-    """Inverse of :func:`encode_rule_record`."""
-    partition, offset, text = orjson.loads(data)
-    return RuleRecord(int(partition), int(offset), text.encode("utf-8") if text is not None else None)
-
-
-def effective_rules(
-    file_rules: Iterable[Rule], records: Mapping[str, RuleRecord], allowlist: Allowlist = LOOPBACK_ONLY
-) -> tuple[Rules, dict[str, str]]:
-    """The rules in force: the file's rules overlaid with the topic's records, by rule id.
-
-    A topic record replaces the file's rule with the same id; a tombstone removes it. An invalid record
-    leaves **no** rule with that id (the error is returned, by rule id): firing an outdated definition
-    after its owner tried to change it would be worse than not firing.
-    """
-    by_id: dict[str, Rule] = {rule.id: rule for rule in file_rules}
-    errors: dict[str, str] = {}
-    for rule_id, record in records.items():
-        try:
-            rule = rule_from_topic_value(rule_id, record.value, allowlist)
-        except RuleError as exc:
-            errors[rule_id] = str(exc)
-            by_id.pop(rule_id, None)
-            continue
-        if rule is None:
-            by_id.pop(rule_id, None)
-        else:
-            by_id[rule_id] = rule
-    return Rules(by_id=by_id), errors
+# reading the rules topic
 
 
 def _rules_consumer(bootstrap: str, client_id: str) -> KafkaConsumer:
@@ -334,7 +277,7 @@ class DispatchCounters:
     dead_lettered: int = 0
     unknown_rule: int = 0
     malformed: int = 0
-    fire_to_delivery_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    fire_to_delivery_ms: LatencySample = field(default_factory=LatencySample)
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -543,7 +486,7 @@ class ActionDispatch:
             self._settle_dead(action, 0, f"unknown rule {rule_id!r} (removed before delivery?)")
             return
         try:
-            destination = _destination_for(
+            destination = destination_for(
                 rule,
                 self.environ,
                 default_secret_env=self.config.default_secret_env,
@@ -562,7 +505,7 @@ class ActionDispatch:
             self.counters.delivered += 1
             if isinstance(fired, str):
                 try:
-                    self.counters.fire_to_delivery_ms.append(time.time() * 1000.0 - parse_timestamp_ms(fired))
+                    self.counters.fire_to_delivery_ms.add(time.time() * 1000.0 - parse_timestamp_ms(fired))
                 except ValueError:
                     pass
             offsets = self._inflight.pop(str(action.get("action_id")), [])
@@ -642,7 +585,7 @@ class ActionDispatch:
         stats = self._dispatcher.stats() if self._dispatcher is not None else {}
         with self._lock:
             c = self.counters
-            lat = sorted(c.fire_to_delivery_ms)
+            fire_p50, fire_p99 = c.fire_to_delivery_ms.quantiles(0.50, 0.99)
             in_flight = sum(len(p.pending) for p in self._parts.values())
             out: dict[str, Any] = {
                 "actions": c.actions,
@@ -657,8 +600,8 @@ class ActionDispatch:
         out["retried"] = stats.get("retried", 0)
         out["send_p50_ms"] = _round(stats.get("latency_p50_ms"))
         out["send_p99_ms"] = _round(stats.get("latency_p99_ms"))
-        out["fire_to_delivery_p50_ms"] = _round(lat[len(lat) // 2] if lat else None)
-        out["fire_to_delivery_p99_ms"] = _round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None)
+        out["fire_to_delivery_p50_ms"] = _round(fire_p50)
+        out["fire_to_delivery_p99_ms"] = _round(fire_p99)
         return out
 
     def _maybe_log(self) -> None:

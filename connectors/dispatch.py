@@ -13,8 +13,8 @@ from pydantic import Field
 
 from connectors.actions import DispatchConfig
 from connectors.settings import Connections, ConsumerSettings, Settings, StartingOffsets
-from connectors.webhook import DEFAULT_SECRET_ENV, RetryPolicy
-from udfs.rules import Allowlist, Rule, load_rules_file
+from connectors.webhook import RetryPolicy
+from udfs.rules import DEFAULT_SECRET_ENV, Allowlist, Rule, load_rules_file
 
 
 class DispatchSettings(Settings):

@@ -13,6 +13,8 @@ lane; when a lane's queue is full, new actions for it go to ``on_dead`` at once 
 Request (contract): ``POST`` with the action JSON as body and headers ``Content-Type:
 application/json``, ``X-Clickpulse-Signature: sha256=<hex HMAC-SHA256(secret, body)>``,
 ``X-Clickpulse-Action-Id`` and ``Idempotency-Key`` (both the action id). Redirects are never followed.
+Where to (URL, timeout, secret) is a :class:`udfs.rules.Destination`, resolved from a rule by
+:func:`udfs.rules.destination_for`.
 
 Retries: 5xx, timeouts and connection errors are retried with exponential back-off and full jitter;
 429 is retried after ``Retry-After`` (seconds or HTTP date) when given; any other status (3xx, 4xx)
@@ -41,20 +43,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
-from udfs.rules import LOOPBACK_ONLY, Allowlist, Rule, RuleError
+from udfs.rules import LOOPBACK_ONLY, Allowlist, Destination
 
 __all__ = [
-    "DEFAULT_SECRET_ENV",
-    "Destination",
+    "LatencySample",
     "RetryPolicy",
     "WebhookDispatcher",
     "dead_letter_record",
-    "destination_for",
     "parse_retry_after",
     "sign",
     "verify_signature",
@@ -62,8 +61,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Environment variable holding the HMAC secret for rules that do not name ``secret_env``.
-DEFAULT_SECRET_ENV = "CLICKPULSE_WEBHOOK_SECRET"  # noqa: S105 - a variable name, not a secret
 SIGNATURE_HEADER = "X-Clickpulse-Signature"
 ACTION_ID_HEADER = "X-Clickpulse-Action-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -90,55 +87,7 @@ def verify_signature(secret: bytes | str, body: bytes, header: str | None) -> bo
 
 
 # --------------------------------------------------------------------------------------------------
-# destinations and policy
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where to POST one rule's actions. The secret never appears in ``repr``."""
-
-    url: str
-    secret: bytes = field(repr=False)
-    timeout_s: float = 5.0
-    rule_id: str = ""
-
-    @property
-    def key(self) -> str:
-        """The isolation key ``scheme://host:port`` (``invalid`` when the URL does not parse)."""
-        try:
-            parts = urlsplit(self.url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            return "invalid"
-        host = parts.hostname or ""
-        return f"{parts.scheme}://[{host}]:{port}" if ":" in host else f"{parts.scheme}://{host}:{port}"
-
-
-def destination_for(
-    rule: Rule,
-    environ: Mapping[str, str],
-    *,
-    default_secret_env: str = DEFAULT_SECRET_ENV,
-    default_timeout_s: float = 5.0,
-) -> Destination:
-    """Resolve a rule's webhook into a :class:`Destination`, reading its secret from ``environ``.
-
-    Uses ``action.webhook.secret_env`` or, when the rule names none, ``default_secret_env``. Raises
-    :class:`RuleError` (naming the variable, never its value) when the secret is missing or empty:
-    unsigned webhooks are not sent.
-    """
-    env_name = rule.action.secret_env or default_secret_env
-    secret = environ.get(env_name, "")
-    if not secret:
-        raise RuleError(
-            f"rule {rule.id!r}: action.webhook.secret_env: environment variable {env_name} is not set"
-        )
-    return Destination(
-        url=rule.action.url,
-        secret=secret.encode("utf-8"),
-        timeout_s=rule.action.timeout_s or default_timeout_s,
-        rule_id=rule.id,
-    )
+# policy
 
 
 @dataclass(frozen=True)
@@ -180,31 +129,48 @@ def dead_letter_record(action: Mapping[str, Any], attempts: int, last_error: str
 # stats
 
 
+class LatencySample:
+    """The most recent ``size`` latencies (ms), for quantiles such as p50 and p99."""
+
+    def __init__(self, size: int = 4096) -> None:
+        """Keep at most ``size`` values; older ones drop out."""
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, ms: float) -> None:
+        """Record one latency."""
+        self._values.append(ms)
+
+    def extend(self, other: LatencySample) -> None:
+        """Add every value of ``other`` (the newest ones stay when this sample overflows)."""
+        self._values.extend(other._values)
+
+    def quantiles(self, *qs: float) -> list[float | None]:
+        """The value at each quantile ``q`` in [0, 1] (1 = the maximum); ``None`` each when empty."""
+        ordered = sorted(self._values)
+        if not ordered:
+            return [None] * len(qs)
+        return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in qs]
+
+
 @dataclass
 class _LaneStats:
     ok: int = 0
     retried: int = 0
     failed: int = 0
     rejected: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    latencies_ms: LatencySample = field(default_factory=LatencySample)
 
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
+        p50, p99, top = self.latencies_ms.quantiles(0.50, 0.99, 1.0)
         return {
             "ok": self.ok,
             "retried": self.retried,
             "failed": self.failed,
             "rejected": self.rejected,
-            "latency_p50_ms": _quantile(lat, 0.50),
-            "latency_p99_ms": _quantile(lat, 0.99),
-            "latency_max_ms": lat[-1] if lat else None,
+            "latency_p50_ms": p50,
+            "latency_p99_ms": p99,
+            "latency_max_ms": top,
         }
-
-
-def _quantile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,7 +420,7 @@ class WebhookDispatcher:
         with self._lock:
             stats = self._stats[key]
             stats.ok += 1
-            stats.latencies_ms.append(latency_ms)
+            stats.latencies_ms.add(latency_ms)
         if self._on_delivered is not None:
             try:
                 self._on_delivered(item.action, attempts)

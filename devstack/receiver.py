@@ -36,11 +36,11 @@ from rich.table import Table
 
 from connectors.webhook import (
     ACTION_ID_HEADER,
-    DEFAULT_SECRET_ENV,
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
     verify_signature,
 )
+from udfs.rules import DEFAULT_SECRET_ENV
 
 __all__ = ["Receipt", "WebhookReceiver", "describe_action", "main"]
 

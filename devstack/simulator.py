@@ -50,8 +50,7 @@ from urllib.parse import quote_plus, urlencode
 import orjson
 
 from udfs.identity import identity_link, record_key, resolve_user_key
-from udfs.rules import CountWhen, Rule, Rules, SequenceWhen
-from udfs.triggers import Event, Fire, Timer, UserState, on_timer, step
+from udfs.rules import CountWhen, Event, Fire, Rule, Rules, SequenceWhen, Timer, UserState, on_timer, step
 
 log = logging.getLogger(__name__)
 
@@ -1745,7 +1744,7 @@ def expected_trigger_fires(
 ) -> list[Fire]:
     """The trigger fires a pipeline should make of this simulation under ``rules`` (the pure reducer).
 
-    :func:`udfs.triggers.step` runs over the valid unique events in the order they were produced (per
+    :func:`udfs.rules.step` runs over the valid unique events in the order they were produced (per
     user, the order a triggers job reads them), with the truth's ``user_key`` and corrected event time.
     Event-time timers fire once the running maximum event time minus ``watermark_delay_ms`` passes them;
     at the end every pending timer fires, as in a bounded or drained run (the end of the input is the end

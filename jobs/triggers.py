@@ -18,10 +18,10 @@ Plan:
    every pending sequence deadline at once. After a rule record, timers wait until the rules source is
    idle again (``idle_timeout_ms``).
 3. :class:`TriggerFunction`, a ``KeyedBroadcastProcessFunction`` keyed by user_key, in Python THREAD
-   mode (embedded in the JVM by pemja): one ``ValueState`` per user (``udfs.triggers.dump_state``,
-   with a TTL), event-time timers from the pure reducer :func:`udfs.triggers.step` /
-   :func:`udfs.triggers.on_timer`, and the rule records in broadcast state. The rules in force are the
-   ``--rules`` file overlaid by the topic, "newest offset wins" (:mod:`connectors.actions`); the driver
+   mode (embedded in the JVM by pemja): one ``ValueState`` per user (``udfs.rules.dump_state``,
+   with a TTL), event-time timers from the pure reducer :func:`udfs.rules.step` /
+   :func:`udfs.rules.on_timer`, and the rule records in broadcast state. The rules in force are the
+   ``--rules`` file overlaid by the topic, "newest offset wins" (:mod:`udfs.rules.book`); the driver
    reads the topic once before submitting, so the first events already see today's rules.
 4. Actions -> ``actions`` (key user_key, value the action JSON), at-least-once (no transactions: an
    action is readable as soon as it is written, not at the next checkpoint).
@@ -46,7 +46,7 @@ from pyflink.common import Row, Types
 from pyflink.datastream import KeyedBroadcastProcessFunction, RuntimeContext
 from pyflink.datastream.state import MapStateDescriptor
 
-from connectors.actions import RuleRecord, effective_rules, read_rule_records
+from connectors.actions import read_rule_records
 from connectors.dispatch import DispatchSettings, add_dispatch_args
 from connectors.flink import (
     ENRICHED_USER_KEY_SQL,
@@ -66,7 +66,17 @@ from connectors.flink import (
 )
 from connectors.runtime import setup_logging, stop_on_signals
 from connectors.settings import Connections, ConsumerSettings, Settings, compose, environment
-from udfs.rules import Rule, RuleError, Rules
+from udfs.rules import (
+    Rule,
+    RuleError,
+    RuleRecord,
+    Rules,
+    decode_rule_record,
+    effective_rules,
+    encode_rule_record,
+    newer,
+    resolve_event_filter,
+)
 
 log = logging.getLogger("clickpulse.triggers")
 
@@ -231,13 +241,12 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         """Create the state handle (with TTL), the initial rules and the counters."""
-        from udfs import triggers
-        from udfs.rules import Allowlist
+        from udfs.rules import Allowlist, evaluate
 
         if not logging.getLogger().handlers:  # the embedded interpreter has no logging set up
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         c = self.config
-        self.t = triggers
+        self.t = evaluate
         self.state = runtime_context.get_state(string_value_state(USER_STATE_NAME, c.state_ttl_ms))
         self.counters = OperatorCounters(
             runtime_context,
@@ -264,8 +273,6 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
     # -- rules -------------------------------------------------------------------------------------
 
     def _refresh(self) -> None:
-        from connectors.actions import effective_rules
-
         rules, errors = effective_rules(self.config.file_rules, self.records, self.allowlist)
         for rule_id, err in errors.items():
             if self.errors.get(rule_id) != err:
@@ -297,8 +304,6 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
 
     def _restore(self, broadcast_state: Any) -> None:
         """Once per subtask: merge records kept in broadcast state (restored from a checkpoint)."""
-        from connectors.actions import decode_rule_record, newer
-
         self.restored = True
         changed = False
         for rule_id, data in broadcast_state.items():
@@ -311,8 +316,6 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
 
     def process_broadcast_element(self, value: Row, ctx: Any) -> Iterator[Any]:
         """One ``rules`` topic record: keep it in broadcast state; apply it when newest for its id."""
-        from connectors.actions import encode_rule_record, newer
-
         state = ctx.get_broadcast_state(RULES_STATE)
         if not self.restored:
             self._restore(state)
@@ -427,17 +430,6 @@ def event_filter_sql(names: frozenset[str] | None) -> str:
     return f" WHERE JSON_VALUE(CAST(v AS STRING), '$.event') IN ({listed})"
 
 
-def resolve_event_filter(setting: str, rules: Rules) -> frozenset[str] | None:
-    """``none`` -> no filter; ``auto`` -> the events today's rules use; else the comma-separated names."""
-    text = setting.strip()
-    if text.lower() in ("", "none"):
-        return None
-    if text.lower() == "auto":
-        names = rules.relevant_events()
-        return names if names else None  # no rule yet (or one needing every event): no filter
-    return frozenset(n.strip() for n in text.split(",") if n.strip())
-
-
 def flink_options(s: TriggersJobSettings) -> dict[str, str]:
     """Latency-oriented Flink options of this job (on top of :func:`connectors.flink.flink_config`)."""
     t = s.triggers
@@ -517,7 +509,7 @@ def build(t_env: Any, events: Any, rule_records: Any, config: FunctionConfig) ->
 
 
 def _warn_missing_secrets(rules: Rules, s: TriggersJobSettings, environ: Mapping[str, str]) -> None:
-    from connectors.webhook import destination_for
+    from udfs.rules import destination_for
 
     for rule in rules.active():
         try:

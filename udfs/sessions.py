@@ -41,7 +41,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from udfs.timeutil import TimestampError, format_ms, parse_timestamp_ms
+from udfs.event import EventError, EventHeader
+from udfs.timeutil import format_ms
 
 __all__ = [
     "Counts",
@@ -69,10 +70,6 @@ ENGAGED_AFTER_MS = 10_000
 _MICROS = 1_000_000
 #: ``currency`` of a session whose orders used different currencies.
 MIXED_CURRENCY = "MIXED"
-
-
-class EventError(ValueError):
-    """An enriched record lacks what sessionization needs (message_id, user_key, event time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,20 +166,7 @@ class Event:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Event:
         """Build from an enriched event dict (``event_time_ms``, else ISO-8601 or epoch-ms ``timestamp``)."""
-        message_id = record.get("message_id")
-        user_key = record.get("user_key")
-        if not isinstance(message_id, str) or not message_id:
-            raise EventError("enriched event without message_id")
-        if not isinstance(user_key, str) or not user_key:
-            raise EventError(f"enriched event {message_id} without user_key")
-        fast = record.get("event_time_ms")
-        if type(fast) is int:
-            ts_ms = fast
-        else:
-            try:
-                ts_ms = parse_timestamp_ms(record.get("timestamp"))
-            except TimestampError as exc:
-                raise EventError(f"enriched event {message_id}: timestamp: {exc}") from None
+        message_id, user_key, ts_ms = EventHeader.from_record(record)
         kind = record.get("type")
         is_order = kind == "track" and record.get("event") == ORDER_COMPLETED
         revenue_micros = 0

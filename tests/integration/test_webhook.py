@@ -21,16 +21,14 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from connectors.webhook import (
-    Destination,
     RetryPolicy,
     WebhookDispatcher,
     dead_letter_record,
-    destination_for,
     parse_retry_after,
     sign,
     verify_signature,
 )
-from udfs.rules import RuleError, parse_rule
+from udfs.rules import Destination, RuleError, destination_for, parse_rule
 
 pytestmark = pytest.mark.integration
 

@@ -32,9 +32,8 @@ from werkzeug import Request, Response
 
 from connectors.actions import ActionDispatch, DispatchConfig
 from connectors.webhook import RetryPolicy, verify_signature
-from udfs.rules import parse_rule
+from udfs.rules import action_id_for, parse_rule
 from udfs.timeutil import format_ms
-from udfs.triggers import action_id_for
 
 pytestmark = pytest.mark.job
 log = logging.getLogger(__name__)

@@ -31,9 +31,8 @@ from pydantic_settings import BaseSettings
 
 from connectors.flink import FlinkSettings
 from connectors.settings import CONTRACT_TOPICS
-from connectors.webhook import DEFAULT_SECRET_ENV
 from jobs.cli import JOBS
-from udfs.rules import Allowlist, parse_rules_document
+from udfs.rules import DEFAULT_SECRET_ENV, Allowlist, parse_rules_document
 
 pytestmark = [
     pytest.mark.unit,

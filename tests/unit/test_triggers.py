@@ -8,21 +8,23 @@ from typing import Any
 import orjson
 import pytest
 
-from udfs import triggers
-from udfs.rules import Rule, Rules, parse_rule
-from udfs.timeutil import format_ms, parse_timestamp_ms
-from udfs.triggers import (
+from udfs.rules import (
     CountState,
     Event,
     EventError,
     Fire,
+    Rule,
+    Rules,
     Timer,
     UserState,
     dump_state,
+    evaluate,
     load_state,
     on_timer,
+    parse_rule,
     step,
 )
+from udfs.timeutil import format_ms, parse_timestamp_ms
 
 pytestmark = pytest.mark.unit
 
@@ -426,7 +428,7 @@ def test_state_bounded_and_cleared_after_expiry() -> None:
 
 
 def test_groups_per_rule_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triggers, "MAX_GROUPS_PER_RULE", 10)
+    monkeypatch.setattr(evaluate, "MAX_GROUPS_PER_RULE", 10)
     run = Run(DEAL)
     run.events([view(T0 + i * SEC, deal=f"D{i}") for i in range(50)])
     deal_state = run.state.rules["deal_promo"]

@@ -23,7 +23,8 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from udfs.rules import (
+from udfs.event import EventError, EventHeader
+from udfs.rules.definition import (
     CountWhen,
     EventMatcher,
     ReturningWhen,
@@ -32,7 +33,7 @@ from udfs.rules import (
     SequenceWhen,
     lookup_path,
 )
-from udfs.timeutil import TimestampError, format_ms, parse_timestamp_ms
+from udfs.timeutil import format_ms
 
 __all__ = [
     "CLEANUP_GRANULARITY_MS",
@@ -64,10 +65,6 @@ MAX_GROUPS_PER_RULE = 1_024
 _STATE_VERSION = 1
 
 
-class EventError(ValueError):
-    """An enriched record lacks what rule evaluation needs (message_id, user_key, timestamp)."""
-
-
 # --------------------------------------------------------------------------------------------------
 # inputs and outputs
 
@@ -86,17 +83,7 @@ class Event:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Event:
         """Build from an enriched event dict (``event_time_ms``, else ISO-8601 or epoch-ms ``timestamp``)."""
-        message_id = record.get("message_id")
-        user_key = record.get("user_key")
-        if not isinstance(message_id, str) or not message_id:
-            raise EventError("enriched event without message_id")
-        if not isinstance(user_key, str) or not user_key:
-            raise EventError(f"enriched event {message_id} without user_key")
-        try:
-            fast = record.get("event_time_ms")  # set by the enricher, same instant as ``timestamp``
-            ts_ms = fast if type(fast) is int else parse_timestamp_ms(record.get("timestamp"))
-        except TimestampError as exc:
-            raise EventError(f"enriched event {message_id}: timestamp: {exc}") from None
+        message_id, user_key, ts_ms = EventHeader.from_record(record)
         name = record.get("event")
         event_type = record.get("type")
         return cls(
