@@ -372,17 +372,17 @@ def create_kafka_sinks(
 
 def create_enriched_source(
     t_env: Any,
-    name: str,
     conn: Connections,
     consumer: ConsumerSettings,
     group_id: str,
-    *,
     out_of_orderness_ms: int,
     extra: Mapping[str, str] | None = None,
-) -> None:
+    name: str = "enriched_events",
+) -> Any:
     """The ``events.enriched`` source table: key ``k`` (user_key), value ``v`` (the event's JSON bytes)
     and the rowtime ``event_time``, taken in the JVM from the JSON ``event_time_ms`` (the Kafka record
     time when it is missing or malformed), with per-partition watermarks ``event_time - out_of_orderness``.
+    Returns the table (also registered as ``name``).
     """
     create_table(
         t_env,
@@ -398,6 +398,7 @@ def create_enriched_source(
             **(extra or {}),
         },
     )
+    return t_env.from_path(name)
 
 
 #: The user_key of an enriched event from its Kafka key, else from its JSON (for keying in the JVM).

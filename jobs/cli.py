@@ -292,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in LOCAL_COMMANDS and not local_stack_installed():
         console.print(
             f"[red]error:[/] `clickpulse {args.command}` needs the local stack, which is not installed here "
-            "(from a checkout: pip install -e '.[local]')"
+            "(from a checkout: pip install -e '.[local]')",
+            soft_wrap=True,
         )
         return 2
     return int(args.func(args))

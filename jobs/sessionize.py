@@ -340,15 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     group_id = s.consumer.group(JOB)
-    create_enriched_source(
-        t_env,
-        "enriched_events",
-        s.connections,
-        s.consumer,
-        group_id,
-        out_of_orderness_ms=s.sessionize.out_of_orderness_ms,
+    events = create_enriched_source(
+        t_env, s.connections, s.consumer, group_id, s.sessionize.out_of_orderness_ms
     )
-    sessions, late = build(t_env, t_env.from_path("enriched_events"), s)
+    sessions, late = build(t_env, events, s)
     create_kafka_sinks(
         t_env, s.connections, s.flink, group_id, {"sessions_sink": "sessions", "late_sink": "events.late"}
     )

@@ -454,11 +454,10 @@ def create_sources(t_env: Any, s: TriggersJobSettings) -> None:
     group_id = s.consumer.group(JOB)
     create_enriched_source(
         t_env,
-        "enriched_events",
         s.connections,
         s.consumer,
         group_id,
-        out_of_orderness_ms=s.triggers.out_of_orderness_ms,
+        s.triggers.out_of_orderness_ms,
         extra={
             **LOW_LATENCY_FETCH,
             **({"properties.isolation.level": "read_uncommitted"} if s.triggers.read_uncommitted else {}),
