@@ -213,6 +213,14 @@ class WebhookDispatcher:
         ssl_context: ssl.SSLContext | None = None,
         seed: int | None = None,
     ) -> None:
+        """Configure a dispatcher; nothing starts until :meth:`start` or the first :meth:`submit`.
+
+        Each destination gets ``concurrency_per_destination`` concurrent requests (and pooled
+        connections) and a queue of ``max_queue_per_destination`` actions, beyond which new actions
+        are dead-lettered at once. URLs outside ``allowlist`` are dead-lettered without a request.
+        ``ssl_context`` defaults to httpx's, built once by :meth:`start` (``trust_env=False``);
+        ``seed`` makes the back-off jitter reproducible (tests).
+        """
         self._on_dead = on_dead
         self._on_delivered = on_delivered
         self._policy = policy or RetryPolicy()
@@ -256,9 +264,11 @@ class WebhookDispatcher:
         self._loop.close()
 
     def __enter__(self) -> WebhookDispatcher:
+        """Start the delivery thread (:meth:`start`) and return the dispatcher."""
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
+        """Close with the default deadline (:meth:`close`), also when the block raised."""
         self.close()
 
     def flush(self, timeout_s: float) -> bool:

@@ -102,6 +102,7 @@ class EnrichOptions:
     _internal: frozenset[str] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
+        """Normalize ``internal_domains`` (trimmed, outer dots stripped, lower case, empty ones dropped)."""
         normalized = tuple(d for d in (_normalize_domain(d) for d in self.internal_domains) if d)
         object.__setattr__(self, "internal_domains", normalized)
         object.__setattr__(self, "_internal", frozenset(normalized))
@@ -340,7 +341,7 @@ _NO_PARAMS = ("", "", "", "", "", "")
 
 
 def _split(url: str) -> SplitResult | None:
-    """urlsplit that tolerates garbage and scheme-less URLs ("shop.example/p?x=1")."""
+    """``urlsplit`` that tolerates garbage and scheme-less URLs ("shop.example/p?x=1")."""
     if not url:
         return None
     try:

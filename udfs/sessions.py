@@ -86,6 +86,7 @@ class SessionConfig:
     """The watermark strategy's out-of-orderness bound (per key: newest event time minus this)."""
 
     def __post_init__(self) -> None:
+        """Reject a non-positive gap or maximum and a negative lateness or out-of-orderness bound."""
         if self.gap_ms <= 0 or self.max_ms <= 0:
             raise ValueError("gap_ms and max_ms must be positive")
         if self.allowed_lateness_ms < 0 or self.out_of_orderness_ms < 0:

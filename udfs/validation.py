@@ -303,7 +303,7 @@ def validate_batch(
         if len(times) != len(raws):
             raise ValueError(f"received_at_ms has {len(times)} values for {len(raws)} payloads")
     else:
-        times = [int(cast(int, received_at_ms))] * len(raws)
+        times = [int(received_at_ms)] * len(raws)
     return [
         _validate_safe(r, int(t), max_bytes, max_future_s, max_past_s)
         for r, t in zip(raws, times, strict=True)

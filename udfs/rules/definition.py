@@ -345,9 +345,11 @@ class Rules:
         return cls(by_id=by_id)
 
     def __iter__(self) -> Iterator[Rule]:
+        """Iterate over every rule, enabled or not, in insertion order."""
         return iter(self.by_id.values())
 
     def __len__(self) -> int:
+        """Count every rule, enabled or not."""
         return len(self.by_id)
 
     def get(self, rule_id: str) -> Rule | None:
