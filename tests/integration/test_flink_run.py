@@ -235,25 +235,27 @@ def test_flink_config_under_flink_run_leaves_cluster_settings_alone(
 ) -> None:
     """Under ``flink run`` the job sets no jars, checkpoint dir, worker Python, REST port or restore
     point of its own (the cluster config and the command line rule), unless they are set explicitly."""
-    from connectors.flink import JobSettings, flink_config
+    from connectors.flink import FlinkSettings, flink_config
 
     for name in [k for k in os.environ if k.startswith(("CLICKPULSE_", "PYFLINK_"))]:
         monkeypatch.delenv(name)
     ckpt = tmp_path / "ckpt" / "job-x" / "chk-3"
     ckpt.mkdir(parents=True)
     (ckpt / "_metadata").write_bytes(b"x")
-    local = flink_config("x", JobSettings(CLICKPULSE_CHECKPOINT_DIR=tmp_path / "ckpt"))
+    local = flink_config("x", FlinkSettings(CLICKPULSE_FLINK_CHECKPOINT_DIR=tmp_path / "ckpt"), tmp_path)
     assert {"pipeline.jars", "rest.port", "python.executable", "execution.state-recovery.path"} <= set(local)
 
     monkeypatch.setenv("PYFLINK_GATEWAY_PORT", "1")  # what flink run's PythonDriver sets
-    cluster = flink_config("x", JobSettings(CLICKPULSE_HOME=tmp_path))
+    cluster = flink_config("x", FlinkSettings(), tmp_path)
     for key in ("pipeline.jars", "rest.port", "python.executable", "execution.checkpointing.dir"):
         assert key not in cluster, key
     assert "execution.state-recovery.path" not in cluster  # --fromSavepoint rules
     assert cluster["table.exec.uid.generation"] == "ALWAYS" and cluster["state.backend.type"] == "rocksdb"
 
     explicit = flink_config(
-        "x", JobSettings(CLICKPULSE_CHECKPOINT_DIR=tmp_path / "ckpt", CLICKPULSE_RESTORE=str(ckpt))
+        "x",
+        FlinkSettings(CLICKPULSE_FLINK_CHECKPOINT_DIR=tmp_path / "ckpt", CLICKPULSE_FLINK_RESTORE=str(ckpt)),
+        tmp_path,
     )
     assert explicit["execution.checkpointing.dir"] == (tmp_path / "ckpt").resolve().as_uri()
     assert explicit["execution.state-recovery.path"] == ckpt.resolve().as_uri()
