@@ -87,13 +87,22 @@ def add_flink_args(p: argparse.ArgumentParser) -> None:
 
 
 def job_options(
-    job: str, argv: Sequence[str] | None, add_args: Callable[[argparse.ArgumentParser], None]
+    job: str,
+    argv: Sequence[str] | None,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    *,
+    shared_flags: bool = False,
 ) -> dict[str, Any]:
     """Parse a job's command line: the consumer and Flink options plus the job's own (``add_args``).
 
     Returns the parsed values by field name (``None`` = not given), for :func:`connectors.settings.compose`.
+    ``shared_flags``: parts may declare the same flag (the pipeline); it then sets that field in each.
     """
-    p = argparse.ArgumentParser(prog=f"jobs.{job}", description=f"clickpulse {job} job")
+    p = argparse.ArgumentParser(
+        prog=f"jobs.{job}",
+        description=f"clickpulse {job} job",
+        conflict_handler="resolve" if shared_flags else "error",
+    )
     add_consumer_args(p)
     add_flink_args(p)
     add_args(p)
@@ -370,6 +379,10 @@ def create_kafka_sinks(
         )
 
 
+#: The enriched event's ``event_time_ms`` (NULL when missing or malformed), parsed in the JVM.
+EVENT_TIME_MS_SQL = "TRY_CAST(JSON_VALUE(CAST(v AS STRING), '$.event_time_ms') AS BIGINT)"
+
+
 def create_enriched_source(
     t_env: Any,
     conn: Connections,
@@ -391,7 +404,7 @@ def create_enriched_source(
   v BYTES,
   kafka_ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
   event_time AS COALESCE(
-    TO_TIMESTAMP_LTZ(TRY_CAST(JSON_VALUE(CAST(v AS STRING), '$.event_time_ms') AS BIGINT), 3), kafka_ts),
+    TO_TIMESTAMP_LTZ({EVENT_TIME_MS_SQL}, 3), kafka_ts),
   WATERMARK FOR event_time AS event_time - {sql_interval(out_of_orderness_ms)}""",
         {
             **kafka_source_options(conn, consumer, conn.topic("events.enriched"), group_id, key_fields="k"),
@@ -399,6 +412,31 @@ def create_enriched_source(
         },
     )
     return t_env.from_path(name)
+
+
+def with_event_time(t_env: Any, stream: Any, out_of_orderness_ms: int | None = None) -> Any:
+    """A table over ``stream`` (``k`` user_key, ``v`` enriched event JSON, e.g. ingest's output inside one
+    job graph) with the rowtime ``event_time`` from the JSON ``event_time_ms``.
+
+    Watermarks: ``event_time - out_of_orderness`` generated here, in the JVM; or, with
+    ``out_of_orderness_ms=None``, the ones already in the stream (``SOURCE_WATERMARK()``: e.g. per-partition
+    watermarks of the Kafka source the stream comes from, which a generator after the partitions merged
+    could not reproduce). The in-graph counterpart of :func:`create_enriched_source`.
+    """
+    from pyflink.table import Schema
+
+    strategy = (
+        "SOURCE_WATERMARK()"
+        if out_of_orderness_ms is None
+        else f"event_time - {sql_interval(out_of_orderness_ms)}"
+    )
+    schema = (
+        Schema.new_builder()
+        .column_by_expression("event_time", f"TO_TIMESTAMP_LTZ(COALESCE({EVENT_TIME_MS_SQL}, 0), 3)")
+        .watermark("event_time", strategy)
+        .build()
+    )
+    return t_env.from_data_stream(stream, schema)
 
 
 #: The user_key of an enriched event from its Kafka key, else from its JSON (for keying in the JVM).

@@ -65,6 +65,7 @@ SETTINGS_CLASSES: tuple[str, ...] = (
 )
 #: Each job's settings (a frozen dataclass of areas), ``module:Class``, in the order the reference shows.
 JOB_SETTINGS: tuple[str, ...] = (
+    "jobs.pipeline:PipelineJobSettings",
     "jobs.ingest:IngestJobSettings",
     "jobs.sessionize:SessionizeJobSettings",
     "jobs.triggers:TriggersJobSettings",

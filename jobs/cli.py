@@ -175,7 +175,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- run
 
-JOBS = ("ingest", "sessionize", "load", "triggers", "dispatch")
+JOBS = ("pipeline", "ingest", "sessionize", "load", "triggers", "dispatch")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "run",
-        help="run a job: ingest, sessionize, load, triggers, dispatch (`clickpulse run JOB --help`)",
+        help="run a job: pipeline, ingest, sessionize, load, triggers, dispatch (`clickpulse run JOB -h`)",
     )
     r.add_argument("job", choices=JOBS, help="the job to run")
     r.add_argument(

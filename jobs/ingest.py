@@ -39,6 +39,7 @@ from connectors.flink import (
     job_options,
     kafka_source_options,
     run_job,
+    sql_interval,
 )
 from connectors.runtime import setup_logging
 from connectors.settings import Connections, ConsumerSettings, Settings, compose, environment, seconds_flag
@@ -213,22 +214,28 @@ STAGE_ROW = DataTypes.ROW(
 # ---------------------------------------------------------------------------------------- wiring
 
 
-def create_raw_source(t_env: Any, name: str, s: IngestJobSettings) -> None:
+def create_raw_source(
+    t_env: Any, name: str, s: IngestJobSettings, job: str = JOB, watermark_delay_ms: int | None = None
+) -> None:
     """The ``events.raw`` source table: key, value bytes, partition, offset and the record timestamp
-    (= received_at)."""
-    create_table(
-        t_env,
-        name,
-        """  k BYTES,
+    (= received_at). With ``watermark_delay_ms``, ``received_at`` is its rowtime and each partition's
+    watermark trails it by that delay (the pipeline's event-time clock, see ``jobs.pipeline``)."""
+    columns = """  k BYTES,
   v BYTES,
   `partition` INT METADATA VIRTUAL,
   `offset` BIGINT METADATA VIRTUAL,
-  received_at TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL""",
+  received_at TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL"""
+    if watermark_delay_ms is not None:
+        columns += f",\n  WATERMARK FOR received_at AS received_at - {sql_interval(watermark_delay_ms)}"
+    create_table(
+        t_env,
+        name,
+        columns,
         kafka_source_options(
             s.connections,
             s.consumer,
             s.connections.topic("events.raw"),
-            s.consumer.group(JOB),
+            s.consumer.group(job),
             key_fields="k",
         ),
     )

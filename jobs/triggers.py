@@ -449,20 +449,24 @@ def flink_options(s: TriggersJobSettings) -> dict[str, str]:
 LOW_LATENCY_FETCH = {"properties.fetch.min.bytes": "1", "properties.fetch.max.wait.ms": "100"}
 
 
-def create_sources(t_env: Any, s: TriggersJobSettings) -> None:
+def create_sources(t_env: Any, s: TriggersJobSettings, job: str = JOB) -> None:
     """The ``enriched_events`` and ``rule_records`` source tables of the triggers job."""
-    group_id = s.consumer.group(JOB)
     create_enriched_source(
         t_env,
         s.connections,
         s.consumer,
-        group_id,
+        s.consumer.group(job),
         s.triggers.out_of_orderness_ms,
         extra={
             **LOW_LATENCY_FETCH,
             **({"properties.isolation.level": "read_uncommitted"} if s.triggers.read_uncommitted else {}),
         },
     )
+    create_rules_source(t_env, s, job)
+
+
+def create_rules_source(t_env: Any, s: TriggersJobSettings, job: str = JOB) -> Any:
+    """The ``rule_records`` source table over the compacted ``rules`` topic (returned)."""
     create_table(
         t_env,
         "rule_records",
@@ -474,12 +478,36 @@ def create_sources(t_env: Any, s: TriggersJobSettings) -> None:
   WATERMARK FOR epoch AS epoch""",
         {
             **kafka_source_options(
-                s.connections, s.consumer, s.connections.topic("rules"), f"{group_id}-rules", key_fields="k"
+                s.connections,
+                s.consumer,
+                s.connections.topic("rules"),
+                f"{s.consumer.group(job)}-rules",
+                key_fields="k",
             ),
             # the whole compacted topic every time: replayed records are older than the driver's
             # snapshot or the broadcast state and change nothing ("newest offset wins")
             "scan.startup.mode": "earliest-offset",
             **LOW_LATENCY_FETCH,
+        },
+    )
+    return t_env.from_path("rule_records")
+
+
+def create_actions_sink(t_env: Any, s: TriggersJobSettings, job: str = JOB) -> None:
+    """The ``actions_sink`` table: at-least-once, no linger (an action is readable as soon as written)."""
+    create_table(
+        t_env,
+        "actions_sink",
+        "  k STRING,\n  v BYTES",
+        {
+            **kafka_sink_options(
+                s.connections,
+                s.flink,
+                s.connections.topic("actions"),
+                f"{s.consumer.group(job)}-actions",
+                exactly_once=False,
+            ),
+            "properties.linger.ms": "0",
         },
     )
 
@@ -544,43 +572,17 @@ def function_config(s: TriggersJobSettings, file_rules: list[Rule]) -> FunctionC
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the triggers job (and, unless ``--no-dispatch``, the dispatch loop) until stopped.
+def run_with_dispatch(
+    job: str, s: TriggersJobSettings, statements: Any, t_env: Any, file_rules: list[Rule]
+) -> int:
+    """Submit ``statements`` and, unless ``--no-dispatch``, run the dispatch loop beside the job until
+    it ends or SIGTERM/SIGINT; returns the exit status.
 
-    Unbounded runs end on SIGTERM/SIGINT; with ``--bounded`` the job ends at the input's end offsets
-    (every pending sequence deadline fires then: the end of input is the end of event time) and the
-    dispatch loop stops once those actions are settled.
+    With ``--bounded`` the job ends at the input's end offsets (every pending sequence deadline fires
+    then: the end of input is the end of event time) and the dispatch loop stops once those actions
+    are settled.
     """
     from connectors.actions import ActionDispatch
-
-    setup_logging()
-    s = compose(TriggersJobSettings, environment(), job_options(JOB, argv, add_triggers_args))
-    try:
-        file_rules = s.dispatch.file_rules()
-    except (RuleError, OSError) as exc:
-        log.error("rules file: %s", exc)
-        return 2
-    config = function_config(s, file_rules)
-    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=flink_options(s))
-    create_sources(t_env, s)
-    actions = build(t_env, t_env.from_path("enriched_events"), t_env.from_path("rule_records"), config)
-    create_table(
-        t_env,
-        "actions_sink",
-        "  k STRING,\n  v BYTES",
-        {
-            **kafka_sink_options(
-                s.connections,
-                s.flink,
-                s.connections.topic("actions"),
-                f"{s.consumer.group(JOB)}-actions",
-                exactly_once=False,
-            ),
-            "properties.linger.ms": "0",
-        },
-    )
-    statements = t_env.create_statement_set()
-    statements.add_insert("actions_sink", actions)
 
     stop = threading.Event()
     stop_on_signals(stop)
@@ -590,9 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dispatch_config = s.dispatch.dispatch_config(s.connections, s.consumer, s.dispatch_group())
         dispatch = ActionDispatch(dispatch_config, file_rules, os.environ)
         dispatcher = threading.Thread(target=dispatch.run, args=(stop, drain), name="dispatch", daemon=True)
-    log.info("submitting %s (group %s)", JOB, s.consumer.group(JOB))
+    log.info("submitting %s (group %s)", job, s.consumer.group(job))
     outcome = run_job(
-        JOB,
+        job,
         statements,
         t_env,
         s.flink,
@@ -611,6 +613,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dispatcher is not None:
         dispatcher.join(timeout=s.dispatch.dispatch_shutdown_ms / 1000 + 30)
     return 1 if outcome == "failed" else 0
+
+
+def load_file_rules(s: TriggersJobSettings) -> list[Rule] | None:
+    """The ``--rules`` file's rules (``None`` after logging why the file is refused)."""
+    try:
+        return s.dispatch.file_rules()
+    except (RuleError, OSError) as exc:
+        log.error("rules file: %s", exc)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the triggers job (and, unless ``--no-dispatch``, the dispatch loop) until stopped."""
+    setup_logging()
+    s = compose(TriggersJobSettings, environment(), job_options(JOB, argv, add_triggers_args))
+    file_rules = load_file_rules(s)
+    if file_rules is None:
+        return 2
+    config = function_config(s, file_rules)
+    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=flink_options(s))
+    create_sources(t_env, s)
+    actions = build(t_env, t_env.from_path("enriched_events"), t_env.from_path("rule_records"), config)
+    create_actions_sink(t_env, s)
+    statements = t_env.create_statement_set()
+    statements.add_insert("actions_sink", actions)
+    return run_with_dispatch(JOB, s, statements, t_env, file_rules)
 
 
 if __name__ == "__main__":

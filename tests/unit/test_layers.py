@@ -38,8 +38,11 @@ def _modules(package: str) -> list[Path]:
 
 
 def test_no_job_imports_another_job() -> None:
+    """Each job builds its part of the graph alone; only ``jobs/pipeline.py`` composes the parts."""
     offenders = {}
     for path in _modules("jobs"):
+        if path.name == "pipeline.py":
+            continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             names: list[str] = []
