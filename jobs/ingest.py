@@ -13,8 +13,9 @@ Plan (``EXPLAIN`` shows it):
      keyed state in RocksDB with TTL = the dedup window) -> ``events.enriched`` (exactly-once).
 
 Counters (Flink metrics, and one log line every ``--log-interval-s`` from the driver via
-:mod:`connectors.flink_metrics`): records_in, valid, dlq and dlq_reason.<code> and redis_fallbacks
-from the stage; duplicates = what the Deduplicate operator read minus what it wrote (= enriched).
+:mod:`connectors.flink_metrics`): records_in, valid, dlq and dlq_reason.<code>, redis_fallbacks,
+redis_poison, links_flushed, links_dropped and the gauge links_pending from the stage; duplicates = what
+the Deduplicate operator read minus what it wrote (= enriched).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class IngestSettings(Settings):
     """``CLICKPULSE_REDIS_TIMEOUT_MS``: latency bound of one Redis round trip; then fail open (default 50)."""
     redis_key_prefix: str = Field("clickpulse:", alias="CLICKPULSE_REDIS_KEY_PREFIX")
     """``CLICKPULSE_REDIS_KEY_PREFIX``: prefix of identity/profile keys (default ``clickpulse:``)."""
+    pending_links_max: int = Field(100_000, alias="CLICKPULSE_INGEST_PENDING_LINKS_MAX", gt=0)
+    """``CLICKPULSE_INGEST_PENDING_LINKS_MAX``: identity links made while Redis is down, kept per subtask
+    and written once it is back; beyond it the oldest are dropped and counted (default 100000)."""
 
 
 def add_ingest_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +111,7 @@ class StageConfig:
     redis_url: str
     redis_timeout_s: float
     redis_prefix: str
+    pending_links_max: int
     log_interval_s: float
 
     @classmethod
@@ -123,6 +128,7 @@ class StageConfig:
             redis_url=s.connections.redis_url.get_secret_value(),
             redis_timeout_s=i.redis_timeout_ms / 1000.0,
             redis_prefix=i.redis_key_prefix,
+            pending_links_max=i.pending_links_max,
             log_interval_s=s.consumer.log_interval_ms / 1000.0,
         )
 
@@ -151,6 +157,7 @@ class IngestStageUdf(ScalarFunction):
                 max_future_s=c.max_future_s,
                 max_past_s=c.max_past_s,
                 enrich=EnrichOptions(internal_domains=c.internal_domains, anonymize_ip=c.anonymize_ip),
+                pending_links_max=c.pending_links_max,
             ),
             RedisIdentityStore(r, c.redis_prefix),
             RedisProfileStore(r, c.redis_prefix),
@@ -160,10 +167,21 @@ class IngestStageUdf(ScalarFunction):
         self.m_valid = group.counter("valid")
         self.m_dlq = group.counter("dlq")
         self.m_fallback = group.counter("redis_fallbacks")
+        self.m_poison = group.counter("redis_poison")
+        self.m_flushed = group.counter("links_flushed")
+        self.m_dropped = group.counter("links_dropped")
+        group.gauge("links_pending", lambda: self.stage.counters.links_pending)
         self.dlq_group = group.add_group("dlq_reason")
         self.m_dlq_reason: dict[str, Any] = {}
         self.next_log = time.monotonic() + c.log_interval_s
         self.last = (0, 0, 0)
+
+    def close(self) -> None:
+        """Try once more to write identity links still pending from a Redis outage."""
+        stage = getattr(self, "stage", None)
+        left = stage.flush_links() if stage is not None else 0
+        if left:
+            log.warning("ingest stage closing with %d identity links not written to Redis", left)
 
     def eval(self, k: Any, v: Any, ts: Any, part: Any, off: Any) -> Any:
         """Process one Arrow batch (pandas Series in, DataFrame of the result row out)."""
@@ -189,6 +207,12 @@ class IngestStageUdf(ScalarFunction):
         self.m_valid.inc(d_valid)
         self.m_dlq.inc(d_in - d_valid)
         self.m_fallback.inc(fallbacks - self.last[2])
+        for metric, total in (
+            (self.m_poison, c.redis_poison),
+            (self.m_flushed, c.links_flushed),
+            (self.m_dropped, c.links_dropped),
+        ):
+            metric.inc(total - metric.get_count())
         for reason, n in c.dlq.items():
             counter = self.m_dlq_reason.get(reason)
             if counter is None:

@@ -15,10 +15,20 @@ even though the store (Redis) already holds links created after the checkpoint.
 
 Profiles (user traits, ``HGETALL``-style) come from a :class:`ProfileStore` with a local cache; when
 it is slow or down the event passes with ``profile_status = "fallback"`` and a counter goes up.
+
+The store is never trusted to be up or sane:
+
+* links made while the identity store is down are kept in a bounded pending-write buffer and written
+  on later batches once it answers again (``links_pending``/``links_flushed``/``links_dropped``); a
+  batch never waits for the store beyond one bounded round trip;
+* a value the stage cannot use (wrong Redis type, undecodable, malformed, too big) comes back from the
+  store as :class:`Poison`: counted (``redis_poison``), logged once per key, and treated as no link /
+  no profile.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -48,23 +58,36 @@ class Link(NamedTuple):
     event_time_ms: int
 
 
+class Poison(NamedTuple):
+    """A stored value the stage cannot use (wrong type, undecodable, malformed, too big).
+
+    Stores return it in place of a link or profile, so one bad key never fails the other lookups of a
+    batch; the stage counts it and carries on as if the key held nothing.
+    """
+
+    reason: str
+
+
 class IdentityStore(Protocol):
     """Durable ``anonymous_id -> Link`` map (Redis in production)."""
 
-    def get_many(self, anonymous_ids: Sequence[str]) -> dict[str, Link]:
-        """Links for those ids that have one; raises ``StoreUnavailable`` when the store is down."""
+    def get_many(self, anonymous_ids: Sequence[str]) -> Mapping[str, Link | Poison]:
+        """Links (or :class:`Poison`) for those ids that have one; raises ``StoreUnavailable`` when the
+        store is down."""
         ...
 
-    def put_many(self, links: Mapping[str, Link]) -> None:
-        """Store links (last write wins); raises ``StoreUnavailable`` when the store is down."""
+    def put_many(self, links: Mapping[str, Link]) -> Mapping[str, Poison]:
+        """Store links (last write wins); returns the ids whose key cannot take a link (written never,
+        so not worth retrying); raises ``StoreUnavailable`` when the store is down."""
         ...
 
 
 class ProfileStore(Protocol):
     """User profiles (traits) keyed by user_key."""
 
-    def get_many(self, user_keys: Sequence[str]) -> dict[str, dict[str, str]]:
-        """Profiles of those keys that have one; raises ``StoreUnavailable`` when slow or down."""
+    def get_many(self, user_keys: Sequence[str]) -> Mapping[str, dict[str, str] | Poison]:
+        """Profiles (or :class:`Poison`) of those keys that have one; raises ``StoreUnavailable`` when
+        slow or down."""
         ...
 
 
@@ -83,9 +106,10 @@ class MemoryIdentityStore:
         """Links present for ``anonymous_ids``."""
         return {a: self.links[a] for a in anonymous_ids if a in self.links}
 
-    def put_many(self, links: Mapping[str, Link]) -> None:
+    def put_many(self, links: Mapping[str, Link]) -> Mapping[str, Poison]:
         """Store links."""
         self.links.update(links)
+        return {}
 
 
 class MemoryProfileStore:
@@ -112,6 +136,11 @@ class IngestOptions:
     link_cache_size: int = 500_000
     profile_cache_size: int = 100_000
     profile_cache_ttl_s: float = 300.0
+    pending_links_max: int = 100_000
+    """Links not yet written to the identity store (store down) kept for a later write; beyond it the
+    oldest are dropped (and counted)."""
+    link_write_batch: int = 5_000
+    """At most this many links go to the identity store per batch (a backlog drains over batches)."""
 
 
 @dataclass
@@ -124,6 +153,14 @@ class IngestCounters:
     identity_links: int = 0
     identity_fallbacks: int = 0
     profile_fallbacks: int = 0
+    redis_poison: int = 0
+    """Store values that could not be used (see :class:`Poison`), one per lookup or refused write."""
+    links_pending: int = 0
+    """Links waiting for the identity store to come back (a level, not a running count)."""
+    links_flushed: int = 0
+    """Links written on a later batch than the one that made them (after an outage)."""
+    links_dropped: int = 0
+    """Links never written: the pending buffer was full (they still apply in this process's memory)."""
 
     def line(self) -> str:
         """One-line summary for the periodic log."""
@@ -131,7 +168,9 @@ class IngestCounters:
         return (
             f"in={self.records_in} valid={self.valid} dlq={sum(self.dlq.values())} [{dlq}] "
             f"links={self.identity_links} identity_fallbacks={self.identity_fallbacks} "
-            f"profile_fallbacks={self.profile_fallbacks}"
+            f"profile_fallbacks={self.profile_fallbacks} redis_poison={self.redis_poison} "
+            f"links_pending={self.links_pending} links_flushed={self.links_flushed} "
+            f"links_dropped={self.links_dropped}"
         )
 
 
@@ -168,6 +207,10 @@ class IngestStage:
         self.counters = IngestCounters()
         self._links: dict[str, Link] = {}
         self._profiles: dict[str, tuple[float, dict[str, str] | None]] = {}
+        # links not yet in the identity store, oldest first (insertion order of the dict)
+        self._pending: dict[str, Link] = {}
+        self._writes_failing = self._drops_logged = False
+        self._poison_logged: set[str] = set()
 
     # ------------------------------------------------------------------------------------ batch
     def process_batch(
@@ -240,13 +283,13 @@ class IngestStage:
             record["profile"] = profile
             record["profile_status"] = status
             payloads[i] = orjson.dumps(record)
-        if new_links:
-            try:
-                self.identity.put_many(new_links)
-            except StoreUnavailable:
-                self.counters.identity_fallbacks += len(new_links)
-                log.warning("identity store unavailable; %d links kept only in memory", len(new_links))
+        self._write_links(new_links)
         return Output(kinds, mids, ukeys, payloads)
+
+    def flush_links(self) -> int:
+        """Try once to write pending links (e.g. on shutdown); returns how many are still pending."""
+        self._write_links({})
+        return len(self._pending)
 
     # --------------------------------------------------------------------------------- identity
     def _prefetch_links(self, results: Sequence[Any]) -> None:
@@ -261,11 +304,66 @@ class IngestStage:
         if not missing:
             return
         if len(self._links) > self.options.link_cache_size:
-            self._links.clear()  # bounded memory; the store still has every link
+            self._links.clear()  # bounded memory; the store has every link but the pending ones
+            self._links.update(self._pending)
         try:
-            self._links.update(self.identity.get_many(sorted(missing)))
+            fetched = self.identity.get_many(sorted(missing))
         except StoreUnavailable:
             self.counters.identity_fallbacks += len(missing)
+            return
+        for aid, got in fetched.items():
+            if isinstance(got, Poison):
+                self._poisoned("identity", aid, got)
+            else:
+                self._links[aid] = got
+
+    def _write_links(self, new_links: Mapping[str, Link]) -> None:
+        """Queue ``new_links`` behind the pending ones and write the oldest chunk; never raises."""
+        pending = self._pending
+        for aid, link in new_links.items():
+            pending.pop(aid, None)  # a newer link for the same id replaces the queued one, at the end
+            pending[aid] = link
+        overflow = len(pending) - self.options.pending_links_max
+        if overflow > 0:
+            for aid in list(itertools.islice(pending, overflow)):
+                del pending[aid]
+            self.counters.links_dropped += overflow
+            if not self._drops_logged:
+                self._drops_logged = True
+                log.warning(
+                    "identity store unavailable and %d links pending: dropping the oldest (counted as "
+                    "links_dropped; they still apply in memory here, but are not stored)",
+                    self.options.pending_links_max,
+                )
+        if pending:
+            chunk = dict(itertools.islice(pending.items(), self.options.link_write_batch))
+            try:
+                refused = self.identity.put_many(chunk)
+            except StoreUnavailable as e:
+                self.counters.identity_fallbacks += len(new_links)
+                if not self._writes_failing:
+                    log.warning("identity store unavailable (%s); keeping links for a later write", e)
+                self._writes_failing = True
+            else:
+                late = sum(1 for aid in chunk if aid not in new_links and aid not in refused)
+                for aid in chunk:
+                    del pending[aid]
+                for aid, poison in refused.items():
+                    self._poisoned("identity", aid, poison)  # kept in memory; a retry would fail again
+                self.counters.links_flushed += late
+                if self._writes_failing:
+                    log.warning(
+                        "identity store back: wrote %d delayed links, %d still pending", late, len(pending)
+                    )
+                self._writes_failing = self._drops_logged = False
+        self.counters.links_pending = len(pending)
+
+    def _poisoned(self, kind: str, key: str, poison: Poison) -> None:
+        self.counters.redis_poison += 1
+        seen = f"{kind}:{key}"
+        if seen not in self._poison_logged and len(self._poison_logged) < 1000:
+            self._poison_logged.add(seen)
+            log.warning("unusable %s value for %r in the store, ignored: %s", kind, key, poison.reason)
 
     def _resolve(self, data: Mapping[str, Any], partition: int, offset: int, event_time_ms: int) -> str:
         uid = data.get("user_id")
@@ -303,7 +401,12 @@ class IngestStage:
             if len(self._profiles) + len(stale) > self.options.profile_cache_size:
                 self._profiles.clear()
             for k in stale:
-                prof = fetched.get(k)
+                got = fetched.get(k)
+                prof = None
+                if isinstance(got, Poison):
+                    self._poisoned("profile", k, got)
+                else:
+                    prof = got
                 self._profiles[k] = (expires, prof)
                 out[k] = (prof or {}, "ok" if prof else "missing")
         return out
