@@ -188,6 +188,15 @@ def clickpulse_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in containers(doc) if c.get("image", "").split(":")[0] == IMAGE]
 
 
+def flink_main_container(doc: dict[str, Any]) -> dict[str, Any]:
+    """The ``flink-main-container`` of a FlinkDeployment's shared pod template (env, mounts, security);
+    the per-role templates add only what differs between JobManager and TaskManager (probes)."""
+    (main,) = [
+        c for c in doc["spec"]["podTemplate"]["spec"]["containers"] if c["name"] == "flink-main-container"
+    ]
+    return main
+
+
 def env_lists(node: Any) -> Iterator[list[dict[str, Any]]]:
     """Every ``env:`` list anywhere in a document (containers, patches, templates)."""
     if isinstance(node, dict):
@@ -386,7 +395,7 @@ def test_every_flink_job_runs_at_the_parallelism_of_its_spec() -> None:
         assert isinstance(parallelism, int) and parallelism >= 1, name
         slots = int(doc["spec"]["flinkConfiguration"]["taskmanager.numberOfTaskSlots"])
         assert slots >= 1, name
-        (main,) = [c for c in containers(doc) if c["name"] == "flink-main-container"]
+        main = flink_main_container(doc)
         assert env_value(main, "CLICKPULSE_FLINK_PARALLELISM") == str(parallelism), name
 
 
@@ -432,7 +441,7 @@ def test_triggers_leave_webhook_delivery_to_the_dispatch_deployment() -> None:
         for d in of_kind("FlinkDeployment")
         if any(a.endswith("jobs/triggers.py") for a in d["spec"]["job"]["args"])
     ]
-    (main,) = [c for c in containers(triggers) if c["name"] == "flink-main-container"]
+    main = flink_main_container(triggers)
     assert env_value(main, "CLICKPULSE_TRIGGERS_DISPATCH") == "false"
     assert not any("webhooks" in str(ref) for ref in main.get("envFrom") or []), (
         "webhook secrets in Flink pods"
@@ -509,9 +518,9 @@ def test_kafka_runs_in_kraft_mode_and_the_bootstrap_setting_points_at_it() -> No
     roles = {r for p in pools for r in p["spec"]["roles"]}
     assert roles == {"controller", "broker"}, "KRaft needs controller and broker roles in the node pools"
     assert kafka["spec"]["kafka"]["config"]["auto.create.topics.enable"] is False
-    plain_ports = {lsn["port"] for lsn in kafka["spec"]["kafka"]["listeners"] if not lsn["tls"]}
+    ports = {lsn["port"] for lsn in kafka["spec"]["kafka"]["listeners"]}
     host, _, port = config_data(K8S / "base")["KAFKA_BOOTSTRAP_SERVERS"].partition(":")
-    assert host == f"{name}-kafka-bootstrap" and int(port) in plain_ports
+    assert host == f"{name}-kafka-bootstrap" and int(port) in ports
 
 
 # --------------------------------------------------------------------------- settings and secrets
@@ -541,7 +550,7 @@ def test_secret_keys_are_settings_webhook_secrets_or_s3_credentials(setting_env_
         for gen, rel in generator_sources(kustomization(d), "secretGenerator"):
             keys = set(read_env_file(env_source(d, rel)))
             assert keys, f"{rel}: no keys"
-            if gen["name"] == "clickpulse-connections":
+            if gen["name"] in ("clickpulse-connections", "clickpulse-migrate-connections"):
                 assert keys <= setting_env_names, keys - setting_env_names
             elif gen["name"] == "clickpulse-webhooks":
                 assert DEFAULT_SECRET_ENV in keys
@@ -550,11 +559,39 @@ def test_secret_keys_are_settings_webhook_secrets_or_s3_credentials(setting_env_
                 assert keys == S3_CREDENTIAL_VARS
             else:
                 assert gen["name"] == "clickpulse-servers", f"unexpected Secret {gen['name']}"
-                assert keys == {"CLICKHOUSE_PASSWORD", "REDIS_PASSWORD"}
+                assert keys == clickhouse_password_vars() | {"REDIS_PASSWORD"}
+
+
+def clickhouse_users() -> dict[str, ElementTree.Element]:
+    """The users of ``k8s/base/clickhouse/users.xml`` by name (the removed ``default`` excluded)."""
+    root = ElementTree.parse(K8S / "base" / "clickhouse" / "users.xml").getroot()
+    users = root.find("users")
+    assert users is not None
+    return {u.tag: u for u in users if u.get("remove") is None}
+
+
+def clickhouse_password_vars() -> set[str]:
+    """The server variables users.xml reads the passwords from (``<password from_env=...>``)."""
+    found = set()
+    for user in clickhouse_users().values():
+        password = user.find("password")
+        assert password is not None and password.get("from_env"), f"{user.tag}: no password from_env"
+        found.add(str(password.get("from_env")))
+    return found
 
 
 def test_connection_examples_agree_with_the_services_and_server_passwords() -> None:
+    """Each connection URL logs in as a ClickHouse user of users.xml with the password the server gets."""
     services = set(by_name("Service"))
+    users = clickhouse_users()
+    (statefulset,) = [s for s in of_kind("StatefulSet") if s["metadata"]["name"] == "clickhouse"]
+    (server,) = containers(statefulset)
+    server_secret_keys = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in server.get("env") or []
+        if "secretKeyRef" in (e.get("valueFrom") or {})
+    }
+    checked = 0
     for d in kustomization_dirs():
         sources = {
             g["name"]: read_env_file(env_source(d, rel))
@@ -562,14 +599,21 @@ def test_connection_examples_agree_with_the_services_and_server_passwords() -> N
         }
         if "clickpulse-connections" not in sources:
             continue
-        conn, servers = sources["clickpulse-connections"], sources["clickpulse-servers"]
-        clickhouse, redis = urlsplit(conn["CLICKHOUSE_URL"]), urlsplit(conn["REDIS_URL"])
-        assert clickhouse.hostname in services and redis.hostname in services
-        assert clickhouse.password == servers["CLICKHOUSE_PASSWORD"]
-        assert redis.password == servers["REDIS_PASSWORD"]
-        (statefulset,) = [s for s in of_kind("StatefulSet") if s["metadata"]["name"] == "clickhouse"]
-        (server,) = containers(statefulset)
-        assert clickhouse.username == env_value(server, "CLICKHOUSE_USER")
+        servers = sources["clickpulse-servers"]
+        redis = urlsplit(sources["clickpulse-connections"]["REDIS_URL"])
+        assert redis.hostname in services and redis.password == servers["REDIS_PASSWORD"]
+        for secret in ("clickpulse-connections", "clickpulse-migrate-connections"):
+            clickhouse = urlsplit(sources[secret]["CLICKHOUSE_URL"])
+            assert clickhouse.hostname in services
+            assert clickhouse.username in users, f"{secret}: no ClickHouse user {clickhouse.username}"
+            password = users[str(clickhouse.username)].find("password")
+            assert password is not None
+            var = str(password.get("from_env"))
+            ref = server_secret_keys[var]
+            assert ref["name"] == "clickpulse-servers"
+            assert clickhouse.password == servers[ref["key"]], f"{secret}: password of {clickhouse.username}"
+            checked += 1
+    assert checked
 
 
 def test_no_secret_is_written_into_a_manifest() -> None:
@@ -673,7 +717,7 @@ def test_rendered_flink_jobs_keep_parallelism_and_env_equal(
         for doc in docs:
             if doc["kind"] != "FlinkDeployment":
                 continue
-            (main,) = [c for c in containers(doc) if c["name"] == "flink-main-container"]
+            main = flink_main_container(doc)
             assert env_value(main, "CLICKPULSE_FLINK_PARALLELISM") == str(
                 doc["spec"]["job"]["parallelism"]
             ), rel
@@ -685,10 +729,16 @@ def test_rendered_flink_jobs_keep_parallelism_and_env_equal(
 def test_rendered_overlays_define_every_configmap_and_secret_they_use(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
+    """Every ConfigMap and Secret a pod uses is in the overlay, or made by Strimzi from a resource in it:
+    a KafkaUser's Secret (its name) and the cluster CA certificate of a Kafka (``<name>-cluster-ca-cert``)."""
     for rel, docs in rendered.items():
         if not rel.startswith("overlays/"):
             continue
         defined = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        defined |= {("Secret", d["metadata"]["name"]) for d in docs if d["kind"] == "KafkaUser"}
+        defined |= {
+            ("Secret", f"{d['metadata']['name']}-cluster-ca-cert") for d in docs if d["kind"] == "Kafka"
+        }
         for doc in docs:
             for ps in pod_specs(doc):
                 for volume in ps.get("volumes") or []:
