@@ -20,37 +20,20 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import orjson
 
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, load_connections
-from devstack.simulator import SimConfig, generate
+from tests.support import produce_rows, simulated_enriched
 from udfs import sessions
-from udfs.ingest import IngestOptions, IngestStage, MemoryIdentityStore, MemoryProfileStore
 
 log = logging.getLogger("bench.sessionize")
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*sessionize\[(\d+)\]: events=(\d+)")
-
-
-def enriched_events(events: int, seed: int) -> list[tuple[str, bytes]]:
-    """``(user_key, enriched JSON)`` for a simulated run of ``events`` raw records ending now."""
-    end = datetime.now(UTC).replace(second=0, microsecond=0)
-    cfg = SimConfig.ending_at(end, events=events, seed=seed, duplicate_fraction=0.0, malformed_fraction=0.0)
-    records, _ = generate(cfg)
-    stage = IngestStage(IngestOptions(), MemoryIdentityStore(), MemoryProfileStore())
-    out = stage.process_batch(
-        [r.value for r in records],
-        [r.timestamp_ms for r in records],
-        [0] * len(records),
-        list(range(len(records))),
-        [r.key for r in records],
-    )
-    return [(k, p) for kind, k, p in zip(out.kinds, out.user_keys, out.payloads, strict=True) if kind == "ok"]
 
 
 def reducer_rate(rows: list[tuple[str, bytes]]) -> float:
@@ -184,16 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if not kafka_io.is_healthy(bootstrap):
         log.error("no Kafka at %s: run `clickpulse stack up` first", bootstrap)
         return 2
-    rows = enriched_events(args.events, args.seed)
+    rows = simulated_enriched(args.events, args.seed, duplicate_fraction=0.0, malformed_fraction=0.0)
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     topics = {f"{prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()}
     kafka_io.ensure_topics(bootstrap, topics, partitions=4)
     try:
-        producer = kafka_io.producer(bootstrap)
-        for key, value in rows:
-            producer.send(f"{prefix}events.enriched", key=key.encode(), value=value)
-        producer.flush()
-        producer.close()
+        produce_rows(bootstrap, f"{prefix}events.enriched", rows)
         with tempfile.TemporaryDirectory(prefix="bench-sessionize-") as tmp:
             env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKPULSE_")}
             env.update(

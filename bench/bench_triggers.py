@@ -42,7 +42,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, load_connections
-from udfs.timeutil import format_ms
+from tests.support import DEAL_PROMO_WHEN, enriched_event
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret"
@@ -98,45 +98,35 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------- workload
 
 
+#: The rest of a full enriched record, so the job parses records of realistic size.
+_FULL_RECORD: dict[str, Any] = {
+    "previous_id": None,
+    "ip": "203.0.113.9",
+    "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36",
+    "page_url": "https://shop.example/p/42?utm_source=google",
+    "page_path": "/p/42",
+    "page_title": "Deal",
+    "referrer": "https://www.google.com/",
+    "locale": "en-US",
+    "browser": "Chrome",
+    "browser_version": "120.0",
+    "os": "Linux",
+    "device_type": "desktop",
+    "utm_source": "google",
+    "utm_medium": None,
+    "utm_campaign": None,
+    "utm_term": None,
+    "utm_content": None,
+    "click_id_type": None,
+    "referrer_type": "search",
+    "referrer_host": "www.google.com",
+}
+
+
 def _event(user: str, name: str, ts_ms: int, props: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "message_id": uuid.uuid4().hex,
-        "type": "track",
-        "event": name,
-        "anonymous_id": f"anon-{user}",
-        "user_id": None,
-        "previous_id": None,
-        "user_key": user,
-        "timestamp": format_ms(ts_ms),
-        "event_time_ms": ts_ms,
-        "original_timestamp": format_ms(ts_ms),
-        "sent_at": format_ms(ts_ms),
-        "received_at": format_ms(ts_ms),
-        "ip": "203.0.113.9",
-        "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36",
-        "page_url": "https://shop.example/p/42?utm_source=google",
-        "page_path": "/p/42",
-        "page_host": "shop.example",
-        "page_title": "Deal",
-        "referrer": "https://www.google.com/",
-        "locale": "en-US",
-        "properties": props,
-        "traits": {},
-        "browser": "Chrome",
-        "browser_version": "120.0",
-        "os": "Linux",
-        "device_type": "desktop",
-        "is_bot": False,
-        "country": "US",
-        "utm_source": "google",
-        "utm_medium": None,
-        "utm_campaign": None,
-        "utm_term": None,
-        "utm_content": None,
-        "click_id_type": None,
-        "referrer_type": "search",
-        "referrer_host": "www.google.com",
-    }
+    ev = enriched_event(user, name, ts_ms, **props)
+    ev.update(_FULL_RECORD, original_timestamp=ev["timestamp"], sent_at=ev["timestamp"])
+    return ev
 
 
 def background(rng: random.Random, ts_ms: int) -> tuple[bytes, bytes]:
@@ -169,12 +159,7 @@ def rules_doc(url: str, prefilter: bool = False) -> dict[str, Any]:
             {"id": "probe", "when": {"event": "Probe"}, "action": {"webhook": {"url": f"{url}/probe"}}},
             {
                 "id": "deal_promo",
-                "when": {
-                    "event": "Product Viewed",
-                    "group_by": ["properties.deal_id"],
-                    "count_at_least": 4,
-                    "within": "30m",
-                },
+                "when": DEAL_PROMO_WHEN,
                 "cooldown": "24h",
                 "action": {"webhook": {"url": f"{url}/promo"}},
             },

@@ -654,9 +654,10 @@ def collect_results(
     event that was not sent to ``events.late``; rollups (events per day, DAU, revenue); every fired action
     delivered, every signature valid.
 
-    Trigger decisions are compared with the reducer over each user's events in the order the triggers job
-    read them (``events.enriched``). A replay compresses days into minutes, so where the job's watermark
-    stood when a user's event arrived can be minutes of simulated time either way; users whose decisions
+    Trigger decisions are compared with the reference evaluator (:mod:`devstack.reference_rules`) over
+    each user's events in the order the triggers job read them (``events.enriched``). A replay
+    compresses days into minutes, so where the job's watermark stood when a user's event arrived can be
+    minutes of simulated time either way; users whose decisions
     change within that bracket (:func:`devstack.simulator.expected_trigger_decisions`) are counted as
     order-sensitive and shown, every other user's actions must be exactly the expected ones.
     """
@@ -744,7 +745,7 @@ def collect_results(
         )  # fmt: skip
     ]
 
-    # triggers: what the receiver got vs the reducer over the order the triggers job read
+    # triggers: what the receiver got vs the reference evaluator over the order the triggers job read
     actions = [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions")]
     if expected is None:
         arrival = observe_trigger_arrival(bootstrap, prefix, truth, produced.sent_at, rules, actions)
@@ -1062,7 +1063,7 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
             f"{len(receiver.receipts()):,} webhook requests received"
         )
         with console.status(
-            "comparing with the truth (trigger decisions: the reducer over the observed order)"
+            "comparing with the truth (trigger decisions: the reference evaluator over the observed order)"
         ):
             res = collect_results(
                 client=client,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import gc
-import heapq
 import logging
 import math
 import random
@@ -49,8 +48,9 @@ from urllib.parse import quote_plus, urlencode
 
 import orjson
 
+from devstack.reference_rules import Cleanup, ExpectedFire, RefEvent, evaluate
 from udfs.identity import identity_link, record_key, resolve_user_key
-from udfs.rules import CountWhen, Event, Fire, Rule, Rules, SequenceWhen, Timer, UserState, on_timer, step
+from udfs.rules import CountWhen, Rule, Rules, SequenceWhen
 
 log = logging.getLogger(__name__)
 
@@ -1741,14 +1741,15 @@ def expected_trigger_fires(
     rules: Rules,
     *,
     watermark_delay_ms: int = 2000,
-) -> list[Fire]:
-    """The trigger fires a pipeline should make of this simulation under ``rules`` (the pure reducer).
+) -> list[ExpectedFire]:
+    """The trigger fires a pipeline should make of this simulation under ``rules``.
 
-    :func:`udfs.rules.step` runs over the valid unique events in the order they were produced (per
+    The reference evaluator :mod:`devstack.reference_rules` (written from ADR 002, independently of the
+    reducer the job runs) decides over the valid unique events in the order they were produced (per
     user, the order a triggers job reads them), with the truth's ``user_key`` and corrected event time.
-    Event-time timers fire once the running maximum event time minus ``watermark_delay_ms`` passes them;
-    at the end every pending timer fires, as in a bounded or drained run (the end of the input is the end
-    of event time). ``fired_at`` is 0: only the decisions and the ``action_id`` values are meaningful.
+    The watermark before each event is the running maximum event time minus ``watermark_delay_ms``; at
+    the end the run is drained (the end of the input is the end of event time). Only the decisions and
+    the ``action_id`` values are meaningful (there is no ``fired_at``).
 
     This is the order-of-arrival semantics of ADR 002, not event-time order: a late event does not
     complete a window that the watermark has already closed. A job that reads its input in bigger
@@ -1763,7 +1764,7 @@ def expected_trigger_fires(
     for event in events:
         newest = max(newest, event.ts_ms)
         marks.append(newest - watermark_delay_ms)
-    return _replay(events, marks, rules)
+    return evaluate(events, marks, rules, "eager")
 
 
 def _check_rule_paths(rules: Rules) -> None:
@@ -1773,12 +1774,20 @@ def _check_rule_paths(rules: Rules) -> None:
                 raise ValueError(f"rule {rule.id}: path {'.'.join(path)} is not available from raw records")
 
 
-def _trigger_event(records: Sequence[SimRecord], item: TruthEvent) -> Event:
+def _trigger_event(records: Sequence[SimRecord], item: TruthEvent) -> RefEvent:
     """The event a triggers job sees for ``item``: its raw fields, the truth's user_key and event time."""
     raw = orjson.loads(records[item.position].value)
     record = {k: raw.get(k) for k in _RAW_RULE_PATHS}
     record.update(user_key=item.user_key, event_time_ms=item.timestamp_ms)
-    return Event.from_record(record)
+    name, kind = record.get("event"), record.get("type")
+    return RefEvent(
+        message_id=item.message_id,
+        name=name if isinstance(name, str) else None,
+        type=kind if isinstance(kind, str) else None,
+        user_key=item.user_key,
+        ts_ms=item.timestamp_ms,
+        record=record,
+    )
 
 
 class TriggerArrival(NamedTuple):
@@ -1801,11 +1810,12 @@ class TriggerExpectation(NamedTuple):
 
     ``fires``: the decisions for every ``(rule_id, user_key)`` that is not order-sensitive.
     ``sensitive``: the pairs whose decisions depend on when the job's watermark passed a deadline or
-    window end relative to the user's own events (within ``slack_s`` of wall time either way); their
+    window end relative to the user's own events (within ``slack_s`` of wall time either way), or on
+    when within its minute the clean-up of an expired window, cooldown or last visit ran; their
     outcome is legitimately either, so they are reported, not compared. ``slack_s``: the bound used.
     """
 
-    fires: list[Fire]
+    fires: list[ExpectedFire]
     sensitive: frozenset[tuple[str, str]]
     slack_s: float
 
@@ -1821,10 +1831,11 @@ def expected_trigger_decisions(
 ) -> TriggerExpectation:
     """The trigger fires a pipeline must have made, given the observed ``arrival`` of its input.
 
-    Per-user order is exact: the reducer sees each user's events in the partition order the job read
-    them, so count and returning decisions have one right answer. Sequence deadlines and clean-up
-    timers fire on the watermark, which depends on how the job interleaved its partitions and when it
-    emitted watermarks; that is bracketed, per partition, between
+    Decisions come from the reference evaluator (:mod:`devstack.reference_rules`, written from ADR 002
+    independently of the reducer the job runs). Per-user order is exact: the reference sees each user's
+    events in the partition order the job read them, so count and returning decisions have one right
+    answer. Sequence deadlines and clean-up timers fire on the watermark, which depends on how the job
+    interleaved its partitions and when it emitted watermarks; that is bracketed, per partition, between
 
     * **early**: the watermark as far as it can possibly be when a record is processed — the partition's
       own newest earlier event time minus ``watermark_delay_ms`` (the job's watermark is the minimum over
@@ -1833,15 +1844,16 @@ def expected_trigger_decisions(
       produced at least ``slack_s`` earlier (``slack_s = arrival.lag_s + emit_interval_s + 1``), i.e.
       what the job had certainly read and turned into a watermark by then.
 
-    Users whose fires differ between the two are ``sensitive``; for every other ``(rule, user)`` the
-    two agree and so must the job. A drained run fires every pending timer at the end, as here.
+    Users whose fires differ between the two, or between an eager and a lazy clean-up of expired
+    pieces (see :mod:`devstack.reference_rules`), are ``sensitive``; for every other ``(rule, user)``
+    all agree and so must the job. A drained run fires every pending timer at the end, as here.
     """
     _check_rule_paths(rules)
     slack_s = arrival.lag_s + emit_interval_s + 1.0
     by_id = {item.message_id: item for item in truth.valid}
-    parts: list[list[tuple[float, int, Event]]] = []  # per partition: (available at, event time, event)
+    parts: list[list[tuple[float, int, RefEvent]]] = []  # per partition: (available at, event time, event)
     for ids in arrival.partitions:
-        items: list[tuple[float, int, Event]] = []
+        items: list[tuple[float, int, RefEvent]] = []
         available = -math.inf
         for mid in ids:
             item = by_id.get(mid)
@@ -1868,50 +1880,30 @@ def expected_trigger_decisions(
             low = min(low, maxima[i - 1] if i else -(2**62))
         return low - watermark_delay_ms
 
-    early_fires: dict[tuple[str, str], set[str]] = defaultdict(set)
-    late_fires: dict[tuple[str, str], set[str]] = defaultdict(set)
-    certain: list[Fire] = []
-    for items, maxima in zip(parts, newest, strict=True):
-        events = [e for _, _, e in items]
-        early = [-(2**62)] + [m - watermark_delay_ms for m in maxima[:-1]]
-        late = [min(e, late_watermark(a - slack_s)) for (a, _, _), e in zip(items, early, strict=True)]
-        for f in _replay(events, early, rules):
-            early_fires[(f.rule_id, f.user_key)].add(f.action_id)
-            certain.append(f)
-        for f in _replay(events, late, rules):
-            late_fires[(f.rule_id, f.user_key)].add(f.action_id)
+    outcomes: list[dict[tuple[str, str], set[str]]] = []
+    certain: list[ExpectedFire] = []
+    cleanups: tuple[Cleanup, ...] = ("eager", "lazy")  # when within its minute the clean-up ran: either
+    for bound in ("early", "late"):
+        for cleanup in cleanups:
+            decided: dict[tuple[str, str], set[str]] = defaultdict(set)
+            for items, maxima in zip(parts, newest, strict=True):
+                events = [e for _, _, e in items]
+                marks = [-(2**62)] + [m - watermark_delay_ms for m in maxima[:-1]]
+                if bound == "late":
+                    marks = [
+                        min(e, late_watermark(a - slack_s)) for (a, _, _), e in zip(items, marks, strict=True)
+                    ]
+                for f in evaluate(events, marks, rules, cleanup):
+                    decided[(f.rule_id, f.user_key)].add(f.action_id)
+                    if not outcomes:
+                        certain.append(f)
+            outcomes.append(decided)
+    keys = set().union(*(o.keys() for o in outcomes))
     sensitive = frozenset(
-        k for k in early_fires.keys() | late_fires.keys() if early_fires[k] != late_fires[k]
+        k for k in keys if any(o.get(k, set()) != outcomes[0].get(k, set()) for o in outcomes)
     )
     fires = [f for f in certain if (f.rule_id, f.user_key) not in sensitive]
     return TriggerExpectation(fires, sensitive, slack_s)
-
-
-def _replay(events: Sequence[Event], watermarks: Sequence[int], rules: Rules) -> list[Fire]:
-    """The reducer over ``events`` in this order, the watermark before each being ``watermarks[i]``; at
-    the end every pending timer fires (a drained run)."""
-    states: dict[str, UserState] = {}
-    timers: list[tuple[int, str]] = []
-    fires: list[Fire] = []
-
-    def advance(to: int) -> None:
-        while timers and timers[0][0] <= to:
-            at, key = heapq.heappop(timers)
-            state, fired, more = on_timer(states.get(key, UserState()), Timer(at), rules, 0)
-            states[key] = state
-            fires.extend(fired)
-            for t in more:
-                heapq.heappush(timers, (t.at_ms, key))
-
-    for event, mark in zip(events, watermarks, strict=True):
-        advance(mark)
-        state, fired, more = step(states.get(event.user_key, UserState()), event, rules, 0)
-        states[event.user_key] = state
-        fires.extend(fired)
-        for t in more:
-            heapq.heappush(timers, (t.at_ms, event.user_key))
-    advance(2**62)
-    return fires
 
 
 def _rule_paths(rule: Rule) -> list[tuple[str, ...]]:

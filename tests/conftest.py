@@ -16,6 +16,7 @@ import pytest
 from connectors import kafka as kafka_io
 from connectors.settings import Connections
 from devstack.stack import SERVICES, Stack, StackSettings, pid_alive
+from tests.support import blackhole_port
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +86,15 @@ def job_env(connections: Connections, tmp_path: Path) -> Iterator[dict[str, str]
             "CLICKPULSE_LOG_INTERVAL_S": "2",
         }
     )
+    if os.environ.get("CLICKPULSE_JARS_DIR"):  # connector jars elsewhere than <repo>/.clickpulse/jars
+        env["CLICKPULSE_JARS_DIR"] = os.environ["CLICKPULSE_JARS_DIR"]
     yield env
     if not os.environ.get("CLICKPULSE_KEEP_TOPICS"):
         kafka_io.delete_topics(connections.kafka_bootstrap_servers, list(topics))
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A loopback port that accepts TCP connections but never answers: a dead receiver."""
+    with blackhole_port() as port:
+        yield port

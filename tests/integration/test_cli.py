@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -12,22 +11,14 @@ import pytest
 
 from connectors.clickhouse import client_from_url
 from devstack.stack import Stack
+from tests.support import run_job
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "CLICKPULSE_HOME": str(stack.root)}
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_job("cli", env, *args, timeout=300)
 
 
 def test_migrate_twice_then_query(stack: Stack) -> None:

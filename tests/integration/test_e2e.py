@@ -14,11 +14,12 @@ drained (end of event time) and everything is compared with what the truth says:
   ClickHouse the truth's sessions (gap 30 min) over every event the job did not send to ``events.late``;
   only events the simulator delivered hours late may go there;
 * rollups: events per minute and event, daily active users, revenue per currency, sessions per day;
-* webhooks: every fired action delivered, every signature valid, and exactly the actions the pure reducer
-  (whose semantics the triggers job tests check independently) makes of each user's events in the order
-  the triggers job read them (:func:`devstack.simulator.expected_trigger_decisions`). Where the job's
-  watermark stood when an event arrived is bracketed by the measured lag; the few users whose decisions
-  change within that bracket are left out of the comparison (at most 5 % of the fires, or 3).
+* webhooks: every fired action delivered, every signature valid, and exactly the actions the reference
+  evaluator (:mod:`devstack.reference_rules`, written from ADR 002 independently of the reducer the job
+  runs) makes of each user's events in the order the triggers job read them
+  (:func:`devstack.simulator.expected_trigger_decisions`). Where the job's watermark stood when an event
+  arrived is bracketed by the measured lag; the few users whose decisions change within that bracket
+  are left out of the comparison (at most 5 % of the fires, or 3).
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ def test_pipeline_matches_the_truth_through_a_kill_9(
         assert {d: int(n) for d, n in sessions_per_day} == dict(per_day)
 
         # --- webhooks -------------------------------------------------------------------------------
-        # the reducer over each user's events in the order the triggers job read them; users whose
-        # decisions depend on where the watermark stood (within the measured lag) may go either way
+        # the reference evaluator over each user's events in the order the triggers job read them; users
+        # whose decisions depend on where the watermark stood (within the measured lag) may go either way
         sent_at = first.sent_at + second_sent[0].sent_at
         actions = [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions")]
         arrival = observe_trigger_arrival(bootstrap, prefix, truth, sent_at, rules, actions)

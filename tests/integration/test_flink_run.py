@@ -32,7 +32,9 @@ from connectors.flink import connector_jars
 from devstack.flink_cluster import PROJECT_PACKAGES, ClusterOptions, FlinkCluster, package_sources
 from devstack.simulate import produce
 from devstack.simulator import SimRecord
-from tests.job.test_ingest_job import check_against_truth, read_all, simulate, wait_for
+from tests.support import check_ingest_against_truth as check_against_truth
+from tests.support import read_topic, until
+from tests.support import simulate_now as simulate
 
 pytestmark = pytest.mark.integration
 
@@ -103,17 +105,30 @@ def submit(
     )
 
 
+def wait_checkpoint_after(cluster: FlinkCluster, job: str, since: float, timeout_s: float = 120) -> None:
+    """Until a checkpoint of ``job`` triggered after wall time ``since`` has completed (REST API)."""
+
+    def completed_after() -> bool:
+        latest = (cluster.checkpoints(job).get("latest") or {}).get("completed") or {}
+        return int(latest.get("trigger_timestamp") or 0) > since * 1000
+
+    until(completed_after, timeout_s, f"a checkpoint of {job} after {since:.0f}", every_s=0.5)
+
+
 def sessions_consistent(bootstrap: str, prefix: str) -> int:
     """Number of live sessions when each one's event count equals the enriched events of its user in
     its [start, end] (less the ones sessionize sent to events.late), else 0."""
-    late = {orjson.loads(m.value)["message_id"] for m in read_all(bootstrap, f"{prefix}events.late", 1.0)}
+    late = {
+        orjson.loads(m.value)["message_id"]
+        for m in read_topic(bootstrap, f"{prefix}events.late", quiet_s=1.0)
+    }
     times: dict[str, list[int]] = defaultdict(list)
-    for m in read_all(bootstrap, f"{prefix}events.enriched", 1.0):
+    for m in read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0):
         e = orjson.loads(m.value)
         if e["message_id"] not in late:
             times[e["user_key"]].append(e["event_time_ms"])
     latest: dict[str, dict] = {}
-    for m in read_all(bootstrap, f"{prefix}sessions", 1.0):
+    for m in read_topic(bootstrap, f"{prefix}sessions", quiet_s=1.0):
         s = orjson.loads(m.value)
         assert m.key.decode() == s["session_id"]
         if s["session_id"] not in latest or s["version"] > latest[s["session_id"]]["version"]:
@@ -158,16 +173,17 @@ def test_flink_run_savepoint_and_resume(
         assert "clickpulse-ingest" in cluster.list_jobs()
 
         # -- the first half flows end to end
-        wait_for(
-            lambda: len(read_all(bootstrap, f"{prefix}events.enriched", 1.0)) >= len(first_ids),
+        until(
+            lambda: len(read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= len(first_ids),
             300,
             "the first half in events.enriched",
         )
-        time.sleep(3)  # a checkpoint more: anything extra would show now
-        enriched = read_all(bootstrap, f"{prefix}events.enriched")
+        # a checkpoint triggered after that has completed: anything extra would be committed by now
+        wait_checkpoint_after(cluster, ingest, time.time())
+        enriched = read_topic(bootstrap, f"{prefix}events.enriched")
         ids = Counter(orjson.loads(m.value)["message_id"] for m in enriched)
         assert set(ids) == first_ids and max(ids.values()) == 1
-        dlq = read_all(bootstrap, f"{prefix}events.dlq")
+        dlq = read_topic(bootstrap, f"{prefix}events.dlq")
         assert Counter(orjson.loads(m.value)["error_code"] for m in dlq) == first_dlq
 
         # the Python workers import the project from the --pyFiles zip, in both execution modes
@@ -192,29 +208,29 @@ def test_flink_run_savepoint_and_resume(
         restored = cluster.checkpoints(resumed).get("latest", {}).get("restored") or {}
         assert restored.get("is_savepoint") and restored.get("external_path") == savepoint, restored
 
-        wait_for(
-            lambda: len(read_all(bootstrap, f"{prefix}events.enriched", 1.0)) >= truth.unique_valid,
+        until(
+            lambda: len(read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= truth.unique_valid,
             300,
             "the resumed job to catch up",
         )
-        time.sleep(5)  # two checkpoints more: duplicates would be committed by now
-        enriched = read_all(bootstrap, f"{prefix}events.enriched")
-        dlq = read_all(bootstrap, f"{prefix}events.dlq")
+        wait_checkpoint_after(cluster, resumed, time.time())  # duplicates would be committed by now
+        enriched = read_topic(bootstrap, f"{prefix}events.enriched")
+        dlq = read_topic(bootstrap, f"{prefix}events.dlq")
         check_against_truth(enriched, dlq, truth)  # each unique event once, each bad record once
         positions = Counter((d["partition"], d["offset"]) for d in (orjson.loads(m.value) for m in dlq))
         assert len(positions) == len(truth.invalid) and max(positions.values()) == 1
 
         # -- sessionize kept running across ingest's restart and agrees with the enriched events
-        wait_for(lambda: sessions_consistent(bootstrap, prefix) >= 50, 240, "consistent sessions")
+        until(lambda: sessions_consistent(bootstrap, prefix) >= 50, 240, "consistent sessions")
 
         # -- triggers ran alongside: every deal promo is backed by four views of one deal by its user
         def promos() -> list[dict]:
-            return [orjson.loads(m.value) for m in read_all(bootstrap, f"{prefix}actions", 1.0)]
+            return [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions", quiet_s=1.0)]
 
-        wait_for(lambda: bool(promos()), 240, "deal promos in actions")
+        until(lambda: bool(promos()), 240, "deal promos in actions")
         views = {
             e["message_id"]: e
-            for e in (orjson.loads(m.value) for m in read_all(bootstrap, f"{prefix}events.enriched"))
+            for e in (orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}events.enriched"))
             if e["event"] == "Product Viewed"
         }
         for action in promos():

@@ -38,6 +38,7 @@ from connectors.migrate import migrate
 from connectors.query import QUERIES_DIR
 from connectors.settings import Connections
 from devstack.simulator import SimConfig, generate
+from tests.support import until
 from udfs.ingest import OK, IngestOptions, IngestStage, MemoryIdentityStore
 
 pytestmark = pytest.mark.integration
@@ -385,16 +386,6 @@ def loaded_offsets(client: Any, db: str, topic: str) -> int:
     )
 
 
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``cond`` until true or fail."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 # ============================================================================ tests
 
 
@@ -560,7 +551,7 @@ def test_crash_mid_batch(connections: Connections, database: tuple[Any, str], tm
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(cmd[:-1], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
             try:
-                wait_for(
+                until(
                     lambda: (
                         loaded_offsets(client, db, t.sessions) == len(ds.session_records)
                         and loaded_offsets(client, db, t.events)
@@ -627,18 +618,18 @@ def test_clickhouse_outage(connections: Connections, topics: Topics, tmp_path: P
         half = len(ds.event_records) // 2
         produce(connections.kafka_bootstrap_servers, topics.events, ds.event_records[:half])
         client = client_from_url(url)
-        wait_for(lambda: client.command(f"SELECT count() FROM {db}.events") == half, 60, "first half")
+        until(lambda: client.command(f"SELECT count() FROM {db}.events") == half, 60, "first half")
         client.close()
 
         _stop(server)
         produce(connections.kafka_bootstrap_servers, topics.events, ds.event_records[half:])
         produce(connections.kafka_bootstrap_servers, topics.sessions, ds.session_records)
-        wait_for(lambda: loader.counters.retries >= 2, 30, "insert retries while ClickHouse is down")
+        until(lambda: loader.counters.retries >= 2, 30, "insert retries while ClickHouse is down")
         assert th.is_alive()
 
         server = _start_chserver(data_dir, port, tmp_path / "ch.log")
         client = client_from_url(url)
-        wait_for(
+        until(
             lambda: (
                 loader.counters.rows["sessions"] == len(ds.session_records)
                 and client.command(f"SELECT count() FROM {db}.events") == len(ds.event_records)

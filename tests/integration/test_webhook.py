@@ -124,16 +124,6 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """A port that accepts TCP connections (kernel backlog) but never answers."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(64)
-    yield int(s.getsockname()[1])
-    s.close()
-
-
 def dispatcher(outcomes: Outcomes, policy: RetryPolicy = FAST, **kw: Any) -> WebhookDispatcher:
     return WebhookDispatcher(
         outcomes.on_dead, on_delivered=outcomes.on_delivered, policy=policy, seed=7, **kw

@@ -4,68 +4,31 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from devstack.simulate import produce
-from devstack.simulator import SimConfig, SimRecord, Truth, generate
+from tests.support import (
+    check_ingest_against_truth as check_against_truth,
+)
+from tests.support import (
+    checkpoint_after,
+    raw_marker,
+    read_topic,
+    run_job,
+    send_markers,
+    start_job,
+    until,
+)
+from tests.support import (
+    simulate_now as simulate,
+)
 from udfs.enrich import parse_page_url
 
 pytestmark = pytest.mark.job
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def simulate(events: int, seed: int) -> tuple[list[SimRecord], Truth]:
-    end = datetime.now(UTC).replace(second=0, microsecond=0)
-    return generate(SimConfig.ending_at(end, events=events, seed=seed))
-
-
-def read_all(bootstrap: str, topic: str, quiet_s: float = 4.0) -> list:
-    """Every committed record of ``topic`` (read_committed), until nothing new for ``quiet_s``."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=int(quiet_s * 1000),
-    )
-    parts = consumer.partitions_for_topic(topic) or set()
-    consumer.assign([TopicPartition(topic, p) for p in parts])
-    out = list(consumer)
-    consumer.close()
-    return out
-
-
-def run_ingest(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.ingest", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def check_against_truth(enriched: list, dlq: list, truth: Truth) -> list[dict]:
-    records = [orjson.loads(m.value) for m in enriched]
-    ids = Counter(r["message_id"] for r in records)
-    assert len(records) == truth.unique_valid, "each unique valid event exactly once"
-    assert set(ids) == set(truth.unique_message_ids) and max(ids.values()) == 1
-    reasons = Counter(orjson.loads(m.value)["error_code"] for m in dlq)
-    assert reasons == Counter({k: v for k, v in truth.invalid_counts.items() if v})
-    # in == enriched + duplicates + dlq, exactly
-    assert truth.records == len(records) + truth.duplicate_count + len(dlq)
-    return records
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
@@ -75,13 +38,13 @@ def test_ingest_matches_truth(job_env: dict[str, str], parallelism: int) -> None
     prefix = job_env["CLICKPULSE_TOPIC_PREFIX"]
     produce(bootstrap, f"{prefix}events.raw", records)
 
-    res = run_ingest(
-        job_env, "--bounded", "--starting-offsets", "earliest", "--parallelism", str(parallelism)
+    res = run_job(
+        "ingest", job_env, "--bounded", "--starting-offsets", "earliest", "--parallelism", str(parallelism)
     )
     assert res.returncode == 0, res.stderr[-3000:]
 
-    enriched = read_all(bootstrap, f"{prefix}events.enriched")
-    dlq = read_all(bootstrap, f"{prefix}events.dlq")
+    enriched = read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=4.0)
+    dlq = read_topic(bootstrap, f"{prefix}events.dlq", quiet_s=4.0)
     out = check_against_truth(enriched, dlq, truth)
 
     # every DLQ record carries its source position and the original payload
@@ -120,10 +83,13 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(job_env: dict[str, str
     half = len(records) // 2
     produce(bootstrap, f"{prefix}events.raw", records[:half])
 
-    first = start_ingest(job_env, "--starting-offsets", "earliest")
+    first = start_job("ingest", job_env, None, "--starting-offsets", "earliest")
     try:
-        wait_for(
-            lambda: read_all(bootstrap, f"{prefix}events.enriched", quiet_s=1.0), 240, "committed output"
+        until(
+            lambda: read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0),
+            240,
+            "committed output",
+            every_s=2.0,
         )
         produce(bootstrap, f"{prefix}events.raw", records[half:])
         time.sleep(1.5)  # mid-stream: part of the second half is in flight
@@ -131,42 +97,34 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(job_env: dict[str, str
         os.killpg(first.pid, signal.SIGKILL)  # a process kill, not a clean cancel
         first.wait(30)
 
-    ckpts = list(Path(job_env["CLICKPULSE_HOME"]).glob("flink/ingest/checkpoints/*/chk-*/_metadata"))
-    assert ckpts, "the first run left a retained checkpoint"
+    checkpoints = Path(job_env["CLICKPULSE_HOME"]) / "flink" / "ingest" / "checkpoints"
+    assert list(checkpoints.glob("*/chk-*/_metadata")), "the first run left a retained checkpoint"
     # The restored source keeps the first run's (unbounded) splits, so the second run is unbounded
     # too: let it catch up, then stop it.
-    second = start_ingest(job_env, "--restore", "auto")
+    second = start_job("ingest", job_env, None, "--restore", "auto")
     try:
-        wait_for(
-            lambda: len(read_all(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= truth.unique_valid,
+        until(
+            lambda: len(read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= truth.unique_valid,
             300,
             "the restarted job to catch up",
+            every_s=2.0,
         )
-        time.sleep(3)  # one more checkpoint: anything extra would show up now
+        # markers produced after everything: once all of them are committed downstream, so is anything
+        # the restored job made of the records before them (one subtask: one transaction per checkpoint)
+        markers = {m["message_id"] for m in send_markers(bootstrap, f"{prefix}events.raw", raw_marker)}
+        until(
+            lambda: markers <= {orjson.loads(m.value)["message_id"] for m in read_topic(
+                bootstrap, f"{prefix}events.enriched", quiet_s=1.0)},
+            120,
+            "the markers behind the input in events.enriched",
+            every_s=1.0,
+        )  # fmt: skip
+        seen = time.time()  # and a checkpoint after that: every subtask committed what it made
+        until(lambda: checkpoint_after(checkpoints, seen), 60, "a checkpoint after the markers")
     finally:
         os.killpg(second.pid, signal.SIGKILL)
         second.wait(30)
 
-    enriched = read_all(bootstrap, f"{prefix}events.enriched")
-    dlq = read_all(bootstrap, f"{prefix}events.dlq")
+    enriched = read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=4.0)
+    dlq = read_topic(bootstrap, f"{prefix}events.dlq", quiet_s=4.0)
     check_against_truth(enriched, dlq, truth)
-
-
-def start_ingest(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.ingest", *args],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-def wait_for(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(2)
-    pytest.fail(f"timed out waiting for {what}")

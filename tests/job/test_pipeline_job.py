@@ -9,8 +9,6 @@ depend on that order only; sequence rules also on the watermark, so those are ch
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import pytest
 
 from devstack.simulate import produce
 from devstack.simulator import expected_sessions
-from tests.job.test_ingest_job import check_against_truth, read_all, simulate
+from tests.support import check_ingest_against_truth, read_topic, run_job, simulate_now
 from udfs.rules import Event, Rules, load_rules_file, load_state, step
 
 pytestmark = pytest.mark.job
@@ -44,29 +42,26 @@ def final_sessions(messages: list[Any]) -> list[tuple[str, int, int, int]]:
 
 
 def test_pipeline_matches_truth(job_env: dict[str, str], tmp_path: Path) -> None:
-    records, truth = simulate(4000, seed=11)
+    records, truth = simulate_now(4000, seed=11)
     bootstrap, prefix = job_env["KAFKA_BOOTSTRAP_SERVERS"], job_env["CLICKPULSE_TOPIC_PREFIX"]
     produce(bootstrap, f"{prefix}events.raw", records)
 
-    res = subprocess.run(
-        [sys.executable, "-m", "jobs.pipeline", "--bounded", "--starting-offsets", "earliest"]
-        + ["--no-dispatch", "--rules", str(RULES)],
-        env=job_env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    res = run_job(
+        "pipeline",
+        job_env,
+        *("--bounded", "--starting-offsets", "earliest", "--no-dispatch", "--rules", str(RULES)),
         timeout=900,
     )
     assert res.returncode == 0, res.stderr[-4000:]
 
     # exactly-once analytics path
-    enriched = read_all(bootstrap, f"{prefix}events.enriched")
-    events = check_against_truth(enriched, read_all(bootstrap, f"{prefix}events.dlq"), truth)
+    enriched = read_topic(bootstrap, f"{prefix}events.enriched")
+    events = check_ingest_against_truth(enriched, read_topic(bootstrap, f"{prefix}events.dlq"), truth)
 
     # sessions: the truth's rule over every event that was not too late
-    late = {orjson.loads(m.value)["message_id"] for m in read_all(bootstrap, f"{prefix}events.late")}
+    late = {orjson.loads(m.value)["message_id"] for m in read_topic(bootstrap, f"{prefix}events.late")}
     assert late <= {x.message_id for x in truth.late}, "only events delivered hours late may be too late"
-    published = read_all(bootstrap, f"{prefix}sessions")
+    published = read_topic(bootstrap, f"{prefix}sessions")
     assert max(Counter((m.key, orjson.loads(m.value)["version"]) for m in published).values()) == 1
     cfg = truth.config
     want = expected_sessions(
@@ -90,7 +85,7 @@ def test_pipeline_matches_truth(job_env: dict[str, str], tmp_path: Path) -> None
         for record in user_events:
             state, fires, _ = step(state, Event.from_record(record), rules, 0)
             expected |= {f.action_id for f in fires if f.rule_id in order_only}
-    actions = [orjson.loads(m.value) for m in read_all(bootstrap, f"{prefix}actions")]
+    actions = [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions")]
     fired = {a["action_id"] for a in actions if a["rule_id"] in order_only}
     assert expected and fired == expected
     assert len({a["action_id"] for a in actions}) == len(actions), "a bounded run fires each action once"

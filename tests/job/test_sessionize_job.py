@@ -16,7 +16,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -27,16 +26,22 @@ from typing import Any
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
-from connectors import kafka as kafka_io
-from devstack.simulator import SimConfig, generate
-from udfs.ingest import IngestOptions, IngestStage, MemoryIdentityStore, MemoryProfileStore
+from tests.support import (
+    checkpoint_after,
+    offsets_committed_to_end,
+    produce_rows,
+    read_topic,
+    run_job,
+    send_markers,
+    simulated_enriched,
+    start_job,
+    until,
+)
 from udfs.timeutil import format_ms
 
 pytestmark = pytest.mark.job
 
-REPO = Path(__file__).resolve().parents[2]
 START = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
 MIN = 60_000
 H = 60 * MIN
@@ -99,25 +104,15 @@ def _sid(user: str, first_mid: str) -> str:
 
 
 def build_dataset(events: int = 1500, seed: int = 21) -> Dataset:
-    cfg = SimConfig(
-        events=events,
-        seed=seed,
+    base = simulated_enriched(
+        events,
+        seed,
         start=START,
         span_s=3 * 3600,
         duplicate_fraction=0.0,
         malformed_fraction=0.0,
         late_fraction=0.0,
     )
-    records, _ = generate(cfg)
-    stage = IngestStage(IngestOptions(), MemoryIdentityStore(), MemoryProfileStore())
-    out = stage.process_batch(
-        [r.value for r in records],
-        [r.timestamp_ms for r in records],
-        [0] * len(records),
-        list(range(len(records))),
-        [r.key for r in records],
-    )
-    base = [(k, p) for kind, k, p in zip(out.kinds, out.user_keys, out.payloads, strict=True) if kind == "ok"]
     early = [(k, p) for k, p in base if orjson.loads(p)["event_time_ms"] < M]
     later = [(k, p) for k, p in base if orjson.loads(p)["event_time_ms"] >= M]
 
@@ -255,29 +250,6 @@ def summarize(user: str, g: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- I/O
 
 
-def produce(bootstrap: str, topic: str, rows: list[tuple[str, bytes]]) -> None:
-    p = kafka_io.producer(bootstrap)
-    for key, value in rows:
-        p.send(topic, key=key.encode(), value=value)
-    p.flush()
-    p.close()
-
-
-def read_all(bootstrap: str, topic: str, quiet_s: float = 4.0) -> list:
-    """Every committed record of ``topic`` (read_committed), until nothing new for ``quiet_s``."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=int(quiet_s * 1000),
-    )
-    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or set()])
-    out = list(consumer)
-    consumer.close()
-    return out
-
-
 def job_env_for(job_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {
         **job_env,
@@ -299,14 +271,7 @@ def flink_log_tail(tmp_path: Path, n: int = 3000) -> str:
 
 
 def run_bounded(env: dict[str, str], tmp_path: Path, *args: str, timeout: float = 420) -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "jobs.sessionize", "--bounded", *args],
-        env=with_log_dir(env, tmp_path, "bounded"),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    res = run_job("sessionize", with_log_dir(env, tmp_path, "bounded"), "--bounded", *args, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:] + flink_log_tail(tmp_path)
 
 
@@ -318,7 +283,7 @@ class Output:
 
 
 def read_output(bootstrap: str, prefix: str) -> Output:
-    msgs = read_all(bootstrap, f"{prefix}sessions")
+    msgs = read_topic(bootstrap, f"{prefix}sessions", quiet_s=4.0)
     records = []
     for m in msgs:
         value = orjson.loads(m.value)
@@ -329,7 +294,7 @@ def read_output(bootstrap: str, prefix: str) -> Output:
         if r["session_id"] not in latest or r["version"] > latest[r["session_id"]]["version"]:
             latest[r["session_id"]] = r
     final = {k: v for k, v in latest.items() if not v["retracted"]}
-    return Output(records, final, read_all(bootstrap, f"{prefix}events.late", quiet_s=2.0))
+    return Output(records, final, read_topic(bootstrap, f"{prefix}events.late", quiet_s=2.0))
 
 
 def check(out: Output, data: Dataset) -> None:
@@ -375,26 +340,11 @@ def test_bounded_run_matches_batch_reference(job_env: dict[str, str], tmp_path: 
     data = build_dataset()
     env = job_env_for(job_env, tmp_path)
     bootstrap, prefix = env["KAFKA_BOOTSTRAP_SERVERS"], env["CLICKPULSE_TOPIC_PREFIX"]
-    produce(bootstrap, f"{prefix}events.enriched", data.all)
+    produce_rows(bootstrap, f"{prefix}events.enriched", data.all)
 
     run_bounded(env, tmp_path, "--starting-offsets", "earliest", "--parallelism", "2")
 
     check(read_output(bootstrap, prefix), data)
-
-
-def start_job(env: dict[str, str], tmp_path: Path, run: str, *args: str) -> subprocess.Popen:
-    log = (tmp_path / f"{run}.log").open("w")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "jobs.sessionize", *args],
-            env=with_log_dir(env, tmp_path, run),
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    finally:
-        log.close()
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -406,12 +356,13 @@ def produce_sentinels(bootstrap: str, topic: str, partitions: int = 4) -> None:
     """One event a day ahead on every partition: once each partition has been read up to it, the
     watermark passes every real session (a bounded source would end with a MAX watermark instead,
     but a bounded Kafka source restored from a checkpoint never finishes: FLINK-31006)."""
-    p = kafka_io.producer(bootstrap)
-    for part in range(partitions):
-        e = scenario_event(f"zz-sentinel-{part}", M + 24 * H, f"sentinel-{part}")
-        p.send(topic, key=e["user_key"].encode(), value=orjson.dumps(e), partition=part)
-    p.flush()
-    p.close()
+    send_markers(
+        bootstrap, topic, lambda part: _row_value(f"zz-sentinel-{part}", f"sentinel-{part}"), partitions
+    )
+
+
+def _row_value(user: str, mid: str) -> tuple[str, dict[str, Any]]:
+    return user, scenario_event(user, M + 24 * H, mid)
 
 
 def test_kill_and_restore_gives_the_same_final_sessions(job_env: dict[str, str], tmp_path: Path) -> None:
@@ -419,30 +370,42 @@ def test_kill_and_restore_gives_the_same_final_sessions(job_env: dict[str, str],
     env = job_env_for(job_env, tmp_path)
     bootstrap, prefix = env["KAFKA_BOOTSTRAP_SERVERS"], env["CLICKPULSE_TOPIC_PREFIX"]
     topic = f"{prefix}events.enriched"
-    produce(bootstrap, topic, data.phase1)
+    produce_rows(bootstrap, topic, data.phase1)
 
-    proc = start_job(env, tmp_path, "first-run", "--starting-offsets", "earliest")
+    proc = start_job(
+        "sessionize",
+        with_log_dir(env, tmp_path, "first-run"),
+        tmp_path / "first-run.log",
+        "--starting-offsets",
+        "earliest",
+    )
     try:
         # wait until the scenario sessions are published and committed (so phase 2 updates them)
         deadline = time.monotonic() + 300
         wanted = set(data.published_first.values())
         while time.monotonic() < deadline:
-            seen = {m.key.decode() for m in read_all(bootstrap, f"{prefix}sessions", quiet_s=1.0)}
+            seen = {m.key.decode() for m in read_topic(bootstrap, f"{prefix}sessions", quiet_s=1.0)}
             if wanted <= seen:
                 break
             assert proc.poll() is None, flink_log_tail(tmp_path)
             time.sleep(2)
         else:
             pytest.fail("scenario sessions were not published before the kill\n" + flink_log_tail(tmp_path))
-        produce(bootstrap, topic, data.phase2 + data.phase3)
+        produce_rows(bootstrap, topic, data.phase2 + data.phase3)
         time.sleep(2.0)  # mid-stream: part of it processed, maybe checkpointed, maybe not
     finally:
         kill(proc)
 
-    home = Path(env["CLICKPULSE_HOME"])
-    assert list(home.glob("flink/sessionize/checkpoints/*/chk-*/_metadata")), "a retained checkpoint"
+    checkpoints = Path(env["CLICKPULSE_HOME"]) / "flink" / "sessionize" / "checkpoints"
+    assert list(checkpoints.glob("*/chk-*/_metadata")), "a retained checkpoint"
     produce_sentinels(bootstrap, topic)
-    proc = start_job(env, tmp_path, "restored-run", "--restore", "auto")
+    proc = start_job(
+        "sessionize",
+        with_log_dir(env, tmp_path, "restored-run"),
+        tmp_path / "restored-run.log",
+        "--restore",
+        "auto",
+    )
     try:
         deadline = time.monotonic() + 360
         while True:
@@ -455,7 +418,16 @@ def test_kill_and_restore_gives_the_same_final_sessions(job_env: dict[str, str],
                     raise
                 assert proc.poll() is None, flink_log_tail(tmp_path)
                 time.sleep(3)
-        time.sleep(6)  # a few more checkpoints: nothing else may arrive
+        # nothing else may arrive: the job has committed its input to the end, and a checkpoint after
+        # that committed whatever it made of it (and of the watermark it reached)
+        until(
+            lambda: offsets_committed_to_end(bootstrap, topic, env["CLICKPULSE_GROUP_ID"]),
+            120,
+            "the restored job to commit its input offsets to the end",
+            every_s=1.0,
+        )
+        at_end = time.time()
+        until(lambda: checkpoint_after(checkpoints, at_end), 60, "a checkpoint after the input's end")
         out = read_output(bootstrap, prefix)
     finally:
         kill(proc)

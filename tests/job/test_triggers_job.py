@@ -12,13 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,19 +23,20 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from connectors.actions import ActionDispatch, DispatchConfig
 from connectors.webhook import RetryPolicy, verify_signature
+from tests.support import DEAL_PROMO_WHEN, read_topic, start_job, until
+from tests.support import enriched_event as enriched
 from udfs.rules import action_id_for, parse_rule
 from udfs.timeutil import format_ms
 
 pytestmark = pytest.mark.job
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET = "job-test-secret-\u2713"
 
 
@@ -106,38 +104,7 @@ def receiver() -> Iterator[Receiver]:
         server.stop()
 
 
-@pytest.fixture
-def blackhole() -> Iterator[int]:
-    """A port that accepts TCP connections (kernel backlog) but never answers: a dead receiver."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(64)
-    yield int(s.getsockname()[1])
-    s.close()
-
-
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def enriched(user: str, name: str, ts_ms: int, **props: Any) -> dict[str, Any]:
-    """An enriched event as the ingest job writes it (the fields rules and the job read, and more)."""
-    return {
-        "message_id": uuid.uuid4().hex,
-        "type": "track",
-        "event": name,
-        "anonymous_id": f"a-{user}",
-        "user_id": None,
-        "user_key": user,
-        "timestamp": format_ms(ts_ms),
-        "event_time_ms": ts_ms,
-        "received_at": format_ms(ts_ms),
-        "page_url": "https://shop.example/p/42",
-        "page_host": "shop.example",
-        "properties": props,
-        "traits": {},
-        "country": "US",
-        "is_bot": False,
-    }
 
 
 class Events:
@@ -159,32 +126,6 @@ class Events:
         self.producer.close()
 
 
-def read_topic(bootstrap: str, topic: str, quiet_s: float = 2.0) -> list[Any]:
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=int(quiet_s * 1000),
-    )
-    parts = consumer.partitions_for_topic(topic) or set()
-    consumer.assign([TopicPartition(topic, p) for p in parts])
-    out = list(consumer)
-    consumer.close()
-    return out
-
-
-def start_job(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    log_file = log_path.open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.triggers", *args],
-        env=env,
-        cwd=REPO,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def stop_job(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the job's own process group (driver and its JVM), SIGKILL if it lingers."""
     if proc.poll() is None:
@@ -194,15 +135,6 @@ def stop_job(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-
-
-def until(check: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every_s)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def wait_for_user(receiver: Receiver, path: str, user_key: str, timeout_s: float = 30) -> Hit:
@@ -215,13 +147,7 @@ def hook(url: str, **extra: Any) -> dict[str, Any]:
     return {"webhook": {"url": url, **extra}}
 
 
-#: The airline case (same deal viewed 4 times) and cart abandonment with a short T.
-PROMO_WHEN = {
-    "event": "Product Viewed",
-    "group_by": ["properties.deal_id"],
-    "count_at_least": 4,
-    "within": "30m",
-}
+#: Cart abandonment with a short T.
 CART_WHEN = {"sequence": {"first": "Product Added", "then_not": "Order Completed", "within": "5s"}}
 
 
@@ -242,7 +168,7 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
             {"id": "ready", "when": {"event": "Ready Ping"}, "action": hook(receiver.url("/ready"))},
             {
                 "id": "deal_promo",
-                "when": PROMO_WHEN,
+                "when": DEAL_PROMO_WHEN,
                 "cooldown": "24h",
                 "action": hook(receiver.url("/promo")),
             },
@@ -284,8 +210,28 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
         until(ready, 180, "the job to deliver a webhook", every_s=2.0)
         log.info("first webhook %.1fs after start", time.monotonic() - started)
 
+    def all_evaluated(at_ms: int) -> None:
+        """Marker pings of 8 users on every partition, after everything else (event time ``at_ms``, so
+        the watermark moves no further than the events before them): once every one is delivered, the
+        job has evaluated all earlier events (per partition in order; 8 users reach every subtask) and
+        dispatched what it fired before them."""
+        markers = set()
+        for part in range(4):
+            for n in range(8):
+                ev = enriched(f"pinger{n}", "Ready Ping", at_ms)
+                events.producer.send(
+                    events.topic, key=ev["user_key"].encode(), value=orjson.dumps(ev), partition=part
+                )
+                markers.add(ev["message_id"])
+        events.producer.flush()
+        until(
+            lambda: markers <= {h.action["events"][0]["message_id"] for h in receiver.on("/ready")},
+            60,
+            "the marker pings behind every earlier event",
+        )
+
     first_log = tmp_path / "first.log"
-    job = start_job(env, first_log, *args, "--parallelism", "2")
+    job = start_job("triggers", env, first_log, *args, "--parallelism", "2")
     try:
         ping_until_ready(job, first_log)
         base = int(time.time() * 1000)
@@ -298,7 +244,10 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
         events.send(enriched("bob", "Product Viewed", base + 11, deal_id="NYC-JAN"))  # another deal: 1 view
         # cart abandonment: carol adds and leaves; dave adds and orders within 5 s
         carol = events.send(enriched("carol", "Product Added", base))
-        events.send(enriched("dave", "Product Added", base), enriched("dave", "Order Completed", base + 1000))
+        events.send(
+            enriched("dave", "Product Added", base),
+            enriched("dave", "Order Completed", base + 1000),
+        )
         # a receiver answering 500, 500, 200
         flaky = events.send(enriched("fred", "Flaky Ping", base))
 
@@ -367,7 +316,7 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
             60,
             "a checkpoint after rita's and carl's events",
         )
-        time.sleep(1)  # quiet period: anything fired twice, or for ann, dave, rita or carl, shows now
+        all_evaluated(later)  # anything fired twice, or for ann, dave, rita or carl, shows now
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # a crash, not a clean stop
         job.wait(30)
@@ -386,7 +335,7 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
 
     # restart from the retained checkpoint, at another parallelism
     second_log = tmp_path / "second.log"
-    job = start_job(env, second_log, *args, "--parallelism", "1")
+    job = start_job("triggers", env, second_log, *args, "--parallelism", "1")
     try:
         ping_until_ready(job, second_log)  # the pings also move event time past carl's deadline
         carl_cart = wait_for_user(receiver, "/cart", "carl")
@@ -398,7 +347,7 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
         ]
         events.send(enriched("sue", "Signed Up", int(time.time() * 1000)))
         wait_for_user(receiver, "/signup", "sue")
-        time.sleep(1)
+        all_evaluated(int(time.time() * 1000))  # a second fire for anyone would show now
     finally:
         stop_job(job)
         events.close()

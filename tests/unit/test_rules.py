@@ -7,6 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.support import DEAL_PROMO_WHEN
 from udfs.rules import (
     LOOPBACK_ONLY,
     Allowlist,
@@ -30,12 +31,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "rules.example.yaml"
 def deal_rule(**overrides: object) -> dict[str, object]:
     rule: dict[str, object] = {
         "id": "deal_promo",
-        "when": {
-            "event": "Product Viewed",
-            "group_by": ["properties.deal_id"],
-            "count_at_least": 4,
-            "within": "30m",
-        },
+        "when": dict(DEAL_PROMO_WHEN),
         "cooldown": "24h",
         "action": HOOK,
     }

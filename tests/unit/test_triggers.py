@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.support import DEAL_PROMO_WHEN
 from udfs.rules import (
     CountState,
     Event,
@@ -41,11 +42,7 @@ def rule(rid: str, when: dict[str, Any], **extra: Any) -> Rule:
     return parse_rule({"id": rid, "when": when, "action": HOOK, **extra})
 
 
-DEAL = rule(
-    "deal_promo",
-    {"event": "Product Viewed", "group_by": ["properties.deal_id"], "count_at_least": 4, "within": "30m"},
-    cooldown="24h",
-)
+DEAL = rule("deal_promo", DEAL_PROMO_WHEN, cooldown="24h")
 CART = rule(
     "cart_abandoned", {"sequence": {"first": "Product Added", "then_not": "Order Completed", "within": "30m"}}
 )
@@ -363,12 +360,7 @@ def test_rule_change_drops_state_but_webhook_change_keeps_it() -> None:
     moved = parse_rule(
         {
             "id": "deal_promo",
-            "when": {
-                "event": "Product Viewed",
-                "group_by": ["properties.deal_id"],
-                "count_at_least": 4,
-                "within": "30m",
-            },
+            "when": DEAL_PROMO_WHEN,
             "cooldown": "12h",
             "action": {"webhook": {"url": "http://127.0.0.1:9000/other"}},
         }
