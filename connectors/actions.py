@@ -242,6 +242,7 @@ class DispatchConfig:
     auto_offset_reset: str = "earliest"
     allowlist: Allowlist = LOOPBACK_ONLY
     default_secret_env: str = DEFAULT_SECRET_ENV
+    reserved_env: frozenset[str] = frozenset()  # settings variables: never read as a webhook secret
     default_timeout_s: float = 5.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency_per_destination: int = 4
@@ -490,6 +491,7 @@ class ActionDispatch:
                 rule,
                 self.environ,
                 default_secret_env=self.config.default_secret_env,
+                reserved_env=self.config.reserved_env,
                 default_timeout_s=self.config.default_timeout_s,
             )
         except RuleError as exc:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from connectors.actions import DispatchConfig
-from connectors.settings import Connections, ConsumerSettings, Settings, StartingOffsets
+from connectors.settings import Connections, ConsumerSettings, Settings, StartingOffsets, declared_variables
 from connectors.webhook import RetryPolicy
-from udfs.rules import DEFAULT_SECRET_ENV, Allowlist, Rule, load_rules_file
+from udfs.rules import DEFAULT_SECRET_ENV, Allowlist, Rule, check_secret_env, load_rules_file
 
 
 class DispatchSettings(Settings):
@@ -27,8 +27,9 @@ class DispatchSettings(Settings):
     """``CLICKPULSE_WEBHOOK_ALLOWLIST`` / ``--webhook-allowlist``: comma-separated hosts, ``*.suffix``
     patterns and CIDRs webhooks may target (default ``localhost,127.0.0.0/8,::1``: loopback only)."""
     webhook_secret_env: str = Field(DEFAULT_SECRET_ENV, alias="CLICKPULSE_WEBHOOK_SECRET_ENV")
-    """``CLICKPULSE_WEBHOOK_SECRET_ENV``: variable holding the HMAC secret of rules without ``secret_env``
-    (default ``CLICKPULSE_WEBHOOK_SECRET``)."""
+    """``CLICKPULSE_WEBHOOK_SECRET_ENV``: variable holding the HMAC secret of rules without ``secret_env``;
+    like ``secret_env``, ``CLICKPULSE_WEBHOOK_SECRET`` or ``CLICKPULSE_WEBHOOK_SECRET_<SUFFIX>``, not
+    ending in ``_ENV`` and no setting (default ``CLICKPULSE_WEBHOOK_SECRET``)."""
     webhook_timeout_ms: int = Field(5000, alias="CLICKPULSE_WEBHOOK_TIMEOUT_MS", gt=0)
     """``CLICKPULSE_WEBHOOK_TIMEOUT_MS``: per-request timeout of rules without ``timeout`` (default 5000)."""
     webhook_max_attempts: int = Field(6, alias="CLICKPULSE_WEBHOOK_MAX_ATTEMPTS", gt=0)
@@ -53,6 +54,11 @@ class DispatchSettings(Settings):
     """``CLICKPULSE_DISPATCH_SHUTDOWN_MS``: on stop, time to finish deliveries in flight; the rest is left
     uncommitted and re-delivered by the next run (default 5000)."""
 
+    @field_validator("webhook_secret_env")
+    @classmethod
+    def _a_secret_variable(cls, value: str) -> str:
+        return check_secret_env(value, declared_variables())
+
     def allowlist(self) -> Allowlist:
         """The parsed destination allowlist."""
         return Allowlist.parse(self.webhook_allowlist.split(","))
@@ -72,6 +78,7 @@ class DispatchSettings(Settings):
             auto_offset_reset="latest" if consumer.starting_offsets == StartingOffsets.LATEST else "earliest",
             allowlist=self.allowlist(),
             default_secret_env=self.webhook_secret_env,
+            reserved_env=declared_variables(),
             default_timeout_s=self.webhook_timeout_ms / 1000.0,
             policy=RetryPolicy(
                 max_attempts=self.webhook_max_attempts,

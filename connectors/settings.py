@@ -355,6 +355,18 @@ def compose(kind: type[T], env: Mapping[str, str], options: Mapping[str, Any] | 
     return kind(**{f.name: hints[f.name].from_env(env, options) for f in dataclasses.fields(kind)})  # type: ignore[arg-type]
 
 
+def declared_variables() -> frozenset[str]:
+    """Every variable a settings area declares, of the areas imported so far, old names of
+    :data:`RENAMED` included: configuration, so never a webhook secret (``udfs.rules.check_secret_env``)."""
+    names = {name for r in RENAMED for name in (r.old, r.new)} | {STATE_DIR_VAR, *CONTRACT_VARS}
+    pending: list[type[Settings]] = [Settings]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        names.update(info.alias for info in cls.model_fields.values() if info.alias)
+    return frozenset(names)
+
+
 def load_connections(state_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> Connections:
     """:class:`Connections` from the environment (default ``os.environ``) over ``<state dir>/stack.env``."""
     return Connections.from_env(environment(environ, state_dir=state_dir))

@@ -12,7 +12,13 @@ lane; when a lane's queue is full, new actions for it go to ``on_dead`` at once 
 
 Request (contract): ``POST`` with the action JSON as body and headers ``Content-Type:
 application/json``, ``X-Clickpulse-Signature: sha256=<hex HMAC-SHA256(secret, body)>``,
-``X-Clickpulse-Action-Id`` and ``Idempotency-Key`` (both the action id). Redirects are never followed.
+``X-Clickpulse-Action-Id`` and ``Idempotency-Key`` (both the action id), and the Standard Webhooks
+headers ``webhook-id`` (the action id), ``webhook-timestamp`` (unix seconds of the attempt: each retry
+is signed anew) and ``webhook-signature: v1,<base64 HMAC-SHA256(secret, "id.timestamp.body")>``
+(:func:`signed_headers`). Receivers check them with :func:`verify_signature` and
+:func:`verify_standard_signature` (timestamp tolerance against replays). An action id that cannot be a
+``webhook-id`` (empty, longer than 256, not printable ASCII, or holding a ``.`` that would make the
+signed content ambiguous) is dead-lettered without a request. Redirects are never followed.
 Where to (URL, timeout, secret) is a :class:`udfs.rules.Destination`, resolved from a rule by
 :func:`udfs.rules.destination_for`.
 
@@ -30,10 +36,13 @@ lines of loop below.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import logging
 import random
+import re
 import ssl
 import threading
 import time
@@ -56,7 +65,11 @@ __all__ = [
     "dead_letter_record",
     "parse_retry_after",
     "sign",
+    "sign_standard",
+    "signed_headers",
     "verify_signature",
+    "verify_standard_signature",
+    "webhook_id_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +77,11 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Clickpulse-Signature"
 ACTION_ID_HEADER = "X-Clickpulse-Action-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+WEBHOOK_ID_HEADER = "webhook-id"
+WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
+WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
+#: Receivers accept a ``webhook-timestamp`` this far from their clock (the Standard Webhooks default).
+DEFAULT_TOLERANCE_S = 300.0
 
 OnDead = Callable[[dict[str, Any], int, str], None]
 OnDelivered = Callable[[dict[str, Any], int], None]
@@ -73,17 +91,124 @@ OnDelivered = Callable[[dict[str, Any], int], None]
 # signing
 
 
+_WEBHOOK_ID = re.compile(r"[\x21-\x2d\x2f-\x7e]{1,256}")  # printable ASCII but "."; no space
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_MAX_SIGNATURE_HEADER = 8192
+
+
+def _key(secret: bytes | str) -> bytes:
+    return secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+
+
+def _body(body: bytes | str) -> bytes:
+    return body.encode("utf-8") if isinstance(body, str) else bytes(body)
+
+
+def _ascii(value: object) -> str | None:
+    """``value`` as ASCII text (a header value as given: str, or bytes), else ``None``."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if isinstance(value, str) and value.isascii():
+        return value
+    return None
+
+
 def sign(secret: bytes, body: bytes) -> str:
     """The ``X-Clickpulse-Signature`` value: ``sha256=<hex HMAC-SHA256(secret, body)>``."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-def verify_signature(secret: bytes | str, body: bytes, header: str | None) -> bool:
-    """Check an ``X-Clickpulse-Signature`` header against the raw request body (constant time)."""
-    if not header:
+def sign_standard(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,<base64 HMAC-SHA256(secret, "<id>.<timestamp>.<body>")>``."""
+    content = f"{webhook_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(secret, content, hashlib.sha256).digest()).decode("ascii")
+
+
+def webhook_id_problem(action_id: str) -> str | None:
+    """Why ``action_id`` cannot be sent as ``webhook-id`` (and signed), or ``None`` when it can."""
+    if _WEBHOOK_ID.fullmatch(action_id):
+        return None
+    return f"action_id {action_id[:80]!r} is not 1-256 printable ASCII characters without '.' or spaces"
+
+
+def signed_headers(secret: bytes, body: bytes, action_id: str, timestamp: int) -> dict[str, str]:
+    """Every header of one delivery attempt at unix time ``timestamp`` (see the module docstring).
+
+    Raises :class:`ValueError` when ``action_id`` cannot be a ``webhook-id`` (:func:`webhook_id_problem`).
+    """
+    problem = webhook_id_problem(action_id)
+    if problem is not None:
+        raise ValueError(problem)
+    return {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sign(secret, body),
+        ACTION_ID_HEADER: action_id,
+        IDEMPOTENCY_HEADER: action_id,
+        WEBHOOK_ID_HEADER: action_id,
+        WEBHOOK_TIMESTAMP_HEADER: str(timestamp),
+        WEBHOOK_SIGNATURE_HEADER: sign_standard(secret, action_id, timestamp, body),
+    }
+
+
+def verify_signature(secret: bytes | str, body: bytes | str, header: str | bytes | None) -> bool:
+    """Check an ``X-Clickpulse-Signature`` header against the raw request body (constant time).
+
+    Never raises: a missing, malformed or non-ASCII header, or an empty secret, is simply not valid.
+    """
+    try:
+        given = _ascii(header)
+        if not given or not secret:
+            return False
+        return hmac.compare_digest(sign(_key(secret), _body(body)), given.strip())
+    except (TypeError, ValueError):
         return False
-    key = secret.encode("utf-8") if isinstance(secret, str) else secret
-    return hmac.compare_digest(sign(key, body), header.strip())
+
+
+def verify_standard_signature(
+    secret: bytes | str,
+    body: bytes | str,
+    webhook_id: str | bytes | None,
+    timestamp: str | bytes | None,
+    signature: str | bytes | None,
+    *,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    now: float | None = None,
+) -> bool:
+    """Check Standard Webhooks headers against the raw request body: True when one ``v1`` signature of
+    the space-separated ``signature`` list matches (constant time) and ``timestamp`` is within
+    ``tolerance_s`` of ``now`` (default: the clock), in either direction, so a replayed request is
+    refused once it is older than the window; receivers deduplicate on ``webhook-id`` within it.
+
+    Never raises: missing or malformed headers, non-ASCII values, an empty secret, a timestamp out of
+    the window or signatures of other schemes (``v1a``) are simply not valid.
+    """
+    try:
+        wid, ts, sigs = _ascii(webhook_id), _ascii(timestamp), _ascii(signature)
+        if not secret or wid is None or ts is None or sigs is None:
+            return False
+        ts = ts.strip()
+        if not _WEBHOOK_ID.fullmatch(wid) or not _TIMESTAMP.fullmatch(ts):
+            return False
+        if len(sigs) > _MAX_SIGNATURE_HEADER:
+            return False
+        clock = time.time() if now is None else now
+        if not abs(clock - int(ts)) <= tolerance_s:  # written so that a NaN clock or tolerance refuses
+            return False
+        content = f"{wid}.{ts}.".encode() + _body(body)
+        expected = hmac.new(_key(secret), content, hashlib.sha256).digest()
+        matched = False
+        for entry in sigs.split():
+            version, _, value = entry.partition(",")
+            if version != "v1":
+                continue
+            try:
+                given = base64.b64decode(value.encode("ascii"), validate=True)
+            except (binascii.Error, ValueError):
+                continue
+            matched |= hmac.compare_digest(expected, given)
+        return matched
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,12 +500,10 @@ class WebhookDispatcher:
     async def _deliver(self, lane: _Lane, item: _Item) -> None:
         dest = item.destination
         action_id = str(item.action.get("action_id", ""))
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(dest.secret, item.body),
-            ACTION_ID_HEADER: action_id,
-            IDEMPOTENCY_HEADER: action_id,
-        }
+        problem = webhook_id_problem(action_id)
+        if problem is not None:
+            self._dead(item, 0, f"action refused: {problem}")
+            return
         attempts = 0
         last_error = ""
         try:
@@ -388,6 +511,7 @@ class WebhookDispatcher:
                 attempts += 1
                 retry_after: float | None = None
                 try:
+                    headers = signed_headers(dest.secret, item.body, action_id, int(time.time()))
                     response = await lane.client.post(
                         dest.url, content=item.body, headers=headers, timeout=dest.timeout_s
                     )

@@ -6,12 +6,14 @@ example rules (``docs/rules.example.yaml`` posts to ``127.0.0.1:8099``)::
     CLICKPULSE_WEBHOOK_SECRET=s3cret python -m devstack.receiver --port 8099
 
 It is a ``http.server.ThreadingHTTPServer`` on a daemon thread (one thread per connection, so the
-dispatcher's keep-alive connections are served in parallel). Every ``POST`` is checked with
-:func:`connectors.webhook.verify_signature` against the ``X-Clickpulse-Signature`` header (HMAC-SHA256
-of the raw body, the contract scheme) and recorded as a :class:`Receipt` with the wall-clock time it
-arrived. A valid request is answered ``200``; a bad signature ``401`` (final for the dispatcher: the
-action goes to ``actions.dlq``, which is where a misconfigured secret should show up); a body that is
-not a JSON object ``400``. Delivery is at-least-once, so the receiver deduplicates on
+dispatcher's keep-alive connections are served in parallel). Every ``POST`` is checked both ways the
+contract signs it: :func:`connectors.webhook.verify_signature` against ``X-Clickpulse-Signature``
+(HMAC-SHA256 of the raw body) and :func:`connectors.webhook.verify_standard_signature` against the
+Standard Webhooks headers (``webhook-id``, ``webhook-timestamp`` within ``tolerance_s`` of the clock,
+``webhook-signature``), and recorded as a :class:`Receipt` with the wall-clock time it arrived. A
+request passing both is answered ``200``; any bad signature or a stale timestamp ``401`` (final for the
+dispatcher: the action goes to ``actions.dlq``, which is where a misconfigured secret should show up); a
+body that is not a JSON object ``400``. Delivery is at-least-once, so the receiver deduplicates on
 ``Idempotency-Key`` for :meth:`WebhookReceiver.unique` and counts the copies in
 :meth:`WebhookReceiver.summary`.
 """
@@ -27,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -36,9 +39,14 @@ from rich.table import Table
 
 from connectors.webhook import (
     ACTION_ID_HEADER,
+    DEFAULT_TOLERANCE_S,
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
+    WEBHOOK_ID_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
     verify_signature,
+    verify_standard_signature,
 )
 from udfs.rules import DEFAULT_SECRET_ENV
 
@@ -57,7 +65,7 @@ class Receipt:
     at: float  #: wall clock (``time.time()``) when the body had been read
     path: str
     status: int  #: what the receiver answered
-    signature_ok: bool
+    signature_ok: bool  #: both signatures valid (``X-Clickpulse-Signature`` and Standard Webhooks)
     action_id: str  #: the ``Idempotency-Key`` header (equal to the body's ``action_id`` when well-formed)
     action: dict[str, Any] = field(repr=False)  #: the parsed body (``{}`` when it was not a JSON object)
 
@@ -90,8 +98,10 @@ class WebhookReceiver:
         host: str = "127.0.0.1",
         port: int = 0,
         on_receipt: Callable[[Receipt], None] | None = None,
+        tolerance_s: float = DEFAULT_TOLERANCE_S,
     ) -> None:
         self._secret = secret.encode("utf-8") if isinstance(secret, str) else secret
+        self._tolerance_s = tolerance_s
         self._on_receipt = on_receipt
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -155,8 +165,8 @@ class WebhookReceiver:
                     self.close_connection = True
                     return
                 body = self.rfile.read(length) if length > 0 else b""
-                status = receiver._record(self.path, body, self.headers.get(SIGNATURE_HEADER),
-                                          self.headers.get(IDEMPOTENCY_HEADER)
+                ok = receiver._verify(body, self.headers)
+                status = receiver._record(self.path, body, ok, self.headers.get(IDEMPOTENCY_HEADER)
                                           or self.headers.get(ACTION_ID_HEADER) or "")  # fmt: skip
                 self._answer(status)
 
@@ -173,9 +183,21 @@ class WebhookReceiver:
 
         return Handler
 
-    def _record(self, path: str, body: bytes, signature: str | None, action_id: str) -> int:
+    def _verify(self, body: bytes, headers: Message) -> bool:
+        """Both signatures of one request (header names are case-insensitive in ``headers``)."""
+        legacy = verify_signature(self._secret, body, headers.get(SIGNATURE_HEADER))
+        standard = verify_standard_signature(
+            self._secret,
+            body,
+            headers.get(WEBHOOK_ID_HEADER),
+            headers.get(WEBHOOK_TIMESTAMP_HEADER),
+            headers.get(WEBHOOK_SIGNATURE_HEADER),
+            tolerance_s=self._tolerance_s,
+        )
+        return legacy and standard
+
+    def _record(self, path: str, body: bytes, ok: bool, action_id: str) -> int:
         now = time.time()
-        ok = verify_signature(self._secret, body, signature)
         action: dict[str, Any] = {}
         try:
             parsed = orjson.loads(body)

@@ -65,7 +65,14 @@ from connectors.flink import (
     string_value_state,
 )
 from connectors.runtime import setup_logging, stop_on_signals
-from connectors.settings import Connections, ConsumerSettings, Settings, compose, environment
+from connectors.settings import (
+    Connections,
+    ConsumerSettings,
+    Settings,
+    compose,
+    declared_variables,
+    environment,
+)
 from udfs.rules import (
     Rule,
     RuleError,
@@ -540,7 +547,12 @@ def _warn_missing_secrets(rules: Rules, s: TriggersJobSettings, environ: Mapping
 
     for rule in rules.active():
         try:
-            destination_for(rule, environ, default_secret_env=s.dispatch.webhook_secret_env)
+            destination_for(
+                rule,
+                environ,
+                default_secret_env=s.dispatch.webhook_secret_env,
+                reserved_env=declared_variables(),
+            )
         except RuleError as exc:
             log.warning("%s: its actions will go to %s", exc, s.connections.topic("actions.dlq"))
 

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from pytest_httpserver import HTTPServer
+from standardwebhooks import Webhook
 from werkzeug import Request, Response
 
 from connectors.webhook import (
@@ -27,6 +28,7 @@ from connectors.webhook import (
     parse_retry_after,
     sign,
     verify_signature,
+    verify_standard_signature,
 )
 from udfs.rules import Destination, RuleError, destination_for, parse_rule
 
@@ -278,3 +280,46 @@ def test_signature_helpers_and_secret_resolution() -> None:
         RuleError, match="rule 'r': action.webhook.secret_env: environment variable CLICKPULSE_WEBHOOK_SECRET"
     ):
         destination_for(rule, {})
+
+
+def test_every_attempt_carries_standard_webhooks_headers_signed_at_its_time(
+    receiver_factory: Callable[[], Receiver],
+) -> None:
+    """The reference Standard Webhooks library verifies each attempt, retries included (fresh timestamp)."""
+    rx = receiver_factory()
+    rx.script = [(503, {}), (200, {})]
+    out = Outcomes()
+    before = int(time.time())
+    with dispatcher(out) as d:
+        d.submit(action(11), dest(rx.url()))
+        assert d.flush(5)
+    after = int(time.time())
+    rx.check()
+    assert len(rx.requests) == 2 and out.delivered == [(action(11), 2)]
+    body = orjson.dumps(action(11))
+    for _, sent, headers in rx.requests:
+        assert sent == action(11)
+        assert headers["Webhook-Id"] == action(11)["action_id"]
+        assert before <= int(headers["Webhook-Timestamp"]) <= after
+        assert Webhook(SECRET).verify(body, headers, json_parse=False) is None
+        assert verify_standard_signature(
+            SECRET, body, headers["Webhook-Id"], headers["Webhook-Timestamp"], headers["Webhook-Signature"]
+        )
+
+
+@pytest.mark.fault
+def test_action_id_unfit_for_a_header_is_dead_lettered_and_the_lane_keeps_working(
+    receiver_factory: Callable[[], Receiver],
+) -> None:
+    rx = receiver_factory()
+    out = Outcomes()
+    with dispatcher(out, concurrency_per_destination=1) as d:
+        for bad in ("caf\u00e9", "a.b", "line\nbreak"):
+            d.submit({**action(12), "action_id": bad}, dest(rx.url()))
+        d.submit(action(13), dest(rx.url()))
+        assert d.flush(5)
+    rx.check()
+    assert [r[1]["action_id"] for r in rx.requests] == [action(13)["action_id"]]
+    assert sorted(a["action_id"] for a, _, _ in out.dead) == sorted(["caf\u00e9", "a.b", "line\nbreak"])
+    assert all(n == 0 and err.startswith("action refused: action_id") for _, n, err in out.dead)
+    assert out.delivered == [(action(13), 1)]

@@ -129,7 +129,8 @@ def test_destination_reads_the_secret_the_rule_names_from_the_mapping_given() ->
     assert dest.key == "http://[::1]:80"
     plain = rule("p", {"returning_after": "7d"})
     assert destination_for(plain, environ).secret == b"default"
-    assert destination_for(plain, {"OTHER": "x"}, default_secret_env="OTHER").secret == b"x"
+    other = "CLICKPULSE_WEBHOOK_SECRET_OTHER"
+    assert destination_for(plain, {other: "x"}, default_secret_env=other).secret == b"x"
     with pytest.raises(RuleError, match="environment variable CLICKPULSE_WEBHOOK_SECRET_R is not set") as err:
         destination_for(named, {DEFAULT_SECRET_ENV: "default", "CLICKPULSE_WEBHOOK_SECRET_R": ""})
     assert "default" not in str(err.value)

@@ -5,7 +5,8 @@ Import from this package (``from udfs.rules import Rules, step``); the modules s
 - :mod:`udfs.rules.definition`: the rule schema as data. Parsing and validation of the YAML rules
   file and of ``rules`` topic values (:func:`parse_rule`, :func:`load_rules_file`,
   :func:`rule_from_topic_value`), the condition forms (:class:`CountWhen`, :class:`SequenceWhen`,
-  :class:`ReturningWhen`), :class:`Rules`, the destination :class:`Allowlist` and :class:`RuleError`.
+  :class:`ReturningWhen`), :class:`Rules`, the destination :class:`Allowlist`, which variables may
+  hold a webhook secret (:func:`check_secret_env`) and :class:`RuleError`.
 - :mod:`udfs.rules.evaluate`: rule evaluation as a pure per-user reducer, the specification any other
   implementation must match: :func:`step` / :func:`on_timer` over :class:`UserState`, the
   :class:`Event` it reads, the :class:`Fire` it emits (``action_id`` from :func:`action_id_for`) and
@@ -36,6 +37,7 @@ from udfs.rules.book import (
 from udfs.rules.definition import (
     ACTIVITY_EXCLUDED_TYPES,
     LOOPBACK_ONLY,
+    SECRET_ENV_PREFIX,
     Allowlist,
     CountWhen,
     EventMatcher,
@@ -47,6 +49,7 @@ from udfs.rules.definition import (
     SequenceWhen,
     WebhookAction,
     When,
+    check_secret_env,
     load_rules_file,
     lookup_path,
     parse_duration_ms,
@@ -84,11 +87,13 @@ __all__ = [
     "ReturningWhen",
     "Rule",
     "RuleError",
+    "SECRET_ENV_PREFIX",
     "Rules",
     "Scalar",
     "SequenceWhen",
     "WebhookAction",
     "When",
+    "check_secret_env",
     "load_rules_file",
     "lookup_path",
     "parse_duration_ms",

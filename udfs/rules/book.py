@@ -12,7 +12,9 @@ Event filter. :func:`resolve_event_filter` turns the job's ``CLICKPULSE_TRIGGERS
 into the event names the JVM pre-filter keeps (or ``None`` for no filter).
 
 Destinations. :func:`destination_for` resolves a rule's webhook into a :class:`Destination`: its URL,
-timeout and HMAC secret, read from an environment mapping passed in (never from ``os.environ`` here).
+timeout and HMAC secret, read from an environment mapping passed in (never from ``os.environ`` here),
+and only from a webhook secret variable (:func:`udfs.rules.definition.check_secret_env`, checked again
+here whatever built the rule).
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from udfs.rules.definition import LOOPBACK_ONLY, Allowlist, Rule, RuleError, Rules, rule_from_topic_value
+from udfs.rules.definition import (
+    LOOPBACK_ONLY,
+    SECRET_ENV_PREFIX,
+    Allowlist,
+    Rule,
+    RuleError,
+    Rules,
+    check_secret_env,
+    rule_from_topic_value,
+)
 
 __all__ = [
     "DEFAULT_SECRET_ENV",
@@ -38,7 +49,7 @@ __all__ = [
 ]
 
 #: Environment variable holding the HMAC secret for rules that do not name ``secret_env``.
-DEFAULT_SECRET_ENV = "CLICKPULSE_WEBHOOK_SECRET"  # noqa: S105 - a variable name, not a secret
+DEFAULT_SECRET_ENV = SECRET_ENV_PREFIX
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,14 +160,23 @@ def destination_for(
     *,
     default_secret_env: str = DEFAULT_SECRET_ENV,
     default_timeout_s: float = 5.0,
+    reserved_env: Iterable[str] = (),
 ) -> Destination:
     """Resolve a rule's webhook into a :class:`Destination`, reading its secret from ``environ``.
 
     Uses ``action.webhook.secret_env`` or, when the rule names none, ``default_secret_env``. Raises
-    :class:`RuleError` (naming the variable, never its value) when the secret is missing or empty:
-    unsigned webhooks are not sent.
+    :class:`RuleError` (naming the variable, never its value) when that name may not hold a webhook
+    secret (:func:`udfs.rules.definition.check_secret_env`; ``reserved_env`` are the declared settings
+    variables) or the secret is missing or empty: unsigned webhooks are not sent, and nothing but a
+    webhook secret is used as the HMAC key.
     """
+    named = bool(rule.action.secret_env)
     env_name = rule.action.secret_env or default_secret_env
+    try:
+        check_secret_env(env_name, reserved_env)
+    except ValueError as exc:
+        field_name = "action.webhook.secret_env" if named else "default_secret_env"
+        raise RuleError(f"rule {rule.id!r}: {field_name}: {exc}") from None
     secret = environ.get(env_name, "")
     if not secret:
         raise RuleError(

@@ -10,7 +10,9 @@ JSON rule per record, keyed by rule id; a tombstone removes the rule). Three con
 ``where`` maps dotted paths, resolved from the root of the enriched event (``properties.deal_id``,
 ``utm_source``, ``country``), to the JSON scalar they must equal. Every rule names a webhook; its URL
 host must pass an :class:`Allowlist` (default: loopback only) or the rule is refused at load time.
-Webhook secrets are never part of a rule: ``secret_env`` names the environment variable the job reads.
+Webhook secrets are never part of a rule: ``secret_env`` names the environment variable the job reads,
+and only a webhook secret variable (:func:`check_secret_env`): a rule cannot make dispatch sign with
+``CLICKHOUSE_URL``, a password or a setting whose value anyone can guess.
 
 Everything raises :class:`RuleError` with the rule id and the offending field, e.g.
 ``rule 'deal_promo': when.within: expected a duration like 30m, got 'abc'``.
@@ -42,8 +44,10 @@ __all__ = [
     "Rules",
     "Scalar",
     "SequenceWhen",
+    "SECRET_ENV_PREFIX",
     "WebhookAction",
     "When",
+    "check_secret_env",
     "load_rules_file",
     "lookup_path",
     "parse_duration_ms",
@@ -61,7 +65,9 @@ _MISSING = object()
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
 _UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Every variable a webhook secret may be read from starts with this (the default one is exactly this).
+SECRET_ENV_PREFIX = "CLICKPULSE_WEBHOOK_SECRET"  # noqa: S105 - a variable name, not a secret
+_SECRET_ENV_NAME = re.compile(rf"{SECRET_ENV_PREFIX}(?:_[A-Z0-9]+)*")
 _PATH_SEGMENT = re.compile(r"[^.\s]+")
 _MAX_WEBHOOK_TIMEOUT_S = 120.0
 _DEFAULT_REMEMBER_FOR_MS = 90 * _UNIT_MS["d"]
@@ -127,6 +133,32 @@ def _scalar_equal(actual: object, expected: Scalar) -> bool:
     if isinstance(actual, bool) or isinstance(expected, bool):
         return isinstance(actual, bool) and isinstance(expected, bool) and actual is expected
     return bool(actual == expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# secret variables
+
+
+def check_secret_env(name: object, reserved: Iterable[str] = ()) -> str:
+    """Return ``name`` when it may name a webhook secret variable, else raise :class:`ValueError` saying why.
+
+    A secret variable is ``CLICKPULSE_WEBHOOK_SECRET`` or ``CLICKPULSE_WEBHOOK_SECRET_<SUFFIX>`` (upper
+    case, digits and underscores, as :func:`connectors.settings.environment` normalises names), never
+    one ending in ``_ENV`` (``CLICKPULSE_WEBHOOK_SECRET_ENV`` *names* a variable, its value is
+    guessable) and never one of ``reserved`` (the declared settings variables, passed in by the caller:
+    settings are configuration, not secrets). Nothing else can be read as an HMAC key, so neither a rule
+    from the file or the ``rules`` topic nor a setting can make dispatch sign with ``CLICKHOUSE_URL``.
+    """
+    if not isinstance(name, str) or not _SECRET_ENV_NAME.fullmatch(name):
+        raise ValueError(
+            f"expected a webhook secret variable, {SECRET_ENV_PREFIX} or {SECRET_ENV_PREFIX}_<SUFFIX> "
+            f"(upper case, digits, underscores), got {_show(name)}"
+        )
+    if name.endswith("_ENV"):
+        raise ValueError(f"{name} names a variable (a setting ending in _ENV), it holds no secret")
+    if name in set(reserved):
+        raise ValueError(f"{name} is a settings variable, not a secret")
+    return name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,10 +569,11 @@ def _parse_action(value: object, allowlist: Allowlist) -> WebhookAction:
     except ValueError as exc:
         raise _FieldError("action.webhook.url", str(exc)) from None
     secret_env = hook.get("secret_env")
-    if secret_env is not None and (not isinstance(secret_env, str) or not _ENV_NAME.fullmatch(secret_env)):
-        raise _FieldError(
-            "action.webhook.secret_env", f"expected an environment variable name, got {_show(secret_env)}"
-        )
+    if secret_env is not None:
+        try:
+            secret_env = check_secret_env(secret_env)
+        except ValueError as exc:
+            raise _FieldError("action.webhook.secret_env", str(exc)) from None
     timeout_s: float | None = None
     if "timeout" in hook:
         raw = hook["timeout"]
