@@ -70,6 +70,11 @@ class FlinkSettings(Settings):
     jars_dir: Path | None = Field(None, alias="CLICKPULSE_MAVEN_JARS_DIR")
     """``CLICKPULSE_MAVEN_JARS_DIR``: where ``make jars`` put the Maven-resolved jars (default
     ``<repo>/.clickpulse/jars``)."""
+    watermark_max_lead_ms: int = Field(300_000, alias="CLICKPULSE_FLINK_WATERMARK_MAX_LEAD_MS", ge=0)
+    """``CLICKPULSE_FLINK_WATERMARK_MAX_LEAD_MS``: how far ahead of its Kafka record time (when ingest
+    wrote it) an ``events.enriched`` event may move the watermarks of sessionize and triggers; an event
+    further ahead keeps its event time for sessions and rules but drives the watermark as if it were
+    this far ahead (default 300000 = 5 min)."""
     rest_url: str = Field("", alias="CLICKPULSE_FLINK_REST_URL")
     """``CLICKPULSE_FLINK_REST_URL``: JobManager REST URL for the counter log (default: the local
     mini-cluster's, on a free loopback port; empty under ``flink run`` unless set)."""
@@ -274,8 +279,18 @@ def sql_string(text: str) -> str:
 
 
 def sql_interval(ms: int) -> str:
-    """A SQL ``INTERVAL`` of ``ms`` milliseconds."""
-    return f"INTERVAL '{ms / 1000:.3f}' SECOND"
+    """A SQL ``INTERVAL`` of ``ms`` milliseconds (0 to 999 days).
+
+    Day-time, ``DAY(3) TO SECOND(3)``: Flink accepts a leading precision of at most 3, and a plain
+    ``INTERVAL 'n' SECOND`` has the default leading precision 2, so it fails from 100 s on.
+    """
+    if not 0 <= ms < 1000 * 86_400_000:
+        raise ValueError(f"interval out of range: {ms} ms")
+    days, rest = divmod(ms, 86_400_000)
+    hours, rest = divmod(rest, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    return f"INTERVAL '{days} {hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}' DAY(3) TO SECOND(3)"
 
 
 def with_clause(options: Mapping[str, str]) -> str:
@@ -382,6 +397,25 @@ def create_kafka_sinks(
 #: The enriched event's ``event_time_ms`` (NULL when missing or malformed), parsed in the JVM.
 EVENT_TIME_MS_SQL = "TRY_CAST(JSON_VALUE(CAST(v AS STRING), '$.event_time_ms') AS BIGINT)"
 
+#: The event time of an ``events.enriched`` record: its JSON ``event_time_ms`` (parsed in the JVM), or the
+#: Kafka record time ``kafka_ts`` when that is missing or malformed.
+ENRICHED_EVENT_TIME_SQL = f"COALESCE(TO_TIMESTAMP_LTZ({EVENT_TIME_MS_SQL}, 3), kafka_ts)"
+
+
+def watermark_time_sql(max_lead_ms: int) -> str:
+    """The time an enriched record drives the watermark with: its ``event_time``, but at most
+    ``max_lead_ms`` after its Kafka record time ``kafka_ts`` (when ingest wrote it)."""
+    return f"LEAST(event_time, kafka_ts + {sql_interval(max_lead_ms)})"
+
+
+def enriched_source_columns(out_of_orderness_ms: int, max_lead_ms: int) -> str:
+    """The columns of the ``events.enriched`` source table (see :func:`create_enriched_source`)."""
+    return f"""  k STRING,
+  v BYTES,
+  kafka_ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
+  event_time AS {ENRICHED_EVENT_TIME_SQL},
+  WATERMARK FOR event_time AS {watermark_time_sql(max_lead_ms)} - {sql_interval(out_of_orderness_ms)}"""
+
 
 def create_enriched_source(
     t_env: Any,
@@ -389,23 +423,25 @@ def create_enriched_source(
     consumer: ConsumerSettings,
     group_id: str,
     out_of_orderness_ms: int,
+    max_lead_ms: int,
     extra: Mapping[str, str] | None = None,
     name: str = "enriched_events",
 ) -> Any:
     """The ``events.enriched`` source table: key ``k`` (user_key), value ``v`` (the event's JSON bytes)
     and the rowtime ``event_time``, taken in the JVM from the JSON ``event_time_ms`` (the Kafka record
-    time when it is missing or malformed), with per-partition watermarks ``event_time - out_of_orderness``.
+    time when it is missing or malformed), with per-partition watermarks
+    ``LEAST(event_time, kafka_ts + max_lead) - out_of_orderness``.
+
+    ``kafka_ts`` is the record's Kafka timestamp, i.e. when ingest wrote it: ingest accepts events up to
+    a day ahead of ``received_at``, and without the clamp a handful of such events would move the
+    watermark a day ahead and make every normal event late (``docs/adr/004-sessions.md``). The rowtime
+    stays the real event time; the keyed operators read their event time from the JSON anyway.
     Returns the table (also registered as ``name``).
     """
     create_table(
         t_env,
         name,
-        f"""  k STRING,
-  v BYTES,
-  kafka_ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
-  event_time AS COALESCE(
-    TO_TIMESTAMP_LTZ({EVENT_TIME_MS_SQL}, 3), kafka_ts),
-  WATERMARK FOR event_time AS event_time - {sql_interval(out_of_orderness_ms)}""",
+        enriched_source_columns(out_of_orderness_ms, max_lead_ms),
         {
             **kafka_source_options(conn, consumer, conn.topic("events.enriched"), group_id, key_fields="k"),
             **(extra or {}),

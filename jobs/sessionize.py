@@ -7,7 +7,9 @@ Plan:
 
 1. Kafka source ``enriched_events`` (SQL connector = Flink's ``KafkaSource``, ``read_committed``): key
    (user_key), value bytes, and a rowtime ``event_time`` taken from the JSON ``event_time_ms`` in the JVM,
-   with per-partition watermarks ``event_time - out_of_orderness`` and source idleness.
+   with per-partition watermarks ``event_time - out_of_orderness`` and source idleness; an event more
+   than ``CLICKPULSE_FLINK_WATERMARK_MAX_LEAD_MS`` ahead of its Kafka record time drives the watermark
+   as if it were only that far ahead, so a few future-dated events cannot make everything else late.
 2. The table becomes a ``DataStream`` (watermarks included) keyed by user_key in the JVM
    (:func:`keyed_by_first_field`), into the ``KeyedProcessFunction`` :class:`SessionizeFunction`, run in
    Python THREAD mode (embedded in the JVM by pemja). It only loads/stores one ``ValueState`` (compact
@@ -341,7 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     group_id = s.consumer.group(JOB)
     events = create_enriched_source(
-        t_env, s.connections, s.consumer, group_id, s.sessionize.out_of_orderness_ms
+        t_env,
+        s.connections,
+        s.consumer,
+        group_id,
+        s.sessionize.out_of_orderness_ms,
+        s.flink.watermark_max_lead_ms,
     )
     sessions, late = build(t_env, events, s)
     create_kafka_sinks(

@@ -8,9 +8,10 @@ Plan:
 
 1. Kafka source ``enriched_events`` (SQL connector = Flink's ``KafkaSource``, ``read_committed``): key
    (user_key), value bytes, and a rowtime from the JSON ``event_time_ms``, extracted in the JVM, with
-   per-partition watermarks ``event_time - out_of_orderness`` and source idleness. Optionally a JVM
-   pre-filter on the event name (``CLICKPULSE_TRIGGERS_EVENT_FILTER``, off by default: rules can change at
-   runtime, a filter cannot).
+   per-partition watermarks ``event_time - out_of_orderness`` (the event time capped at its Kafka record
+   time + ``CLICKPULSE_FLINK_WATERMARK_MAX_LEAD_MS``, so future-dated events cannot fire sequence
+   deadlines early) and source idleness. Optionally a JVM pre-filter on the event name
+   (``CLICKPULSE_TRIGGERS_EVENT_FILTER``, off by default: rules can change at runtime, a filter cannot).
 2. Kafka source ``rule_records`` over the compacted ``rules`` topic (key, value or NULL for a tombstone,
    partition, offset), broadcast to every subtask. It is idle almost always, so event time is the events'
    alone; its watermark is the epoch, so it can never advance event time: were it ahead (say "the end of
@@ -464,6 +465,7 @@ def create_sources(t_env: Any, s: TriggersJobSettings, job: str = JOB) -> None:
         s.consumer,
         s.consumer.group(job),
         s.triggers.out_of_orderness_ms,
+        s.flink.watermark_max_lead_ms,
         extra={
             **LOW_LATENCY_FETCH,
             **({"properties.isolation.level": "read_uncommitted"} if s.triggers.read_uncommitted else {}),

@@ -26,7 +26,9 @@ from typing import Any
 
 import orjson
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
+from connectors import kafka as kafka_io
 from tests.support import (
     checkpoint_after,
     offsets_committed_to_end,
@@ -440,3 +442,104 @@ def test_kill_and_restore_gives_the_same_final_sessions(job_env: dict[str, str],
     assert retracted[ids["backfill"]]["superseded_by"] == _sid("scn-backfill", "backfill-0")
     versions = sorted(r["version"] for r in out.records if r["session_id"] == ids["late"])
     assert versions == [3, 4]
+
+
+# ------------------------------------------------------------------ future-dated events (issue 14)
+
+
+def produce_at(
+    bootstrap: str, topic: str, rows: list[tuple[dict[str, Any], int, int | None]]
+) -> dict[int, int]:
+    """Send ``(event, Kafka record time, partition or None)`` in order, as ingest would have written them
+    at that time; returns the next offset per partition written to."""
+    p = kafka_io.producer(bootstrap)
+    futures = [
+        p.send(topic, key=e["user_key"].encode(), value=orjson.dumps(e), timestamp_ms=ts, partition=part)
+        for e, ts, part in rows
+    ]
+    p.flush()
+    p.close()
+    ends: dict[int, int] = {}
+    for f in futures:
+        meta = f.get(timeout=30)
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    return ends
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) or 0 for p in partitions}
+    finally:
+        consumer.close()
+
+
+@pytest.mark.fault
+def test_future_dated_burst_does_not_move_the_watermark(job_env: dict[str, str], tmp_path: Path) -> None:
+    """Ingest accepts events up to 24 h ahead of received_at. A burst of them (on every partition), then
+    normal traffic: the watermark must not jump 23 h ahead, which would send every normal event to
+    ``events.late`` and leave their sessions unpublished.
+
+    Kafka record times are set as ingest would have written the records: the burst at T0 (dated T0 +
+    23 h), the normal events at their event time, all in the past so the broker takes them.
+    """
+    env = job_env_for(job_env, tmp_path)
+    bootstrap, prefix = env["KAFKA_BOOTSTRAP_SERVERS"], env["CLICKPULSE_TOPIC_PREFIX"]
+    topic = f"{prefix}events.enriched"
+    t0 = (int(time.time() * 1000) - 6 * H) // MIN * MIN
+    partitions = range(4)
+
+    burst = [
+        (scenario_event(f"zz-future-{p}-{i}", t0 + 23 * H + i * MIN, f"future-{p}-{i}"), t0, p)
+        for p in partitions
+        for i in range(3)
+    ]
+    normal = []
+    for u in range(8):
+        user = f"n-{u}"
+        first = [t0 + (10 + u) * MIN + j * 3 * MIN for j in range(4)]  # a session of 4 events
+        second = [first[-1] + 45 * MIN + j * 2 * MIN for j in range(3)]  # and one of 3, 45 min later
+        normal += [scenario_event(user, ts, f"{user}-{ts}", path=f"/p/{ts % 7}") for ts in first + second]
+    normal.sort(key=lambda e: (e["event_time_ms"], e["message_id"]))
+    # an event 3 h after T0 on every partition: once read, the watermark passes every normal session
+    sentinels = [
+        (scenario_event(f"zz-sentinel-{p}", t0 + 3 * H, f"sentinel-{p}"), t0 + 3 * H, p) for p in partitions
+    ]
+    expected = reference_sessions(normal)
+
+    proc = start_job(env, tmp_path, "burst", "--starting-offsets", "earliest")
+    try:
+        burst_ends = produce_at(bootstrap, topic, burst)
+        # the job has read the burst (its offsets are committed with a checkpoint), and one more checkpoint
+        # later its periodic watermark (every 200 ms) has long been emitted: the normal events come after it
+        deadline = time.monotonic() + 300
+        group = env["CLICKPULSE_GROUP_ID"]
+        while not all(c >= burst_ends[p] for p, c in committed(bootstrap, group, topic, partitions).items()):
+            assert proc.poll() is None, flink_log_tail(tmp_path)
+            assert time.monotonic() < deadline, "the burst was not consumed\n" + flink_log_tail(tmp_path)
+            time.sleep(1)
+        read_at = time.time()
+        checkpoints = Path(env["CLICKPULSE_HOME"]) / "flink" / "sessionize" / "checkpoints"
+        while not any(m.stat().st_mtime > read_at for m in checkpoints.glob("*/chk-*/_metadata")):
+            assert proc.poll() is None, flink_log_tail(tmp_path)
+            assert time.monotonic() < deadline, "no checkpoint after the burst\n" + flink_log_tail(tmp_path)
+            time.sleep(0.5)
+
+        produce_at(bootstrap, topic, [(e, e["event_time_ms"], None) for e in normal])
+        produce_at(bootstrap, topic, sentinels)
+
+        # until every normal session is published, or anything turns up in events.late
+        deadline = time.monotonic() + 300
+        while True:
+            out = read_output(bootstrap, prefix)
+            got = {sid: v for sid, v in out.final.items() if v["user_key"].startswith("n-")}
+            if out.late or set(expected) <= set(got) or time.monotonic() > deadline:
+                break
+            assert proc.poll() is None, flink_log_tail(tmp_path)
+            time.sleep(2)
+    finally:
+        kill(proc)
+
+    late = sorted(orjson.loads(m.value)["message_id"] for m in out.late)
+    assert not late, f"{len(late)} events sent to events.late, e.g. {late[:5]}"
+    assert {sid: {f: v[f] for f in FIELDS} for sid, v in got.items()} == expected
