@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,6 @@ from typing import Any
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from connectors import kafka as kafka_io
 from tests.support import (
@@ -448,7 +447,7 @@ def test_kill_and_restore_gives_the_same_final_sessions(job_env: dict[str, str],
 
 
 def produce_at(
-    bootstrap: str, topic: str, rows: list[tuple[dict[str, Any], int, int | None]]
+    bootstrap: str, topic: str, rows: Sequence[tuple[dict[str, Any], int, int | None]]
 ) -> dict[int, int]:
     """Send ``(event, Kafka record time, partition or None)`` in order, as ingest would have written them
     at that time; returns the next offset per partition written to."""
@@ -464,14 +463,6 @@ def produce_at(
         meta = f.get(timeout=30)
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
     return ends
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topic, p)) or 0 for p in partitions}
-    finally:
-        consumer.close()
 
 
 @pytest.mark.fault
@@ -507,23 +498,30 @@ def test_future_dated_burst_does_not_move_the_watermark(job_env: dict[str, str],
     ]
     expected = reference_sessions(normal)
 
-    proc = start_job(env, tmp_path, "burst", "--starting-offsets", "earliest")
+    proc = start_job(
+        "sessionize",
+        with_log_dir(env, tmp_path, "burst"),
+        tmp_path / "burst.log",
+        "--starting-offsets",
+        "earliest",
+    )
     try:
-        burst_ends = produce_at(bootstrap, topic, burst)
+        produce_at(bootstrap, topic, burst)
         # the job has read the burst (its offsets are committed with a checkpoint), and one more checkpoint
         # later its periodic watermark (every 200 ms) has long been emitted: the normal events come after it
-        deadline = time.monotonic() + 300
         group = env["CLICKPULSE_GROUP_ID"]
-        while not all(c >= burst_ends[p] for p, c in committed(bootstrap, group, topic, partitions).items()):
-            assert proc.poll() is None, flink_log_tail(tmp_path)
-            assert time.monotonic() < deadline, "the burst was not consumed\n" + flink_log_tail(tmp_path)
-            time.sleep(1)
+
+        def alive_and(check: Callable[[], bool]) -> Callable[[], bool]:
+            def probe() -> bool:
+                assert proc.poll() is None, flink_log_tail(tmp_path)
+                return check()
+
+            return probe
+
+        until(alive_and(lambda: offsets_committed_to_end(bootstrap, topic, group)), 300, "the burst consumed")
         read_at = time.time()
         checkpoints = Path(env["CLICKPULSE_HOME"]) / "flink" / "sessionize" / "checkpoints"
-        while not any(m.stat().st_mtime > read_at for m in checkpoints.glob("*/chk-*/_metadata")):
-            assert proc.poll() is None, flink_log_tail(tmp_path)
-            assert time.monotonic() < deadline, "no checkpoint after the burst\n" + flink_log_tail(tmp_path)
-            time.sleep(0.5)
+        until(alive_and(lambda: checkpoint_after(checkpoints, read_at)), 300, "a checkpoint after the burst")
 
         produce_at(bootstrap, topic, [(e, e["event_time_ms"], None) for e in normal])
         produce_at(bootstrap, topic, sentinels)
