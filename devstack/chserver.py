@@ -9,7 +9,7 @@ and cannot tell the difference, so pointing ``CLICKHOUSE_URL`` at a real server 
 Run it as::
 
     python -m devstack.chserver --host 127.0.0.1 --port 8123 --data-dir DIR \\
-        [--log-file FILE] [--user U --password-env VAR] [--port-file FILE]
+        [--log-file FILE] [--user U --password-env VAR] [--port-file FILE] [limits, see --help]
 
 What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does not):
 
@@ -28,6 +28,10 @@ What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does
   ``X-ClickHouse-Exception-Code`` header, ``Code: N. DB::Exception: ... (NAME) (version V)`` body.
 * Optional authentication (HTTP basic, ``X-ClickHouse-User``/``X-ClickHouse-Key``, ``user``/``password``
   parameters); ``AUTHENTICATION_FAILED`` (516) -> 403, no credentials -> 401 ``REQUIRED_PASSWORD``.
+* Limits of a server (:class:`ChServerSettings`): request body and decompressed size caps (413), no
+  ambiguous framing (400), server-side defaults and maxima of ``max_execution_time`` and
+  ``max_result_bytes``, at most ``max_connections`` connections, keep-alive and receive timeouts
+  (slow clients are cut off), read-only GET without file or network access, ``Host``/``Origin`` allowlist.
 * Response headers ``X-ClickHouse-Summary``, ``X-ClickHouse-Query-Id``, ``X-ClickHouse-Format`` (only for
   statements that produce a result set, as clickhouse-connect's ``command`` relies on),
   ``X-ClickHouse-Timezone``, ``X-ClickHouse-Server-Display-Name``.
@@ -41,8 +45,8 @@ import bz2
 import email.parser
 import email.policy
 import fcntl
-import gzip
 import hmac
+import io
 import json
 import logging
 import lzma
@@ -55,19 +59,148 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from pydantic import Field, field_validator, model_validator
+
+from connectors.settings import Settings, process_environment
+from udfs.rules import Allowlist
+
 logger = logging.getLogger("devstack.chserver")
 
 DEFAULT_FORMAT = "TabSeparated"
 DEFAULT_SESSION_TIMEOUT_S = 60
 MAX_SESSION_TIMEOUT_S = 3600
-KEEP_ALIVE_TIMEOUT_S = 30
+_MIB = 1 << 20
+_DECOMPRESS_CHUNK = 1 << 20  # output of one step of a streaming decompressor
+
+
+class ChServerSettings(Settings):
+    """Limits of the embedded ClickHouse endpoint (``python -m devstack.chserver``), after the server
+    settings of ClickHouse that do the same job (``max_connections``, ``keep_alive_timeout``,
+    ``http_receive_timeout``, ``max_execution_time`` and ``max_result_bytes`` with a constraint). Flags
+    of ``python -m devstack.chserver`` win over the variables; ``clickpulse stack up`` passes its
+    environment on."""
+
+    max_body_bytes: int = Field(128 * _MIB, alias="CLICKPULSE_CHSERVER_MAX_BODY_BYTES", gt=0)
+    """``CLICKPULSE_CHSERVER_MAX_BODY_BYTES`` / ``--max-body-bytes``: largest request body as sent; a larger
+    ``Content-Length`` gets 413 before the body is read (default 134217728)."""
+    max_decompressed_bytes: int = Field(128 * _MIB, alias="CLICKPULSE_CHSERVER_MAX_DECOMPRESSED_BYTES", gt=0)
+    """``CLICKPULSE_CHSERVER_MAX_DECOMPRESSED_BYTES`` / ``--max-decompressed-bytes``: largest request body
+    after ``Content-Encoding`` is undone, decompressed as a stream and refused with 413 past it
+    (default 134217728)."""
+    max_execution_time_ms: int = Field(60_000, alias="CLICKPULSE_CHSERVER_MAX_EXECUTION_TIME_MS", gt=0)
+    """``CLICKPULSE_CHSERVER_MAX_EXECUTION_TIME_MS`` / ``--max-execution-time-ms``: ClickHouse's
+    ``max_execution_time`` of every connection (default 60000)."""
+    max_execution_time_limit_ms: int = Field(
+        600_000, alias="CLICKPULSE_CHSERVER_MAX_EXECUTION_TIME_LIMIT_MS", gt=0
+    )
+    """``CLICKPULSE_CHSERVER_MAX_EXECUTION_TIME_LIMIT_MS`` / ``--max-execution-time-limit-ms``: the most a
+    request, ``SET`` or ``SETTINGS`` clause may raise ``max_execution_time`` to; 0 (unlimited) is refused
+    (default 600000)."""
+    max_result_bytes: int = Field(256 * _MIB, alias="CLICKPULSE_CHSERVER_MAX_RESULT_BYTES", gt=0)
+    """``CLICKPULSE_CHSERVER_MAX_RESULT_BYTES`` / ``--max-result-bytes``: ClickHouse's ``max_result_bytes``
+    of every connection, uncompressed result blocks (default 268435456)."""
+    max_result_bytes_limit: int = Field(1024 * _MIB, alias="CLICKPULSE_CHSERVER_MAX_RESULT_BYTES_LIMIT", gt=0)
+    """``CLICKPULSE_CHSERVER_MAX_RESULT_BYTES_LIMIT`` / ``--max-result-bytes-limit``: the most a request may
+    raise ``max_result_bytes`` to; 0 (unlimited) is refused (default 1073741824)."""
+    max_connections: int = Field(1024, alias="CLICKPULSE_CHSERVER_MAX_CONNECTIONS", gt=0)
+    """``CLICKPULSE_CHSERVER_MAX_CONNECTIONS`` / ``--max-connections``: open client connections, one
+    worker thread each; more are answered 503 and closed (default 1024)."""
+    keep_alive_timeout_ms: int = Field(30_000, alias="CLICKPULSE_CHSERVER_KEEP_ALIVE_TIMEOUT_MS", gt=0)
+    """``CLICKPULSE_CHSERVER_KEEP_ALIVE_TIMEOUT_MS`` / ``--keep-alive-timeout-ms``: how long a connection
+    may wait idle for its next request before it is closed (default 30000)."""
+    receive_timeout_ms: int = Field(30_000, alias="CLICKPULSE_CHSERVER_RECEIVE_TIMEOUT_MS", gt=0)
+    """``CLICKPULSE_CHSERVER_RECEIVE_TIMEOUT_MS`` / ``--receive-timeout-ms``: a request's line and headers
+    must arrive within this of its first byte (slow clients are cut off), and each read of the body or
+    write of the response may wait this long (default 30000)."""
+    allowed_hosts: str = Field(
+        "localhost,*.localhost,127.0.0.0/8,::1", alias="CLICKPULSE_CHSERVER_ALLOWED_HOSTS"
+    )
+    """``CLICKPULSE_CHSERVER_ALLOWED_HOSTS`` / ``--allowed-hosts``: comma-separated names, ``*.suffix``
+    patterns and CIDRs accepted in the ``Host`` header and in an ``Origin`` header, so that a web page
+    cannot drive the endpoint through a browser (default ``localhost,*.localhost,127.0.0.0/8,::1``)."""
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        Allowlist.parse(value.split(","))  # raises ValueError naming the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ChServerSettings:
+        if self.max_execution_time_ms > self.max_execution_time_limit_ms:
+            raise ValueError("max_execution_time_ms is larger than max_execution_time_limit_ms")
+        if self.max_result_bytes > self.max_result_bytes_limit:
+            raise ValueError("max_result_bytes is larger than max_result_bytes_limit")
+        return self
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """The server-side defaults and maxima of the settings that bound a query, as ClickHouse settings."""
+
+    max_execution_time_s: float = 60.0
+    max_execution_time_limit_s: float = 600.0
+    max_result_bytes: int = 256 * _MIB
+    max_result_bytes_limit: int = 1024 * _MIB
+
+    @classmethod
+    def from_settings(cls, s: ChServerSettings) -> QueryLimits:
+        """The limits of ``s``."""
+        return cls(
+            s.max_execution_time_ms / 1000,
+            s.max_execution_time_limit_ms / 1000,
+            s.max_result_bytes,
+            s.max_result_bytes_limit,
+        )
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """``SET`` on every new connection."""
+        return {
+            "max_execution_time": f"{self.max_execution_time_s:g}",
+            "max_result_bytes": str(self.max_result_bytes),
+        }
+
+    @property
+    def maxima(self) -> dict[str, float]:
+        """The most a request may set each bounded setting to."""
+        return {
+            "max_execution_time": self.max_execution_time_limit_s,
+            "max_result_bytes": float(self.max_result_bytes_limit),
+        }
+
+    def check(self, name: str, value: str) -> None:
+        """Refuse (``SETTING_CONSTRAINT_VIOLATION``) a value of a bounded setting above its maximum or 0."""
+        limit = self.maxima.get(name.lower())
+        if limit is None:
+            return
+        text = value.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1].strip()
+        try:
+            number = float(text)
+        except ValueError:
+            raise ClickHouseError(
+                SETTING_CONSTRAINT_VIOLATION,
+                f"Setting {name} must be a number not greater than {limit:g} on this server, got {value}",
+            ) from None
+        if number == 0:
+            raise ClickHouseError(
+                SETTING_CONSTRAINT_VIOLATION,
+                f"Setting {name} shouldn't be 0 (unlimited) on this server: its maximum is {limit:g}",
+            )
+        if number < 0 or number > limit:
+            raise ClickHouseError(
+                SETTING_CONSTRAINT_VIOLATION, f"Setting {name} shouldn't be greater than {limit:g}"
+            )
+
 
 # ClickHouse error codes this module raises itself (numbers as in ClickHouse's ErrorCodes.cpp).
 BAD_ARGUMENTS = 36
@@ -77,11 +210,15 @@ UNKNOWN_COMPRESSION_METHOD = 89
 READONLY = 164
 REQUIRED_PASSWORD = 194
 TOO_MANY_SIMULTANEOUS_QUERIES = 202
+SOCKET_TIMEOUT = 209
+QUERY_IS_TOO_LARGE = 229
 ABORTED = 236
 CANNOT_DECOMPRESS = 271
 SESSION_NOT_FOUND = 372
 SESSION_IS_LOCKED = 373
 INVALID_SESSION_TIMEOUT = 374
+SETTING_CONSTRAINT_VIOLATION = 452
+ACCESS_DENIED = 497
 AUTHENTICATION_FAILED = 516
 STD_EXCEPTION = 1001
 
@@ -93,11 +230,15 @@ _ERROR_NAMES = {
     READONLY: "READONLY",
     REQUIRED_PASSWORD: "REQUIRED_PASSWORD",
     TOO_MANY_SIMULTANEOUS_QUERIES: "TOO_MANY_SIMULTANEOUS_QUERIES",
+    SOCKET_TIMEOUT: "SOCKET_TIMEOUT",
+    QUERY_IS_TOO_LARGE: "QUERY_IS_TOO_LARGE",
     ABORTED: "ABORTED",
     CANNOT_DECOMPRESS: "CANNOT_DECOMPRESS",
     SESSION_NOT_FOUND: "SESSION_NOT_FOUND",
     SESSION_IS_LOCKED: "SESSION_IS_LOCKED",
     INVALID_SESSION_TIMEOUT: "INVALID_SESSION_TIMEOUT",
+    SETTING_CONSTRAINT_VIOLATION: "SETTING_CONSTRAINT_VIOLATION",
+    ACCESS_DENIED: "ACCESS_DENIED",
     AUTHENTICATION_FAILED: "AUTHENTICATION_FAILED",
     STD_EXCEPTION: "STD_EXCEPTION",
 }
@@ -172,9 +313,8 @@ _TRANSPORT_SETTINGS = frozenset(
         "output_format_enable_streaming",
     }
 )
-_READ_ONLY_KINDS = frozenset(
-    {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "SET", "USE"}
-)
+# ClickHouse's readonly=1: reads only, no SET (settings changes that outlive the request).
+_READ_ONLY_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "USE"})
 _RESULT_KINDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK"})
 _SETTING_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CODE_RE = re.compile(r"Code: (\d+)\.")
@@ -199,11 +339,14 @@ _CONTENT_TYPES = {
 class ClickHouseError(Exception):
     """An error reported to the client the way ClickHouse reports it (code, name, message)."""
 
-    def __init__(self, code: int, message: str, name: str | None = None) -> None:
+    def __init__(
+        self, code: int, message: str, name: str | None = None, *, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.name = name or _ERROR_NAMES.get(code, "")
         self.message = message
+        self.status = status
 
     def text(self, version: str) -> str:
         """The response body ClickHouse would send: ``Code: N. DB::Exception: ... (NAME) (version V)``."""
@@ -218,8 +361,8 @@ class ClickHouseError(Exception):
 
     @property
     def http_status(self) -> int:
-        """The HTTP status ClickHouse uses for this exception code."""
-        return _HTTP_STATUS_BY_ERROR.get(self.name, 500)
+        """The HTTP status ClickHouse uses for this exception code (or the one the error was raised with)."""
+        return self.status or _HTTP_STATUS_BY_ERROR.get(self.name, 500)
 
     @classmethod
     def from_engine(cls, exc: BaseException) -> ClickHouseError:
@@ -375,6 +518,68 @@ def parse_statement(
     )
 
 
+# Table functions a read-only (GET) request may use: they only read this server's own tables or make up
+# data. Every other table function of the engine (file, url, s3, remote, mysql, executable, python, ...)
+# reaches the filesystem, the network or other processes, which ClickHouse's readonly mode forbids.
+_READONLY_TABLE_FUNCTIONS = frozenset(
+    {
+        "numbers", "numbers_mt", "zeros", "zeros_mt", "generate_series", "generateseries", "generaterandom",
+        "values", "null", "view", "viewifpermitted", "viewexplain", "merge", "format", "loop", "fuzzjson",
+        "fuzzquery", "mergetreeindex", "mergetreeprojection", "primes",
+    }
+)  # fmt: skip
+
+
+def _tokens(sql: bytes) -> list[tuple[str, bytes]]:
+    """The significant tokens of ``sql`` (no blanks, no comments) as ``(group, text)``."""
+    return [
+        (m.lastgroup or "", m.group())
+        for m in _TOKEN_RE.finditer(sql)
+        if m.lastgroup not in ("ws", "comment")
+    ]
+
+
+def _name(group: str, tok: bytes) -> str:
+    """An identifier token as a lower-case name (quoted identifiers unquoted), else ``""``."""
+    if group == "word":
+        return tok.decode().lower()
+    if group == "quoted" and len(tok) >= 2:
+        return tok[1:-1].decode(errors="replace").lower()
+    return ""
+
+
+def readonly_violation(sql: str, forbidden_functions: frozenset[str]) -> str | None:
+    """Why ``sql`` is not allowed in readonly mode (GET), or ``None``: ``INTO OUTFILE`` writes a file, and
+    the functions in ``forbidden_functions`` (lower case) reach the filesystem or the network."""
+    toks = _tokens(sql.encode())
+    for i, (group, tok) in enumerate(toks):
+        name = _name(group, tok)
+        if not name:
+            continue
+        nxt = toks[i + 1][1] if i + 1 < len(toks) else b""
+        if name == "into" and nxt.upper() == b"OUTFILE":
+            return "SELECT ... INTO OUTFILE writes a file on the server"
+        if nxt == b"(" and name in forbidden_functions and (i == 0 or toks[i - 1][1] != b"."):
+            return f"function {tok.decode(errors='replace')}() reaches the server's filesystem or network"
+    return None
+
+
+def setting_assignments(sql: str, names: Collection[str]) -> list[tuple[str, str]]:
+    """``(name, value)`` of every ``name = value`` after a ``SET`` or ``SETTINGS`` keyword in ``sql`` for the
+    settings ``names`` (lower case); ``value`` is the raw token (a number, a string literal or a word)."""
+    toks = _tokens(sql.encode())
+    found: list[tuple[str, str]] = []
+    in_settings = False
+    for i, (group, tok) in enumerate(toks):
+        name = _name(group, tok)
+        if name in ("set", "settings"):
+            in_settings = True
+        elif in_settings and name in names and i + 1 < len(toks) and toks[i + 1][1] == b"=":
+            value = toks[i + 2][1] if i + 2 < len(toks) else b""
+            found.append((name, value.decode(errors="replace")))
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------
 # Compression
 # ----------------------------------------------------------------------------------------------------
@@ -386,51 +591,124 @@ def _brotli() -> Any | None:
     return brotli
 
 
-def _lz4_frames(data: bytes) -> bytes:
-    import lz4.frame
-
-    out: list[bytes] = []
-    while data:
-        dec = lz4.frame.LZ4FrameDecompressor()
-        out.append(dec.decompress(data))
-        if not dec.eof:
-            raise ValueError("truncated lz4 frame")
-        data = dec.unused_data
-    return b"".join(out)
+class _Truncated(ValueError):
+    pass
 
 
-def _zstd_frames(data: bytes) -> bytes:
-    import io
+def _stream_pieces(data: bytes, new: Callable[[], Any]) -> Iterator[bytes]:
+    """Output of a bz2/xz/lz4-style decompressor (``decompress(data, max_length)``, ``eof``,
+    ``unused_data``, ``needs_input``), at most one chunk at a time; concatenated streams are followed."""
+    dec, pending = new(), data
+    while True:
+        out = dec.decompress(pending, _DECOMPRESS_CHUNK)
+        pending = b""
+        if out:
+            yield out
+        if dec.eof:
+            pending = dec.unused_data or b""  # lz4 says None
+            if not pending.strip(b"\0"):
+                return
+            dec = new()
+        elif dec.needs_input and not out:
+            raise _Truncated("truncated stream")
 
+
+def _zlib_pieces(data: bytes, wbits: int, *, multi: bool) -> Iterator[bytes]:
+    """Output of zlib/gzip data (``multi``: concatenated gzip members), at most one chunk at a time."""
+    dec, pending = zlib.decompressobj(wbits), data
+    while True:
+        out = dec.decompress(pending, _DECOMPRESS_CHUNK)
+        pending = dec.unconsumed_tail
+        if out:
+            yield out
+        if dec.eof:
+            pending = dec.unused_data
+            if not multi or not pending.strip(b"\0"):
+                if pending.strip(b"\0"):
+                    raise ValueError("trailing data after the compressed stream")
+                return
+            dec = zlib.decompressobj(wbits)
+        elif not out and not pending:
+            raise _Truncated("truncated stream")
+
+
+def _zstd_pieces(data: bytes) -> Iterator[bytes]:
     import zstandard
 
     with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True) as reader:
-        return reader.read()
+        while piece := reader.read(_DECOMPRESS_CHUNK):
+            yield piece
 
 
-def decompress_body(data: bytes, encoding: str) -> bytes:
-    """Decode a request body sent with ``Content-Encoding`` (several concatenated frames allowed)."""
+def _brotli_pieces(data: bytes, brotli: Any) -> Iterator[bytes]:
+    dec = brotli.Decompressor()
+    if not hasattr(dec, "can_accept_more_data"):  # brotli < 1.1 cannot bound its output
+        raise ClickHouseError(
+            UNKNOWN_COMPRESSION_METHOD, "br request bodies need brotli >= 1.1 (bounded decompression)"
+        )
+    out = dec.process(data, output_buffer_limit=_DECOMPRESS_CHUNK)
+    yield out
+    while not dec.is_finished():
+        out = dec.process(b"", output_buffer_limit=_DECOMPRESS_CHUNK)
+        if not out:
+            raise _Truncated("truncated stream")
+        yield out
+
+
+def _decoder(enc: str, data: bytes) -> Iterator[bytes] | None:
+    if enc == "lz4":
+        import lz4.frame
+
+        return _stream_pieces(data, lz4.frame.LZ4FrameDecompressor)
+    if enc == "zstd":
+        return _zstd_pieces(data)
+    if enc in ("gzip", "x-gzip"):
+        return _zlib_pieces(data, 31, multi=True)
+    if enc == "deflate":
+        return _zlib_pieces(data, 15, multi=False)
+    if enc == "xz":
+        return _stream_pieces(data, lzma.LZMADecompressor)
+    if enc in ("bz2", "bzip2"):
+        return _stream_pieces(data, bz2.BZ2Decompressor)
+    if enc == "br" and (brotli := _brotli()) is not None:
+        return _brotli_pieces(data, brotli)
+    return None
+
+
+def decompress_body(data: bytes, encoding: str, max_bytes: int | None = None) -> bytes:
+    """Decode a request body sent with ``Content-Encoding`` (several concatenated frames allowed).
+
+    Decompression is streamed and stops with ``QUERY_IS_TOO_LARGE`` (HTTP 413) as soon as the output
+    exceeds ``max_bytes``, so a few hundred bytes of bz2 that would inflate to gigabytes cost at most
+    ``max_bytes`` plus one chunk of memory.
+    """
     enc = encoding.strip().lower()
     if not enc or enc == "identity" or not data:
+        if max_bytes is not None and len(data) > max_bytes:
+            raise _too_large_decompressed(len(data), max_bytes, enc or "identity")
         return data
+    pieces = _decoder(enc, data)
+    if pieces is None:
+        raise ClickHouseError(UNKNOWN_COMPRESSION_METHOD, f"Unknown HTTP compression method: {encoding}")
+    out = io.BytesIO()
     try:
-        if enc == "lz4":
-            return _lz4_frames(data)
-        if enc == "zstd":
-            return _zstd_frames(data)
-        if enc in ("gzip", "x-gzip"):
-            return gzip.decompress(data)
-        if enc == "deflate":
-            return zlib.decompress(data)
-        if enc == "xz":
-            return lzma.decompress(data)
-        if enc in ("bz2", "bzip2"):
-            return bz2.decompress(data)
-        if enc == "br" and (brotli := _brotli()) is not None:
-            return bytes(brotli.decompress(data))
+        for piece in pieces:
+            out.write(piece)
+            if max_bytes is not None and out.tell() > max_bytes:
+                raise _too_large_decompressed(out.tell(), max_bytes, enc)
+    except ClickHouseError:
+        raise
     except Exception as exc:  # any codec error means the client sent something we cannot read
         raise ClickHouseError(CANNOT_DECOMPRESS, f"Cannot decompress request body ({enc}): {exc}") from exc
-    raise ClickHouseError(UNKNOWN_COMPRESSION_METHOD, f"Unknown HTTP compression method: {encoding}")
+    return out.getvalue()
+
+
+def _too_large_decompressed(size: int, limit: int, enc: str) -> ClickHouseError:
+    return ClickHouseError(
+        QUERY_IS_TOO_LARGE,
+        f"Request body ({enc}) decompresses to more than {limit} bytes (at least {size}): "
+        f"over max_decompressed_bytes of this server",
+    )
 
 
 def choose_response_encoding(accept_encoding: str) -> str | None:
@@ -545,7 +823,15 @@ class ChdbEngine:
     connection does not carry them, restored to their previous value, so nothing leaks between requests.
     """
 
-    def __init__(self, data_dir: str | Path, *, pool_size: int = 4, max_sessions: int = 256) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        pool_size: int = 4,
+        max_sessions: int = 256,
+        limits: QueryLimits | None = None,
+    ) -> None:
+        self.limits = limits or QueryLimits()
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._acquire_dir_lock()
@@ -569,6 +855,7 @@ class ChdbEngine:
             row = self._anchor.query("SELECT version(), timezone(), currentDatabase()", "TabSeparated")
             self.version, self.timezone, self.default_db = row.bytes().decode().rstrip("\n").split("\t")
             fmts = self._anchor.query("SELECT name, is_input, is_output FROM system.formats", "JSONEachRow")
+            funcs = self._anchor.query("SELECT name FROM system.table_functions", "TabSeparated")
         except Exception:
             self._release_dir_lock()
             raise
@@ -580,6 +867,9 @@ class ChdbEngine:
                 self.input_formats[rec["name"].lower()] = rec["name"]
             if rec["is_output"]:
                 self.output_formats[rec["name"].lower()] = rec["name"]
+        self.readonly_forbidden = (
+            frozenset(funcs.bytes().decode().lower().split()) | {"file", "url"}
+        ) - _READONLY_TABLE_FUNCTIONS
         logger.info("chDB %s opened at %s (timezone %s)", self.version, self.data_dir, self.timezone)
 
     # -- data directory ownership ------------------------------------------------------------------
@@ -604,7 +894,15 @@ class ChdbEngine:
 
     # -- connections ---------------------------------------------------------------------------------
     def _open(self, sid: str | None = None) -> _Handle:
-        return _Handle(self._chdb.connect(str(self.data_dir)), self.default_db, sid)
+        conn = self._chdb.connect(str(self.data_dir))
+        try:  # the server-side defaults every request starts from (restored after per-request settings)
+            conn.query(
+                "SET " + ", ".join(f"{k} = {v}" for k, v in self.limits.defaults.items()), "TabSeparated"
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return _Handle(conn, self.default_db, sid)
 
     def _acquire(self, req: QueryRequest) -> _Handle:
         with self._mutex:
@@ -766,6 +1064,12 @@ class ChdbEngine:
                 "Cannot execute query in readonly mode. For queries over HTTP, method GET implies readonly. "
                 "You should use method POST for modifying queries",
             )
+        if readonly and (why := readonly_violation(stmt.sql, self.readonly_forbidden)):
+            raise ClickHouseError(READONLY, f"Cannot execute query in readonly mode: {why}")
+        for name, value in settings.items():
+            self.limits.check(name, value)
+        for name, value in setting_assignments(stmt.sql, self.limits.maxima):
+            self.limits.check(name, value)
         changes_state = stmt.kind in ("SET", "USE") or stmt.temporary
         handle = self._acquire(req)
         discard = False
@@ -813,6 +1117,7 @@ class ChdbEngine:
         try:
             res = handle.conn.query(stmt.sql, fmt, params=req.query_params or None)
         except RuntimeError as exc:
+            self._drain(handle)
             raise ClickHouseError.from_engine(exc) from None
         wrapper = res.get_memview() if res.size() else None
         body: bytes | memoryview = wrapper.view() if wrapper is not None else b""
@@ -827,6 +1132,15 @@ class ChdbEngine:
             result_bytes=str(len(body)),
         )
         return QueryResult(body, fmt if produces else None, summary, keepalive=(res, wrapper))
+
+    @staticmethod
+    def _drain(handle: _Handle) -> None:
+        """After a failed query (e.g. ``TIMEOUT_EXCEEDED``), chDB hands the partial output of that query to
+        the connection's next query: run a throw-away query so that the client's next one starts clean."""
+        try:
+            handle.conn.query("SELECT 1", "TabSeparated")
+        except RuntimeError:
+            logger.debug("drain query failed", exc_info=True)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new statements, wait for running ones (up to ``timeout_s``), close every connection."""
@@ -891,27 +1205,100 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 
 
+_PASSWORD_RE = re.compile(r"((?:^|[?&\s])password=)[^&\s]*", re.IGNORECASE)
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,19}")
+
+
+class _TimedReader(io.RawIOBase):
+    """The socket's read side with ClickHouse's timeouts: waiting for a request's first byte may take the
+    keep-alive timeout; from then on, its line and headers must be complete within the receive timeout
+    (a client dripping a byte at a time cannot keep a worker); each read of the body may wait that long."""
+
+    def __init__(self, raw: Any, sock: socket.socket, keep_alive_s: float, receive_s: float) -> None:
+        super().__init__()
+        self._raw, self._sock = raw, sock
+        self.keep_alive_s, self.receive_s = keep_alive_s, receive_s
+        self._phase = "idle"
+        self._head_deadline = 0.0
+
+    def readable(self) -> bool:
+        """Always: this is a reader."""
+        return True
+
+    def await_request(self) -> None:
+        """The next read waits for the first byte of a new request."""
+        self._phase = "idle"
+
+    def reading_body(self) -> None:
+        """The request head is in; reads of the body wait ``receive_s`` each."""
+        self._phase = "body"
+
+    def readinto(self, buffer: Any) -> int | None:
+        """Read with the timeout of the current phase (raises ``TimeoutError``)."""
+        if self._phase == "idle":
+            timeout = self.keep_alive_s
+        elif self._phase == "head":
+            timeout = self._head_deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError("request line and headers not received in time")
+        else:
+            timeout = self.receive_s
+        self._sock.settimeout(timeout)
+        n = self._raw.readinto(buffer)
+        if self._phase == "idle" and n:
+            self._phase = "head"
+            self._head_deadline = time.monotonic() + self.receive_s
+        return int(n) if n is not None else None
+
+    def close(self) -> None:
+        """Close the underlying socket reader too."""
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "clickpulse-chserver"
+    rbufsize = 0  # setup() wraps the raw socket reader in _TimedReader and buffers that
 
     def version_string(self) -> str:
         """The ``Server`` response header."""
         return self.server_version
 
-    timeout = KEEP_ALIVE_TIMEOUT_S
     server: _HTTPServer
     _timing = ""
+    _reader: _TimedReader
 
     # ------------------------------------------------------------------ plumbing
     def setup(self) -> None:
-        """Disable Nagle: headers and body go out as separate writes, which would otherwise wait ~40 ms
-        for the client's delayed ACK on every request."""
+        """Timed reads (see :class:`_TimedReader`); Nagle off: headers and body go out as separate writes,
+        which would otherwise wait ~40 ms for the client's delayed ACK on every request."""
         super().setup()
+        opts = self.server.options
+        self._reader = _TimedReader(
+            self.rfile, self.connection, opts.keep_alive_timeout_ms / 1000, opts.receive_timeout_ms / 1000
+        )
+        self.rfile = io.BufferedReader(self._reader, 65536)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_one_request(self) -> None:
+        """One request; the wait for it is bounded by the keep-alive timeout, its head by the receive one."""
+        self._reader.await_request()
+        super().handle_one_request()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
-        logger.debug("%s " + format, self.address_string(), *args)
+        """Debug log of each request line, with any ``password=`` parameter masked."""
+        logger.debug("%s %s", self.address_string(), _PASSWORD_RE.sub(r"\1***", format % args))
+
+    def handle_expect_100(self) -> bool:
+        """Refuse a bad request before inviting its body (``Expect: 100-continue``)."""
+        try:
+            self._check_request()
+        except ClickHouseError as err:
+            self._send_error(err)
+            return False
+        return super().handle_expect_100()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         self._dispatch()
@@ -923,6 +1310,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def _send(self, status: int, body: bytes | memoryview, headers: Mapping[str, str]) -> None:
+        self.connection.settimeout(self.server.options.receive_timeout_ms / 1000)
         self.send_response(status)
         self.send_header("X-ClickHouse-Server-Display-Name", self.server.display_name)
         for key, value in headers.items():
@@ -932,7 +1320,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.send_header("Connection", "close" if self.close_connection else "Keep-Alive")
         if not self.close_connection:
-            self.send_header("Keep-Alive", f"timeout={KEEP_ALIVE_TIMEOUT_S}")
+            self.send_header("Keep-Alive", f"timeout={self.server.options.keep_alive_timeout_ms // 1000}")
         self.end_headers()
         if self.command != "HEAD" and len(body):
             self.wfile.write(body)
@@ -945,33 +1333,120 @@ class _Handler(BaseHTTPRequestHandler):
         headers.update(extra or {})
         self._send(err.http_status, body, headers)
 
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks: list[bytes] = []
-            while True:
-                line = self.rfile.readline(65537)
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    self.close_connection = True
-                    raise ClickHouseError(BAD_ARGUMENTS, "Malformed chunked request body") from None
-                if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    break
-                chunk = self.rfile.read(size)
-                if len(chunk) != size:
-                    self.close_connection = True
-                    raise ClickHouseError(BAD_ARGUMENTS, "Truncated chunked request body")
-                chunks.append(chunk)
-                self.rfile.readline(3)
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        length = int(self.headers.get("Content-Length") or 0)
+    # ------------------------------------------------------------------ request checks
+    def _check_request(self) -> int | None:
+        """Refuse, before anything is read or run: a ``Host`` or ``Origin`` outside the allowlist (DNS
+        rebinding, cross-site requests from a browser), ambiguous framing, a declared body over the cap.
+        Returns the declared body length, ``None`` for a chunked body."""
+        try:
+            self._check_host_and_origin()
+            return self._body_length()
+        except ClickHouseError:
+            self.close_connection = True  # the body, if any, is not read
+            raise
+
+    def _check_host_and_origin(self) -> None:
+        allowed = self.server.allowed_hosts
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise ClickHouseError(BAD_ARGUMENTS, "More than one Host header", status=400)
+        if hosts and not allowed.allows_host(_host_of(hosts[0])):
+            raise ClickHouseError(
+                ACCESS_DENIED,
+                f"Host {hosts[0].strip()!r} is not allowed (allowed_hosts of this server); use a loopback "
+                "address or add the name to CLICKPULSE_CHSERVER_ALLOWED_HOSTS",
+            )
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            parts = urlsplit(origin.strip())
+            if parts.scheme not in ("http", "https") or not allowed.allows_host(parts.hostname or ""):
+                raise ClickHouseError(
+                    ACCESS_DENIED, f"Requests from origin {origin.strip()!r} are not allowed"
+                )
+        if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise ClickHouseError(ACCESS_DENIED, "Cross-site requests from a browser are not allowed")
+
+    def _body_length(self) -> int | None:
+        lengths = self.headers.get_all("Content-Length") or []
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        if lengths and encodings:
+            raise ClickHouseError(
+                BAD_ARGUMENTS,
+                "Both Transfer-Encoding and Content-Length: ambiguous request framing",
+                status=400,
+            )
+        if encodings:
+            if len(encodings) > 1 or encodings[0].strip().lower() != "chunked":
+                raise ClickHouseError(
+                    BAD_ARGUMENTS, f"Unsupported Transfer-Encoding: {', '.join(encodings)}", status=400
+                )
+            return None
+        if not lengths:
+            return 0
+        if len(lengths) > 1:
+            raise ClickHouseError(BAD_ARGUMENTS, "More than one Content-Length header", status=400)
+        if not _CONTENT_LENGTH_RE.fullmatch(lengths[0].strip()):
+            raise ClickHouseError(BAD_ARGUMENTS, f"Invalid Content-Length: {lengths[0]!r}", status=400)
+        length = int(lengths[0])
+        limit = self.server.options.max_body_bytes
+        if length > limit:
+            raise ClickHouseError(
+                QUERY_IS_TOO_LARGE,
+                f"Request body of {length} bytes is larger than max_body_bytes ({limit}) of this server",
+            )
+        return length
+
+    def _read_body(self, length: int | None) -> bytes:
+        self._reader.reading_body()
+        try:
+            return self._read_framed(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise ClickHouseError(
+                SOCKET_TIMEOUT, "Timeout exceeded while reading the request body (receive_timeout_ms)"
+            ) from None
+
+    def _read_framed(self, length: int | None) -> bytes:
+        limit = self.server.options.max_body_bytes
+        if length is None:
+            return self._read_chunked(limit)
         data = self.rfile.read(length) if length > 0 else b""
         if len(data) != length:
             self.close_connection = True
             raise ClickHouseError(BAD_ARGUMENTS, "Truncated request body")
         return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(65537)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                self.close_connection = True
+                raise ClickHouseError(BAD_ARGUMENTS, "Malformed chunked request body")
+            if size == 0:
+                for _ in range(100):  # trailers
+                    if self.rfile.readline(65537) in (b"\r\n", b"\n", b""):
+                        break
+                break
+            total += size
+            if total > limit:
+                self.close_connection = True
+                raise ClickHouseError(
+                    QUERY_IS_TOO_LARGE,
+                    f"Chunked request body is larger than max_body_bytes ({limit}) of this server",
+                )
+            chunk = self.rfile.read(size)
+            if len(chunk) != size:
+                self.close_connection = True
+                raise ClickHouseError(BAD_ARGUMENTS, "Truncated chunked request body")
+            chunks.append(chunk)
+            self.rfile.readline(3)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # ------------------------------------------------------------------ auth
     def _authenticate(self, params: Mapping[str, str]) -> None:
@@ -1028,13 +1503,25 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ requests
     def _dispatch(self) -> None:
         started = time.perf_counter()
+        try:
+            length = self._check_request()
+        except ClickHouseError as err:
+            logger.info("refused %s request: %s", self.command, err.message)
+            self._send_error(err)
+            return
+        if self.command != "POST" and length != 0:
+            self.close_connection = True  # a body on GET/HEAD is not read: do not parse it as a request
         url = urlsplit(self.path)
         path = url.path.rstrip("/") or "/"
         if path in ("/ping", "/replicas_status") or (
             path == "/" and self.command != "POST" and not url.query
         ):
             if self.command == "POST":
-                self._read_body()
+                try:
+                    self._read_body(length)
+                except ClickHouseError as err:
+                    self._send_error(err)
+                    return
             self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
             return
         if path not in ("/", "/query"):
@@ -1051,7 +1538,7 @@ class _Handler(BaseHTTPRequestHandler):
             except ClickHouseError:
                 self.close_connection = True  # the body was not read
                 raise
-            result, encoding = self._query(params)
+            result, encoding = self._query(params, length)
         except ClickHouseError as err:
             logger.info("query %s failed: %s", query_id, err.text(self.server.engine.version))
             self._send_error(err, ids)
@@ -1084,10 +1571,10 @@ class _Handler(BaseHTTPRequestHandler):
             (time.perf_counter() - started) * 1000,
         )
 
-    def _query(self, params: dict[str, str]) -> tuple[QueryResult, str | None]:
+    def _query(self, params: dict[str, str], length: int | None) -> tuple[QueryResult, str | None]:
         req = QueryRequest(readonly=self.command in ("GET", "HEAD"))
         t0 = time.perf_counter()
-        body = self._read_body() if self.command == "POST" else b""
+        body = self._read_body(length) if self.command == "POST" else b""
         self._timing = f"read {len(body)} B in {(time.perf_counter() - t0) * 1000:.1f} ms"
         if _truthy(params.get("decompress")) or _truthy(params.get("compress")):
             raise ClickHouseError(
@@ -1099,7 +1586,9 @@ class _Handler(BaseHTTPRequestHandler):
             params = {**params, **self._form_fields(ctype, body)}
             body = b""
         else:
-            body = decompress_body(body, self.headers.get("Content-Encoding", ""))
+            body = decompress_body(
+                body, self.headers.get("Content-Encoding", ""), self.server.options.max_decompressed_bytes
+            )
         req.query_param = params.get("query")
         req.body = body
         req.database = self.headers.get("X-ClickHouse-Database") or params.get("database") or None
@@ -1162,10 +1651,20 @@ class _Handler(BaseHTTPRequestHandler):
         return fields
 
 
+def _host_of(header: str) -> str:
+    """The host of a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``), without brackets."""
+    value = header.strip()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 class _HTTPServer(ThreadingHTTPServer):
+    """One thread per connection, as ClickHouse's HTTP server, at most ``max_connections`` of them."""
+
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 1024
 
     def __init__(
         self,
@@ -1173,12 +1672,55 @@ class _HTTPServer(ThreadingHTTPServer):
         engine: ChdbEngine,
         credentials: Credentials | None,
         display_name: str,
+        options: ChServerSettings,
     ) -> None:
         self.engine = engine
         self.credentials = credentials
         self.display_name = display_name
+        self.options = options
+        self.allowed_hosts = Allowlist.parse(options.allowed_hosts.split(","))
         self.stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(options.max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread of its own, or answer 503 when all slots are taken."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The connection's thread; frees its slot at the end."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        err = ClickHouseError(
+            TOO_MANY_SIMULTANEOUS_QUERIES,
+            f"Too many connections (max_connections {self.options.max_connections} of this server)",
+        )
+        body = (err.text(self.engine.version) + "\n").encode()
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=UTF-8\r\n"
+            f"X-ClickHouse-Exception-Code: {err.code}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        try:
+            request.settimeout(0.5)
+            request.sendall(head + body)
+        except OSError:
+            pass
+        logger.warning(
+            "refused a connection: %d connections open (max_connections)", self.options.max_connections
+        )
+        self.shutdown_request(request)
 
 
 class ChServer:
@@ -1196,11 +1738,13 @@ class ChServer:
         *,
         credentials: Credentials | None = None,
         display_name: str | None = None,
+        options: ChServerSettings | None = None,
     ) -> None:
-        self.engine = ChdbEngine(data_dir)
+        options = options or ChServerSettings()
+        self.engine = ChdbEngine(data_dir, limits=QueryLimits.from_settings(options))
         try:
             self.httpd = _HTTPServer(
-                (host, port), self.engine, credentials, display_name or socket.gethostname()
+                (host, port), self.engine, credentials, display_name or socket.gethostname(), options
             )
         except BaseException:
             self.engine.close()
@@ -1256,16 +1800,19 @@ def serve(
     user: str | None = None,
     password: str | None = None,
     display_name: str | None = None,
+    options: ChServerSettings | None = None,
 ) -> ChServer:
     """Start the endpoint in a background thread of this process and return it (call ``.stop()``).
 
     ``user``/``password``: when either is given, requests must authenticate as that user (``user``
-    defaults to ``default``, ``password`` to empty).
+    defaults to ``default``, ``password`` to empty). ``options``: limits (default: the defaults).
     """
     creds = None
     if user is not None or password is not None:
         creds = Credentials(user or "default", password or "")
-    return ChServer(host, port, data_dir, credentials=creds, display_name=display_name).start()
+    return ChServer(
+        host, port, data_dir, credentials=creds, display_name=display_name, options=options
+    ).start()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1285,6 +1832,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--password-env", help="name of the environment variable holding the password")
     p.add_argument("--port-file", help="write the bound port to this file once listening")
     p.add_argument("--display-name", help="X-ClickHouse-Server-Display-Name (default: host name)")
+    limits = p.add_argument_group("limits (default: the CLICKPULSE_CHSERVER_* variable, else as documented)")
+    fields = ChServerSettings.model_fields
+    for flag in (
+        "--max-body-bytes",
+        "--max-decompressed-bytes",
+        "--max-execution-time-ms",
+        "--max-execution-time-limit-ms",
+        "--max-result-bytes",
+        "--max-result-bytes-limit",
+        "--max-connections",
+        "--keep-alive-timeout-ms",
+        "--receive-timeout-ms",
+    ):
+        name = flag[2:].replace("-", "_")
+        info = fields[name]
+        limits.add_argument(flag, dest=name, type=int, help=f"{info.alias} (default {info.default})")
+    info = fields["allowed_hosts"]
+    limits.add_argument("--allowed-hosts", help=f"{info.alias} (default {info.default})")
     return p
 
 
@@ -1312,8 +1877,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.user:
         creds = Credentials(args.user, "")
     try:
+        options = ChServerSettings.from_env(process_environment(), vars(args))
+    except ValueError as exc:
+        logger.error("invalid limits: %s", exc)
+        return 2
+    try:
         server = ChServer(
-            args.host, args.port, args.data_dir, credentials=creds, display_name=args.display_name
+            args.host,
+            args.port,
+            args.data_dir,
+            credentials=creds,
+            display_name=args.display_name,
+            options=options,
         )
     except (OSError, RuntimeError) as exc:
         logger.error("cannot start: %s", exc)

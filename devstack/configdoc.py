@@ -62,6 +62,7 @@ SETTINGS_CLASSES: tuple[str, ...] = (
     "connectors.dispatch:DispatchSettings",
     "jobs.load:LoadSettings",
     "devstack.stack:StackSettings",
+    "devstack.chserver:ChServerSettings",
 )
 #: Each job's settings (a frozen dataclass of areas), ``module:Class``, in the order the reference shows.
 JOB_SETTINGS: tuple[str, ...] = (

@@ -36,6 +36,7 @@ from pathlib import Path
 from pydantic import Field
 
 from connectors import kafka as kafka_io
+from connectors.clickhouse import redact_url
 from connectors.settings import (
     CONTRACT_TOPICS,
     DEFAULT_STATE_DIR,
@@ -111,6 +112,29 @@ class ServiceState:
             "ports": self.ports,
             "marker": self.marker,
         }
+
+
+# --------------------------------------------------------------------------- files and URLs
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, mode 0600 from the start (never readable by others)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    tmp.replace(path)
+
+
+def display_url(url: str) -> str:
+    """``url`` as it may be printed or logged: any password replaced by ``***``."""
+    if "://" not in url:
+        return url  # host:port lists (Kafka) hold no credentials
+    try:
+        return redact_url(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"  # unparsable: show nothing that could be a secret
 
 
 # --------------------------------------------------------------------------- processes and ports
@@ -223,20 +247,17 @@ class Stack:
         return out
 
     def save_state(self, state: dict[str, ServiceState]) -> None:
-        """Write stack.json atomically."""
+        """Write stack.json atomically, readable by the owner only (external URLs may hold passwords)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"services": {n: s.to_json() for n, s in state.items()}}, indent=2))
-        tmp.replace(self.state_file)
+        text = json.dumps({"services": {n: s.to_json() for n, s in state.items()}}, indent=2)
+        write_private(self.state_file, text)
 
     def write_env(self, state: dict[str, ServiceState]) -> None:
-        """Write stack.env with one line per service."""
+        """Write stack.env with one line per service, readable by the owner only (it may hold passwords)."""
         lines = [f"{ENV_VARS[name]}={state[name].url}" for name in SERVICES if name in state]
         if self.topic_prefix:
             lines.append(f"CLICKPULSE_TOPIC_PREFIX={self.topic_prefix}")
-        tmp = self.env_file.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(self.env_file)
+        write_private(self.env_file, "\n".join(lines) + "\n")
 
     def external_url(self, name: str, state: dict[str, ServiceState]) -> str | None:
         """The URL of an externally configured service, or None when we should run it ourselves."""
@@ -331,8 +352,8 @@ class Stack:
                 raise StackError(f"{name} exited during start-up; see {self.logs / (name + '.log')}")
             time.sleep(0.3)
         raise StackError(
-            f"{name} at {svc.url} not healthy after {self.settings.startup_timeout_ms / 1000:.0f}s; "
-            f"see {self.logs / (name + '.log')}"
+            f"{name} at {display_url(svc.url)} not healthy after "
+            f"{self.settings.startup_timeout_ms / 1000:.0f}s; see {self.logs / (name + '.log')}"
         )
 
     def _start_kafka(self, prev: ServiceState | None) -> ServiceState:
@@ -440,20 +461,30 @@ class Stack:
         return stopped
 
     def status(self) -> list[dict[str, object]]:
-        """One row per service: name, source, url, pid, healthy."""
+        """One row per service: name, source, state, url (passwords masked), pid, healthy.
+
+        ``state`` is ``external``, ``running``, ``dead`` (``up`` started it, its recorded pid is gone and
+        ``down`` did not stop it: ``stack up`` restarts it) or ``stopped``.
+        """
         state = self.load_state()
         rows: list[dict[str, object]] = []
         for name in SERVICES:
             ext = self.external_url(name, state)
             svc = state.get(name)
+            row: dict[str, object] = {"service": name, "source": "embedded", "state": "stopped", "url": "",
+                                      "pid": None, "healthy": False}  # fmt: skip
             if ext:
-                rows.append({"service": name, "source": "external", "url": ext, "pid": None,
-                             "healthy": self.healthy(name, ext)})  # fmt: skip
+                row.update(source="external", state="external", url=display_url(ext))
+                row["healthy"] = self.healthy(name, ext)
             elif svc and pid_alive(svc.pid, svc.marker):
-                rows.append({"service": name, "source": "embedded", "url": svc.url, "pid": svc.pid,
-                             "healthy": self.healthy(name, svc.url)})  # fmt: skip
-            else:
-                rows.append({"service": name, "source": "embedded", "url": "", "pid": None, "healthy": False})
+                row.update(state="running", url=display_url(svc.url), pid=svc.pid)
+                row["healthy"] = self.healthy(name, svc.url)
+            elif svc and not svc.external and svc.pid:
+                log.warning(
+                    "%s: pid %d recorded by `stack up` is gone; `stack up` restarts it", name, svc.pid
+                )
+                row.update(state="dead", url=display_url(svc.url), pid=svc.pid)
+            rows.append(row)
         return rows
 
 

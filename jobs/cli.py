@@ -39,7 +39,7 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_stack(args: argparse.Namespace) -> int:
     """``clickpulse stack up|down|status``."""
     from connectors.settings import process_environment
-    from devstack.stack import Stack, StackError, StackSettings
+    from devstack.stack import Stack, StackError, StackSettings, display_url
 
     env = process_environment()
     stack = Stack(StackSettings.from_env(env), environ=env)
@@ -48,7 +48,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
             state = stack.up(progress=lambda m: console.print(f"[cyan]•[/] {m}"))
             console.print(f"[green]stack is up[/]; wrote {stack.env_file}")
             for name, svc in state.items():
-                console.print(f"  {name:<11} {svc.url}{'  (external)' if svc.external else ''}")
+                console.print(f"  {name:<11} {display_url(svc.url)}{'  (external)' if svc.external else ''}")
             return 0
         if args.action == "down":
             stopped = stack.down(progress=lambda m: console.print(f"[cyan]•[/] {m}"))
@@ -57,11 +57,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
             )
             return 0
         rows = stack.status()
-        table = Table("service", "source", "url", "pid", "healthy")
+        table = Table("service", "source", "state", "url", "pid", "healthy")
         for r in rows:
             table.add_row(
                 str(r["service"]),
                 str(r["source"]),
+                "[red]dead[/] (run `clickpulse stack up`)" if r["state"] == "dead" else str(r["state"]),
                 str(r["url"]),
                 str(r["pid"] or ""),
                 "[green]yes[/]" if r["healthy"] else "[red]no[/]",

@@ -7,9 +7,11 @@ drives it with clickhouse-connect (default settings: compression on, sessions on
 from __future__ import annotations
 
 import base64
+import bz2
 import collections
 import gzip
 import json
+import lzma
 import os
 import random
 import shutil
@@ -22,11 +24,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import lz4.frame
 import pyarrow as pa
 import pytest
 import zstandard
@@ -94,6 +98,23 @@ def _stop(ep: Endpoint) -> None:
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     ep = _start(tmp_path_factory.mktemp("chserver"))
+    yield ep
+    _stop(ep)
+
+
+LIMITS = (
+    "--max-body-bytes", "2000000", "--max-decompressed-bytes", "1000000",
+    "--max-execution-time-ms", "1000", "--max-execution-time-limit-ms", "3000",
+    "--max-result-bytes", "1000000", "--max-result-bytes-limit", "4000000",
+    "--keep-alive-timeout-ms", "1500", "--receive-timeout-ms", "1500", "--max-connections", "40",
+    "--allowed-hosts", "localhost,127.0.0.0/8,::1,ch.internal",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def limits_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    """An endpoint with small limits (flags of ``python -m devstack.chserver``)."""
+    ep = _start(tmp_path_factory.mktemp("chserver_limits"), *LIMITS)
     yield ep
     _stop(ep)
 
@@ -464,3 +485,294 @@ def test_statement_parsing() -> None:
         with pytest.raises(ClickHouseError) as info:
             parse_statement(None, bad, fmts, fmts)
         assert info.value.code == 62
+
+
+# ---------------------------------------------------------------------------------------- server limits
+def _raw(ep: Endpoint, head: bytes, *, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``head`` (and whatever follows it) on a fresh socket; (status, whole response until close or
+    the end of the first response)."""
+    with socket.create_connection(("127.0.0.1", ep.port), timeout=timeout) as s:
+        s.sendall(head)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            head_end = data.find(b"\r\n\r\n")
+            if head_end >= 0:
+                length = next(
+                    (int(line.split(b":", 1)[1]) for line in data[:head_end].split(b"\r\n")
+                     if line.lower().startswith(b"content-length:")),
+                    None,
+                )  # fmt: skip
+                if length is not None and len(data) >= head_end + 4 + length:
+                    break
+    assert data.startswith(b"HTTP/1.1 "), data[:200]
+    return int(data[9:12]), data
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _bombs(size: int) -> dict[str, bytes]:
+    """Bodies of every request encoding that inflate to ``size`` zero bytes (16 MiB frames, concatenated)."""
+    frame = 16 << 20
+    zeros = b"\0" * frame
+    n = max(1, size // frame)
+    deflate = zlib.compressobj(9)
+    deflated = deflate.compress(zeros * min(n, 4)) + deflate.flush()  # one zlib stream, up to 64 MiB
+    return {
+        "gzip": gzip.compress(zeros, 9) * n,
+        "deflate": deflated,
+        "bz2": bz2.compress(zeros, 9) * n,
+        "xz": lzma.compress(zeros) * n,
+        "zstd": zstandard.ZstdCompressor(level=19).compress(zeros) * n,
+        "lz4": lz4.frame.compress(zeros) * min(n, 16),  # lz4 stops at ~250:1
+    }
+
+
+@pytest.mark.fault
+def test_decompression_bombs_are_refused_with_bounded_memory(
+    endpoint: Endpoint, limits_endpoint: Endpoint
+) -> None:
+    # the default cap (128 MiB): a few hundred bytes of bz2 that inflate to 256 MiB
+    bomb = bz2.compress(b"\0" * (16 << 20), 9) * 16
+    assert len(bomb) < 1000
+    status, headers, body = _http(f"{endpoint.url}/", data=bomb, headers={"Content-Encoding": "bz2"})
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (413, "229"), body
+    assert b"max_decompressed_bytes" in body and b"(QUERY_IS_TOO_LARGE)" in body
+
+    # every encoding, on a server with a 1 MB cap: 413 and the server's peak memory barely moves
+    ep = limits_endpoint
+    before = _vm_hwm_kib(ep.proc.pid)
+    for enc, data in _bombs(1 << 30).items():
+        assert len(data) < 2_000_000, enc  # under max_body_bytes: the decompressed cap is what refuses it
+        status, headers, body = _http(f"{ep.url}/", data=data, headers={"Content-Encoding": enc})
+        assert (status, headers.get("X-ClickHouse-Exception-Code")) == (413, "229"), (enc, body)
+    grown_mib = (_vm_hwm_kib(ep.proc.pid) - before) / 1024
+    assert grown_mib < 100, f"peak memory grew by {grown_mib:.0f} MiB while refusing bombs"
+    # bodies under the cap still work in every encoding
+    small = {
+        "gzip": gzip.compress(b"SELECT 'ok'"),
+        "deflate": zlib.compress(b"SELECT 'ok'"),
+        "bz2": bz2.compress(b"SELECT 'ok'"),
+        "xz": lzma.compress(b"SELECT 'ok'"),
+        "zstd": zstandard.ZstdCompressor().compress(b"SELECT 'ok'"),
+        "lz4": lz4.frame.compress(b"SELECT 'ok'"),
+    }
+    for enc, data in small.items():
+        assert _http(f"{ep.url}/", data=data, headers={"Content-Encoding": enc})[2] == b"ok\n", enc
+    # a plain body over the decompressed cap is refused too
+    status, _, _ = _http(f"{ep.url}/", data=b"SELECT 1 -- " + b"x" * 1_500_000)
+    assert status == 413
+
+
+@pytest.mark.fault
+def test_declared_huge_body_and_ambiguous_framing_are_refused(
+    endpoint: Endpoint, limits_endpoint: Endpoint
+) -> None:
+    host = f"Host: 127.0.0.1:{endpoint.port}\r\n".encode()
+    started = time.monotonic()
+    status, resp = _raw(endpoint, b"POST / HTTP/1.1\r\n" + host + b"Content-Length: 1000000000\r\n\r\n")
+    assert status == 413 and b"max_body_bytes" in resp and b"Connection: close" in resp
+    assert time.monotonic() - started < 5  # answered without waiting for the body
+    expect = b"POST / HTTP/1.1\r\n" + host + b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n"
+    assert _raw(endpoint, expect)[0] == 413  # no "100 Continue" for a body that would be refused
+
+    for framing in (
+        b"Transfer-Encoding: chunked\r\nContent-Length: 8\r\n",
+        b"Content-Length: 8\r\nTransfer-Encoding: chunked\r\n",
+        b"Content-Length: 8\r\nContent-Length: 8\r\n",
+        b"Content-Length: 8\r\nContent-Length: 9\r\n",
+        b"Content-Length: 8, 8\r\n",
+        b"Content-Length: -8\r\n",
+        b"Transfer-Encoding: gzip, chunked\r\n",
+    ):
+        status, resp = _raw(
+            endpoint, b"POST / HTTP/1.1\r\n" + host + framing + b"\r\n8\r\nSELECT 1\r\n0\r\n\r\n"
+        )
+        assert status == 400 and b"Connection: close" in resp, (framing, resp)
+    # chunked bodies: a chunk over the cap, a negative chunk size
+    lhost = f"Host: 127.0.0.1:{limits_endpoint.port}\r\n".encode()
+    chunked = b"POST / HTTP/1.1\r\n" + lhost + b"Transfer-Encoding: chunked\r\n\r\n"
+    assert _raw(limits_endpoint, chunked + b"10000000\r\n")[0] == 413
+    assert _raw(limits_endpoint, chunked + b"-1\r\n")[0] == 400
+    assert _raw(limits_endpoint, chunked + b"8\r\nSELECT 1\r\n0\r\n\r\n")[1].endswith(b"\r\n\r\n1\n")
+    assert _http(_q(endpoint, "SELECT 1"))[2] == b"1\n"  # the server is fine
+
+
+@pytest.mark.fault
+def test_execution_time_and_result_size_have_server_side_maxima(
+    endpoint: Endpoint, limits_endpoint: Endpoint
+) -> None:
+    defaults = _http(_q(endpoint, "SELECT getSetting('max_execution_time'), getSetting('max_result_bytes')"))
+    assert defaults[2] == b"60\t268435456\n"
+
+    ep = limits_endpoint
+    sleepy = "SELECT sleepEachRow(0.5) FROM numbers(10) SETTINGS max_block_size = 1"
+    status, headers, body = _http(f"{ep.url}/", data=sleepy.encode())
+    assert headers["X-ClickHouse-Exception-Code"] == "159", body  # TIMEOUT_EXCEEDED after 1 s
+    for _ in range(5):  # the connections that ran it answer the next queries correctly
+        assert _http(_q(ep, "SELECT 42"))[2] == b"42\n"
+    status, headers, body = _http(_q(ep, "SELECT number FROM numbers(1000000)"))
+    assert headers["X-ClickHouse-Exception-Code"] == "396", body  # TOO_MANY_ROWS_OR_BYTES
+
+    # per request, up to the server's maxima, as a ClickHouse settings constraint would allow
+    ok = _http(_q(ep, "SELECT number FROM numbers(300000)", max_result_bytes="3000000"))
+    assert ok[0] == 200 and len(ok[2].splitlines()) == 300_000
+    assert _http(f"{ep.url}/?max_execution_time=2.5", data=b"SELECT sleep(1.5)")[0] == 200
+    for bad in (
+        _q(ep, "SELECT 1", max_result_bytes="0"),
+        _q(ep, "SELECT 1", max_result_bytes="5000000"),
+        _q(ep, "SELECT 1", max_execution_time="4"),
+        _q(ep, "SELECT 1 SETTINGS max_execution_time = 0"),
+        _q(ep, "SELECT 1 SETTINGS max_result_bytes = '1e12'"),
+    ):
+        status, headers, body = _http(bad)
+        assert headers["X-ClickHouse-Exception-Code"] == "452", (bad, body)  # SETTING_CONSTRAINT_VIOLATION
+    client = client_from_url(ep.url)
+    with pytest.raises(DatabaseError, match="452"):
+        client.command("SET max_execution_time = 0")
+    with pytest.raises(DatabaseError, match="452"):
+        client.command("SET max_execution_time = DEFAULT")
+    client.command("SET max_execution_time = 2")
+    assert client.command("SELECT getSetting('max_execution_time')") == 2
+
+
+@pytest.mark.fault
+def test_get_is_readonly_without_files_network_or_set(endpoint: Endpoint, tmp_path: Path) -> None:
+    target = tmp_path / "out.tsv"
+    for sql in (
+        f"SELECT number FROM numbers(3) INTO OUTFILE '{target}'",
+        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+        "SELECT * FROM `file`('/etc/hostname', 'LineAsString')",
+        "SELECT file('/etc/hostname')",
+        "SELECT * FROM url('http://127.0.0.1:1/x.csv', 'CSV', 'a String')",
+        "DESCRIBE TABLE s3('http://127.0.0.1:1/b/x.csv')",
+        "SELECT * FROM remote('127.0.0.1:1', system.one)",
+        "SELECT * FROM executable('x.sh', 'TSV', 'a String')",
+        "SET max_block_size = 1",
+    ):
+        status, headers, body = _http(_q(endpoint, sql))
+        assert headers.get("X-ClickHouse-Exception-Code") == "164", (sql, body)  # READONLY
+    assert not target.exists()
+    # reading the server's own tables still works, table functions that make up data too
+    assert _http(_q(endpoint, "SELECT count() FROM numbers(5)"))[2] == b"5\n"
+    assert _http(_q(endpoint, "SELECT count() FROM system.one WHERE 'file(' != ''"))[2] == b"1\n"
+
+
+@pytest.mark.fault
+def test_foreign_host_and_origin_are_refused(endpoint: Endpoint, limits_endpoint: Endpoint) -> None:
+    ep = endpoint
+    for headers in (
+        {"Host": "evil.example"},  # DNS rebinding: a page on evil.example resolved to 127.0.0.1
+        {"Host": f"evil.example:{ep.port}"},
+        {"Host": "192.168.1.10"},
+        {"Origin": "http://evil.example"},  # cross-site request from a browser
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+    ):
+        for url in (_q(ep, "SELECT 1"), f"{ep.url}/ping"):
+            status, got, body = _http(url, headers=headers)
+            assert (status, got.get("X-ClickHouse-Exception-Code")) == (403, "497"), (headers, body)
+        assert (
+            _http(f"{ep.url}/", data=b"CREATE TABLE csrf (a UInt8) ENGINE = Memory", headers=headers)[0]
+            == 403
+        )
+    for headers in (
+        {"Host": f"localhost:{ep.port}"},
+        {"Host": "127.0.0.1"},
+        {"Host": f"[::1]:{ep.port}"},
+        {"Origin": f"http://localhost:{ep.port}"},
+        {"Origin": "http://127.0.0.1:3000", "Sec-Fetch-Site": "same-site"},
+    ):
+        assert _http(_q(ep, "SELECT 1"), headers=headers)[2] == b"1\n", headers
+    assert _http(_q(limits_endpoint, "SELECT 1"), headers={"Host": "ch.internal:8123"})[2] == b"1\n"
+    assert _http(_q(limits_endpoint, "SELECT 1"), headers={"Host": "evil.example"})[0] == 403
+
+
+def _drip(ep: Endpoint, stop: threading.Event, closed: threading.Event) -> None:
+    """A slowloris client: a request head one byte every 0.2 s, never finished; sets ``closed`` when the
+    server hangs up on it (or answers it)."""
+    head = f"GET /?query=SELECT+1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: {'a' * 1000}".encode()
+    with socket.create_connection(("127.0.0.1", ep.port), timeout=5) as s:
+        for i in range(len(head)):
+            try:
+                s.sendall(head[i : i + 1])
+                s.setblocking(False)
+                try:
+                    s.recv(1024)  # b"" (closed) or a response: either way the server is done with us
+                    closed.set()
+                    return
+                except BlockingIOError:
+                    pass
+                finally:
+                    s.setblocking(True)
+            except OSError:
+                closed.set()
+                return
+            if stop.wait(0.2):
+                return
+
+
+@pytest.mark.fault
+def test_idle_sockets_and_slow_clients_do_not_stop_others(
+    endpoint: Endpoint, limits_endpoint: Endpoint
+) -> None:
+    # 500 idle connections and a byte-dripping client on the default server: a query still answers fast
+    stop, closed = threading.Event(), threading.Event()
+    idle: list[socket.socket] = []
+    dripper = threading.Thread(target=_drip, args=(endpoint, stop, closed), daemon=True)
+    try:
+        for _ in range(500):
+            idle.append(socket.create_connection(("127.0.0.1", endpoint.port), timeout=5))
+        dripper.start()
+        started = time.monotonic()
+        assert _http(_q(endpoint, "SELECT 1"))[2] == b"1\n"
+        assert client_from_url(endpoint.url).command("SELECT 2") == 2
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        dripper.join(10)
+        for s in idle:
+            s.close()
+
+    # with a 1.5 s receive timeout the dripper is cut off, and an idle socket is closed after 1.5 s
+    ep = limits_endpoint
+    stop, closed = threading.Event(), threading.Event()
+    dripper = threading.Thread(target=_drip, args=(ep, stop, closed), daemon=True)
+    started = time.monotonic()
+    dripper.start()
+    with socket.create_connection(("127.0.0.1", ep.port), timeout=10) as quiet:
+        assert quiet.recv(1) == b""  # closed by the server (a timeout here would raise)
+        assert time.monotonic() - started < 8
+    assert closed.wait(10), "the slowloris client was never cut off"
+    stop.set()
+    dripper.join(10)
+    assert time.monotonic() - started < 10
+    assert _http(_q(ep, "SELECT 1"))[2] == b"1\n"
+
+
+@pytest.mark.fault
+def test_connections_over_max_connections_get_503(limits_endpoint: Endpoint) -> None:
+    ep = limits_endpoint
+    held = [socket.create_connection(("127.0.0.1", ep.port), timeout=5) for _ in range(40)]
+    try:
+        status, resp = _raw(ep, b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert status == 503 and b"max_connections" in resp
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10
+    while _raw(ep, b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[0] != 200:
+        assert time.monotonic() < deadline, "slots were not freed after the clients left"
+        time.sleep(0.1)

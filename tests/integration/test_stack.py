@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -150,3 +152,56 @@ def test_cli_up_down_leaves_no_process_behind(tmp_path: Path) -> None:
     assert not (home / "stack.env").exists()
     status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 1
+
+
+def _own_env(stack: Stack) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+
+
+@pytest.mark.fault
+def test_status_reports_a_dead_service_and_up_restarts_it(stack: Stack, tmp_path: Path) -> None:
+    """A second stack that runs its own ClickHouse endpoint (Kafka and Redis are the session's)."""
+    env = {k: v for k, v in _own_env(stack).items() if k != "CLICKHOUSE_URL"}
+    st = Stack(StackSettings(home=tmp_path / "dead"), environ=env)
+    try:
+        first = st.up()["clickhouse"]
+        os.killpg(first.pid, signal.SIGKILL)  # the process group `up` started (see devstack.stack._spawn)
+        deadline = time.monotonic() + 30
+        while pid_alive(first.pid, first.marker):
+            assert time.monotonic() < deadline, "the killed endpoint did not go away"
+            time.sleep(0.1)
+        row = {r["service"]: r for r in st.status()}["clickhouse"]
+        assert (row["state"], row["pid"], row["healthy"]) == ("dead", first.pid, False)
+
+        again = st.up()["clickhouse"]
+        assert again.pid != first.pid and pid_alive(again.pid, again.marker)
+        row = {r["service"]: r for r in st.status()}["clickhouse"]
+        assert (row["state"], row["healthy"]) == ("running", True)
+    finally:
+        st.down()
+
+
+def test_stack_never_prints_credentials_and_keeps_secrets_private(stack: Stack, tmp_path: Path) -> None:
+    secret = "pw-" + uuid.uuid4().hex
+    own = _own_env(stack)
+    port = own["CLICKHOUSE_URL"].rsplit(":", 1)[1]
+    home = tmp_path / "secret-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKPULSE_")}
+    env.update(own)
+    env["CLICKHOUSE_URL"] = f"http://loader:{secret}@127.0.0.1:{port}"  # the endpoint ignores credentials
+    env["CLICKPULSE_STATE_DIR"] = str(home)
+    env["COLUMNS"] = "200"  # rich: the status table's URL column uncut
+    cli = [sys.executable, "-m", "jobs.cli", "stack"]
+    outputs = []
+    for action in ("up", "status"):
+        run = subprocess.run([*cli, action], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        outputs.append(run.stdout + run.stderr)
+    assert all(secret not in out for out in outputs), outputs
+    assert "loader:***@127.0.0.1" in outputs[0] and "loader:***@127.0.0.1" in outputs[1]
+    for name in ("stack.env", "stack.json"):
+        path = home / name
+        assert secret in path.read_text()  # it is the configuration the jobs read...
+        assert path.stat().st_mode & 0o777 == 0o600, name  # ...so only its owner may read it
+    down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and secret not in down.stdout + down.stderr

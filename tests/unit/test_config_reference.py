@@ -144,8 +144,9 @@ def _probe(info: FieldInfo, default: Any) -> tuple[str, Any]:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         member = next(m for m in annotation if m != default)
         return str(member.value), member
-    if annotation is int:
-        return "12345", 12345
+    if annotation is int:  # above the default: limits validated against other fields' defaults still hold
+        value = (default if isinstance(default, int) else 0) + 12345
+        return str(value), value
     if annotation is float:
         return "12345.5", 12345.5
     if annotation is SecretStr:
