@@ -107,6 +107,25 @@ def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
         client.close()
 
 
+def topic_ids(bootstrap: str, names: Iterable[str]) -> dict[str, str]:
+    """Kafka's id (KIP-516 UUID, as text) of each existing topic in ``names``; '' where the broker gives none.
+
+    The id tells two incarnations of a topic name apart (deleted and created again).
+    """
+    wanted = list(names)
+    client = admin(bootstrap)
+    try:
+        described = client.describe_topics(wanted)
+    finally:
+        client.close()
+    out: dict[str, str] = {}
+    for t in described:
+        if t.get("error_code", 0) == 0 and t.get("name") in wanted:
+            tid = "" if t.get("topic_id") is None else str(t["topic_id"])
+            out[t["name"]] = "" if tid.strip("0-") == "" else tid  # the zero UUID means "no id"
+    return out
+
+
 def producer(bootstrap: str, **overrides: object) -> KafkaProducer:
     """A producer tuned for throughput on loopback (idempotent, lz4, 64 KiB batches, 5 ms linger)."""
     config: dict[str, object] = {

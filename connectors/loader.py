@@ -13,9 +13,12 @@ no checkpoint hooks, and exactly-once into ClickHouse needs *deterministic* inse
    "<db>.<table>:<topic>:<p>:<start>-<end>,..."`` and ``deduplicate_blocks_in_dependent_materialized_views
    = 1``; every table in the chain keeps ``non_replicated_deduplication_window``, so a repeat of the same
    unit is dropped by the table *and* by every rollup.
-4. Records that cannot be converted go to ``events.dlq`` (``error_code = load_error``), flushed.
-5. **High-water marks**: ``<db>.loader_offsets`` gets ``end`` per partition; records below the mark are
-   never inserted again, whatever the batch boundaries (group reset, new group id).
+4. Records that cannot be converted go to ``events.dlq`` (``error_code = load_error``), flushed. Rows
+   ClickHouse refuses (a constraint, :data:`ROW_ERROR_CODES`) are found by bisecting the unit into slices
+   with tokens derived from their offsets, and go there too (``error_code = clickhouse_rejected``).
+5. **High-water marks**: ``<db>.loader_offsets`` gets ``end`` per partition and topic id; records below
+   the mark are never inserted again, whatever the batch boundaries (group reset, new group id). A topic
+   recreated under its name has a new id: the old marks do not apply (:func:`choose_marks`).
 6. **Commit** ``end`` with empty metadata.
 
 On (re)assignment, a partition whose committed metadata holds an intent has its unit replayed first,
@@ -32,6 +35,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,7 +60,29 @@ from udfs.timeutil import TimestampError, parse_timestamp_ms
 log = logging.getLogger(__name__)
 
 LOAD_ERROR = "load_error"
+#: ``error_code`` of a record ClickHouse refused (a constraint, a value the column cannot hold).
+CLICKHOUSE_REJECTED = "clickhouse_rejected"
 INTENT_PREFIX = "cp1:intent:"
+#: Intent of a unit whose topic id is known: ``cp2:intent:<topic id>:<p>:<start>-<end>,...``.
+INTENT_V2_PREFIX = "cp2:intent:"
+#: Metadata of a batch's final commit when the topic id is known: ``cp2:loaded:<topic id>``.
+LOADED_PREFIX = "cp2:loaded:"
+#: ClickHouse error codes that mean "these rows cannot go into this table", raised before the block is
+#: written (the data is parsed and checked first). Anything else (connection errors, TOO_MANY_PARTS, a
+#: missing table or column, an exception in a materialized view, which fires after the source block is
+#: written) is retried without limit: bisecting those would dead-letter good rows or double count.
+ROW_ERROR_CODES: Mapping[int, str] = {
+    6: "CANNOT_PARSE_TEXT",
+    27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+    38: "CANNOT_PARSE_DATE",
+    41: "CANNOT_PARSE_DATETIME",
+    72: "CANNOT_PARSE_NUMBER",
+    117: "INCORRECT_DATA",
+    131: "TOO_LARGE_STRING_SIZE",
+    321: "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+    407: "DECIMAL_OVERFLOW",
+    469: "VIOLATED_CONSTRAINT",
+}
 #: Kafka's default ``offset.metadata.max.bytes`` is 4096; stay well below it.
 MAX_INTENT_BYTES = 3000
 #: Settings of every data insert (see the module docstring).
@@ -294,6 +320,8 @@ class Converted:
 
     table: pa.Table
     rejected: list[tuple[Msg, str]]
+    msgs: list[Msg] = field(default_factory=list)
+    """The record of each row of ``table``, in row order."""
 
 
 def convert(spec: TableSpec, msgs: Iterable[Msg]) -> Converted:
@@ -349,9 +377,67 @@ def convert(spec: TableSpec, msgs: Iterable[Msg]) -> Converted:
         rejected.extend((good[i], reason) for i, reason in sorted(bad.items()))
         keep = [i for i in range(len(good)) if i not in bad]
         columns = [[c[i] for i in keep] for c in columns]
+        good = [good[i] for i in keep]
     cols = (*spec.columns, *_LINEAGE)
     arrays = [pa.array(values, type=c.arrow_type) for values, c in zip(columns, cols, strict=True)]
-    return Converted(pa.Table.from_arrays(arrays, schema=spec.schema), rejected)
+    return Converted(pa.Table.from_arrays(arrays, schema=spec.schema), rejected, good)
+
+
+# ================================================================================ rows ClickHouse refuses
+
+
+class RowsRejected(Exception):
+    """ClickHouse refused an insert because of its rows (:data:`ROW_ERROR_CODES`); nothing was written."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        """``detail`` is ClickHouse's message (``Code: N. DB::Exception: ... (NAME)``)."""
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def rows_rejected(exc: BaseException) -> RowsRejected | None:
+    """The :class:`RowsRejected` a ClickHouse error means, or ``None`` when it is not about the rows."""
+    if not isinstance(exc, ClickHouseError):
+        return None
+    text = str(exc)
+    match = re.search(r"\bCode: (\d+)\.", text)
+    found = getattr(exc, "code", None)
+    code = found if isinstance(found, int) else int(match.group(1)) if match else None
+    if code is None or code not in ROW_ERROR_CODES or "while pushing to view" in text:
+        return None
+    # from "Code: N." to the "(version ...)" trailer: the driver adds the server URL around it
+    detail = text[match.start() :] if match else text
+    return RowsRejected(code, detail.split(" (version ", 1)[0].strip())
+
+
+def isolate_rejected(
+    rows: int, insert: Callable[[int, int], None], first: RowsRejected
+) -> list[tuple[int, RowsRejected]]:
+    """Find the rows ClickHouse refuses among rows ``[0, rows)``, which failed together with ``first``.
+
+    Bisection: each failing slice is split in two halves and ``insert(lo, hi)`` is called for each (it
+    inserts rows ``[lo, hi)`` under a token derived from those rows, or raises :class:`RowsRejected`);
+    a failing single row is rejected with its own reason. The same rows are split the same way every
+    time, so a replay repeats exactly the same sub-inserts and ClickHouse drops those that landed.
+    Returns ``(row index, reason)`` in row order; at most about ``2 * bad * log2(rows)`` inserts.
+    """
+    out: list[tuple[int, RowsRejected]] = []
+    stack: list[tuple[int, int, RowsRejected]] = [(0, rows, first)]
+    while stack:
+        lo, hi, err = stack.pop()
+        if hi - lo <= 1:
+            out.append((lo, err))
+            continue
+        mid = (lo + hi) // 2
+        failed: list[tuple[int, int, RowsRejected]] = []
+        for a, b in ((lo, mid), (mid, hi)):
+            try:
+                insert(a, b)
+            except RowsRejected as exc:
+                failed.append((a, b, exc))
+        stack.extend(reversed(failed))
+    return sorted(out, key=lambda x: x[0])
 
 
 # ================================================================================ ranges, tokens, intents
@@ -374,35 +460,61 @@ class Unit:
     topic: str
     table: str
     ranges: tuple[Range, ...]
+    topic_id: str = ""
+    """Kafka's id of the topic incarnation the ranges belong to ('' when unknown, or an intent of cp1)."""
 
     def token(self, database: str) -> str:
-        """``<db>.<table>:<topic>:<p>:<start>-<end>[,<topic>:<p>:<start>-<end>...]`` (partition order)."""
-        return dedup_token(database, self.table, self.ranges)
+        """``<db>.<table>[@<topic id>]:<topic>:<p>:<start>-<end>[,...]`` (partition order)."""
+        return dedup_token(database, self.table, self.ranges, self.topic_id)
 
     @property
     def intent(self) -> str:
         """Offset-commit metadata recording this unit (see :func:`parse_intent`)."""
-        return intent_metadata(self.ranges)
+        return intent_metadata(self.ranges, self.topic_id)
 
 
-def dedup_token(database: str, table: str, ranges: Iterable[Range]) -> str:
-    """The ``insert_deduplication_token`` of an insert covering ``ranges`` (order-independent)."""
+def dedup_token(database: str, table: str, ranges: Iterable[Range], topic_id: str = "") -> str:
+    """The ``insert_deduplication_token`` of an insert covering ``ranges`` (order-independent).
+
+    With the topic id, a recreated topic (offsets from 0 again) never repeats a token of the old one
+    that is still in the table's deduplication window.
+    """
     parts = ",".join(f"{r.topic}:{r.partition}:{r.start}-{r.end}" for r in sorted(ranges))
-    return f"{database}.{table}:{parts}"
+    return f"{database}.{table}@{topic_id}:{parts}" if topic_id else f"{database}.{table}:{parts}"
 
 
-def intent_metadata(ranges: Iterable[Range]) -> str:
-    """``cp1:intent:<p>:<start>-<end>,...`` for ranges of one topic (partition order)."""
-    return INTENT_PREFIX + ",".join(f"{r.partition}:{r.start}-{r.end}" for r in sorted(ranges))
+def intent_metadata(ranges: Iterable[Range], topic_id: str = "") -> str:
+    """``cp2:intent:<topic id>:<p>:<start>-<end>,...`` (``cp1:intent:...`` without an id), partition order."""
+    prefix = f"{INTENT_V2_PREFIX}{topic_id}:" if topic_id else INTENT_PREFIX
+    return prefix + ",".join(f"{r.partition}:{r.start}-{r.end}" for r in sorted(ranges))
+
+
+def loaded_metadata(topic_id: str) -> str:
+    """Metadata of a batch's final commit: names the topic incarnation (empty when unknown)."""
+    return f"{LOADED_PREFIX}{topic_id}" if topic_id else ""
+
+
+def metadata_topic_id(metadata: str | None) -> str:
+    """The topic id recorded in commit metadata (intent or loaded), '' when there is none."""
+    for prefix in (INTENT_V2_PREFIX, LOADED_PREFIX):
+        if metadata and metadata.startswith(prefix):
+            return metadata[len(prefix) :].partition(":")[0]
+    return ""
 
 
 def parse_intent(topic: str, metadata: str | None) -> tuple[Range, ...] | None:
     """The ranges recorded by :func:`intent_metadata`, or ``None`` when ``metadata`` holds no intent."""
-    if not metadata or not metadata.startswith(INTENT_PREFIX):
+    if not metadata:
+        return None
+    if metadata.startswith(INTENT_V2_PREFIX):
+        body = metadata[len(INTENT_V2_PREFIX) :].partition(":")[2]
+    elif metadata.startswith(INTENT_PREFIX):
+        body = metadata[len(INTENT_PREFIX) :]
+    else:
         return None
     ranges = []
     try:
-        for item in metadata[len(INTENT_PREFIX) :].split(","):
+        for item in body.split(","):
             p, _, span = item.partition(":")
             start, _, end = span.partition("-")
             r = Range(topic, int(p), int(start), int(end))
@@ -416,7 +528,10 @@ def parse_intent(topic: str, metadata: str | None) -> tuple[Range, ...] | None:
 
 
 def plan_units(
-    ranges: Iterable[Range], table_of: Mapping[str, str], max_intent_bytes: int = MAX_INTENT_BYTES
+    ranges: Iterable[Range],
+    table_of: Mapping[str, str],
+    max_intent_bytes: int = MAX_INTENT_BYTES,
+    topic_ids: Mapping[str, str] | None = None,
 ) -> list[Unit]:
     """Group a batch's ranges into insert units: one per topic, split so each intent fits the limit."""
     by_topic: dict[str, list[Range]] = {}
@@ -424,13 +539,14 @@ def plan_units(
         by_topic.setdefault(r.topic, []).append(r)
     units: list[Unit] = []
     for topic, rs in by_topic.items():
+        tid = (topic_ids or {}).get(topic, "")
         chunk: list[Range] = []
         for r in rs:
-            if chunk and len(intent_metadata([*chunk, r])) > max_intent_bytes:
-                units.append(Unit(topic, table_of[topic], tuple(chunk)))
+            if chunk and len(intent_metadata([*chunk, r], tid)) > max_intent_bytes:
+                units.append(Unit(topic, table_of[topic], tuple(chunk), tid))
                 chunk = []
             chunk.append(r)
-        units.append(Unit(topic, table_of[topic], tuple(chunk)))
+        units.append(Unit(topic, table_of[topic], tuple(chunk), tid))
     return units
 
 
@@ -494,6 +610,39 @@ class BatchBuffer:
         self.first_at = None
 
 
+def choose_marks(
+    marks: Mapping[str, Mapping[int, int]], current_id: str, ends: Mapping[int, int]
+) -> tuple[dict[int, int], str]:
+    """The high-water marks that apply to a topic's current incarnation, and why.
+
+    ``marks`` maps topic id -> partition -> mark ('' = written before ids were recorded, or by a broker
+    that gives none); ``ends`` are the partitions' current end offsets. Returns ``(marks, verdict)``:
+
+    * ``"current"``: marks recorded under ``current_id`` apply (without an id, the highest mark of any id:
+      recreation cannot be told then, and skipping is the safe side);
+    * ``"adopted"``: only '' marks exist and none lies beyond its partition's end: they are taken over
+      by the current id (the first start after the upgrade; the caller records them under the id);
+    * ``"recreated"``: marks exist only for other ids, or '' marks beyond the end of their partition
+      (offsets never shrink, so the topic was recreated): nothing applies, the new topic loads from 0;
+    * ``"none"``: no marks at all.
+    """
+    if not marks:
+        return {}, "none"
+    if not current_id:
+        merged: dict[int, int] = {}
+        for per_partition in marks.values():
+            for p, m in per_partition.items():
+                merged[p] = max(merged.get(p, 0), m)
+        return merged, "current"
+    if current_id in marks:
+        return dict(marks[current_id]), "current"
+    legacy = marks.get("", {})
+    others = [tid for tid in marks if tid]
+    if not others and all(m <= ends.get(p, m) for p, m in legacy.items()):
+        return dict(legacy), "adopted"
+    return {}, "recreated"
+
+
 # ================================================================================ the loader
 
 
@@ -519,6 +668,9 @@ class LoaderConfig:
     """Consumer-group session timeout: how long a crashed loader blocks its partitions (min. 6000)."""
     bounded: bool = False
     """Stop once every partition reached the end offsets seen at the first assignment (tests, backfills)."""
+    reject_attempts: int = 3
+    """Attempts of an insert ClickHouse refuses because of its rows (:data:`ROW_ERROR_CODES`) before the
+    batch is bisected to dead-letter the rows at fault."""
     fail_after_inserts: int = 0
     """Test hook: exit the process (status 17) right after the N-th data insert, before anything is
     committed (``CLICKPULSE_LOADER_FAIL_AFTER_INSERT``); 0 = off."""
@@ -538,6 +690,10 @@ class LoaderCounters:
     inserts: int = 0
     retries: int = 0
     dlq: int = 0
+    rejected: int = 0
+    """Records ClickHouse refused, isolated by bisection and dead-lettered (also counted in ``dlq``)."""
+    recreated: int = 0
+    """Topics found recreated (a new topic id): the old incarnation's high-water marks were set aside."""
     skipped_loaded: int = 0
     """Records below the high-water mark (already in ClickHouse), not inserted again."""
     replays: int = 0
@@ -549,7 +705,8 @@ class LoaderCounters:
         rows = " ".join(f"{t}={n}" for t, n in self.rows.items())
         return (
             f"rows[{rows}] batches={self.batches} inserts={self.inserts} retries={self.retries} "
-            f"dlq={self.dlq} skipped_loaded={self.skipped_loaded} replays={self.replays} "
+            f"dlq={self.dlq} rejected={self.rejected} recreated={self.recreated} "
+            f"skipped_loaded={self.skipped_loaded} replays={self.replays} "
             f"abandoned={self.abandoned} lag={self.lag}"
         )
 
@@ -578,6 +735,7 @@ class Loader:
         self._table_of = config.table_of()
         self._specs = {EVENTS.table: EVENTS, SESSIONS.table: SESSIONS}
         self._hwm: dict[tuple[str, int], int] = {}
+        self._topic_ids: dict[str, str] = {}
         self._assigned: set[TopicPartition] = set()
         self._seen: set[TopicPartition] = set()
         self._needs_setup = False
@@ -760,18 +918,29 @@ class Loader:
         self.buffer.clear()
         if not tps:
             return
-        self._retry("read high-water marks", self._load_hwm)
+        self._retry("read topic ids", self._load_topic_ids)
+        ends: dict[TopicPartition, int] = self._retry("read end offsets", self._end_offsets)
+        self._retry("read high-water marks", lambda: self._load_hwm(ends))
         committed = self._retry(
             "read committed offsets", lambda: {tp: consumer.committed(tp, metadata=True) for tp in tps}
         )
-        intents: dict[tuple[str, tuple[Range, ...]], None] = {}
-        for tp, om in committed.items():
-            ranges = parse_intent(tp.topic, om.metadata if om is not None else None)
+        intents: dict[tuple[str, tuple[Range, ...], str], None] = {}
+        for tp, om in list(committed.items()):
+            meta = om.metadata if om is not None else None
+            recorded, current = metadata_topic_id(meta), self._topic_ids.get(tp.topic, "")
+            if recorded and current and recorded != current:
+                log.warning(
+                    "%s[%d]: committed offset %s belongs to an earlier incarnation of the topic (id %s, now "
+                    "%s): ignored", tp.topic, tp.partition, om.offset if om else None, recorded, current,
+                )  # fmt: skip
+                committed[tp] = None
+                continue
+            ranges = parse_intent(tp.topic, meta)
             if ranges is not None:
-                intents[(tp.topic, ranges)] = None
+                intents[(tp.topic, ranges, recorded)] = None
         replayed_to: dict[TopicPartition, int] = {}
-        for topic, ranges in intents:
-            self._replay(Unit(topic, self._table_of[topic], ranges), tps)
+        for topic, ranges, topic_id in intents:
+            self._replay(Unit(topic, self._table_of[topic], ranges, topic_id), tps)
             for r in ranges:
                 tp = TopicPartition(r.topic, r.partition)
                 if tp in tps:
@@ -808,7 +977,7 @@ class Loader:
         msgs = self._retry("read intent ranges", lambda: self._read_ranges(unit.ranges))
         self._load_units([unit], _group(msgs))
         commits = {
-            TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.end, "", -1)
+            TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.end, loaded_metadata(unit.topic_id), -1)
             for r in unit.ranges
             if TopicPartition(r.topic, r.partition) in owned
         }
@@ -855,7 +1024,7 @@ class Loader:
         ranges, records = self.buffer.take()
         if not ranges:
             return
-        units = plan_units(ranges, self._table_of)
+        units = plan_units(ranges, self._table_of, topic_ids=self._topic_ids)
         try:
             intents = {
                 TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.start, u.intent, -1)
@@ -865,7 +1034,13 @@ class Loader:
             self._commit(intents)
             self._load_units(units, records)
             self._commit(
-                {TopicPartition(r.topic, r.partition): OffsetAndMetadata(r.end, "", -1) for r in ranges}
+                {
+                    TopicPartition(r.topic, r.partition): OffsetAndMetadata(
+                        r.end, loaded_metadata(u.topic_id), -1
+                    )
+                    for u in units
+                    for r in u.ranges
+                }
             )
         except _Abandon:
             self.counters.abandoned += 1
@@ -877,11 +1052,12 @@ class Loader:
             self._needs_setup = True
             return
         self.counters.batches += 1
+        self._idle_since = time.monotonic()  # a slow batch (retries, bisection) is not idleness
         self._maybe_log()
 
     def _load_units(self, units: Sequence[Unit], records: Mapping[tuple[str, int], list[Msg]]) -> None:
         """Insert each unit (token), send its rejects to the DLQ, then record the high-water marks."""
-        dlq: list[tuple[Msg, str]] = []
+        dlq: list[tuple[Msg, str, str]] = []
         for unit in units:
             msgs: list[Msg] = []
             for r in unit.ranges:
@@ -894,21 +1070,19 @@ class Loader:
                 continue
             spec = self._specs[unit.table]
             converted = convert(spec, msgs)
-            dlq.extend(converted.rejected)
+            dlq.extend((m, LOAD_ERROR, detail) for m, detail in converted.rejected)
             if converted.table.num_rows:
-                token = unit.token(self.db)
-                self._retry(
-                    f"insert into {unit.table}",
-                    functools.partial(self._insert, spec, converted.table, token),
-                )
-                self.counters.inserts += 1
-                self.counters.rows[unit.table] += converted.table.num_rows
-                if self.cfg.fail_after_inserts and self.counters.inserts >= self.cfg.fail_after_inserts:
-                    log.error(
-                        "CLICKPULSE_LOADER_FAIL_AFTER_INSERT reached: exiting before commit (test hook)"
+                for i, why in self._insert_unit(spec, converted.table, unit.token(self.db)):
+                    m = converted.msgs[i]
+                    log.warning(
+                        "ClickHouse rejected %s[%d]@%d, dead-lettered: %s",
+                        m.topic,
+                        m.partition,
+                        m.offset,
+                        why.detail,
                     )
-                    logging.shutdown()
-                    os._exit(17)
+                    dlq.append((m, CLICKHOUSE_REJECTED, why.detail))
+                    self.counters.rejected += 1
         if dlq:
             self._retry("write events.dlq", lambda: self._send_dlq(dlq))
             self.counters.dlq += len(dlq)
@@ -928,38 +1102,143 @@ class Loader:
             )
         return self._client
 
-    def _insert(self, spec: TableSpec, table: pa.Table, token: str) -> None:
-        self._ch().insert_arrow(
-            spec.table,
-            table,
-            database=self.db,
-            settings={**DEDUP_SETTINGS, "insert_deduplication_token": token},
-        )
+    def _insert_unit(self, spec: TableSpec, table: pa.Table, token: str) -> list[tuple[int, RowsRejected]]:
+        """Insert a unit's rows; the rows ClickHouse refuses (after ``reject_attempts``) are returned.
 
-    def _load_hwm(self) -> None:
+        Unavailability is retried without limit. A refusal (:data:`ROW_ERROR_CODES`) is retried a few times,
+        then the rows are bisected (:func:`isolate_rejected`): each slice goes in under
+        ``<unit token>|<p>:<offset>..<p>:<offset>`` (its first and last record), so a replay after a crash
+        splits the same way, repeats the same tokens, and ClickHouse drops what already landed.
+        """
+        delay = self.cfg.retry_initial_s
+        attempt = 0
+        while True:
+            try:
+                self._insert_counted(spec, table, token)
+                return []
+            except RowsRejected as exc:
+                attempt += 1
+                if attempt >= self.cfg.reject_attempts:
+                    first = exc
+                    break
+                self.counters.retries += 1
+                log.warning(
+                    "insert into %s refused (attempt %d of %d, retrying in %.1fs): %s",
+                    spec.table, attempt, self.cfg.reject_attempts, delay, exc.detail[:300],
+                )  # fmt: skip
+            if self._stop.is_set():
+                raise _Stopping
+            self._idle(delay)
+            delay = min(delay * 2, self.cfg.retry_max_s)
+        log.warning(
+            "insert into %s refused %d times (%s): bisecting its %d rows to find the rows at fault",
+            spec.table, attempt, first.detail[:300], table.num_rows,
+        )  # fmt: skip
+        partitions = table.column("kafka_partition").to_pylist()
+        offsets = table.column("kafka_offset").to_pylist()
+
+        def insert(lo: int, hi: int) -> None:
+            last = hi - 1
+            sub = f"{token}|{partitions[lo]}:{offsets[lo]}..{partitions[last]}:{offsets[last]}"
+            self._insert_counted(spec, table.slice(lo, hi - lo), sub)
+
+        return isolate_rejected(table.num_rows, insert, first)
+
+    def _insert_counted(self, spec: TableSpec, table: pa.Table, token: str) -> None:
+        """One insert (unavailability retried without limit; :class:`RowsRejected` raised), counted."""
+        self._retry(f"insert into {spec.table}", functools.partial(self._insert, spec, table, token))
+        self.counters.inserts += 1
+        self.counters.rows[spec.table] += table.num_rows
+        if self.cfg.fail_after_inserts and self.counters.inserts >= self.cfg.fail_after_inserts:
+            log.error("CLICKPULSE_LOADER_FAIL_AFTER_INSERT reached: exiting before commit (test hook)")
+            logging.shutdown()
+            os._exit(17)
+
+    def _insert(self, spec: TableSpec, table: pa.Table, token: str) -> None:
+        try:
+            self._ch().insert_arrow(
+                spec.table,
+                table,
+                database=self.db,
+                settings={**DEDUP_SETTINGS, "insert_deduplication_token": token},
+            )
+        except ClickHouseError as exc:
+            rejected = rows_rejected(exc)
+            if rejected is not None:
+                raise rejected from exc
+            raise
+
+    def _end_offsets(self) -> dict[TopicPartition, int]:
+        """End offsets of every partition of the source topics (not only the assigned ones)."""
+        consumer = self._require_consumer()
+        tps = [
+            TopicPartition(t, p)
+            for t in (self.cfg.events_topic, self.cfg.sessions_topic)
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
+        return dict(consumer.end_offsets(tps)) if tps else {}
+
+    def _load_topic_ids(self) -> None:
+        """Kafka's id of each source topic (KIP-516), '' where the broker does not tell."""
+        from connectors.kafka import topic_ids
+
+        names = [self.cfg.events_topic, self.cfg.sessions_topic]
+        self._topic_ids = {t: i for t, i in topic_ids(self.cfg.bootstrap_servers, names).items() if i}
+
+    def _load_hwm(self, ends: Mapping[TopicPartition, int]) -> None:
+        """The marks of each topic's current incarnation (see :func:`choose_marks`)."""
         rows = (
             self._ch()
             .query(
-                f"SELECT topic, partition, max(end_offset) FROM {self.db}.loader_offsets "
-                "WHERE topic IN {topics:Array(String)} GROUP BY topic, partition",
+                f"SELECT topic, topic_id, partition, max(end_offset) FROM {self.db}.loader_offsets "
+                "WHERE topic IN {topics:Array(String)} GROUP BY topic, topic_id, partition",
                 parameters={"topics": [self.cfg.events_topic, self.cfg.sessions_topic]},
             )
             .result_rows
         )
-        self._hwm = {(str(t), int(p)): int(e) for t, p, e in rows}
+        marks: dict[str, dict[str, dict[int, int]]] = {}
+        for t, tid, p, e in rows:
+            marks.setdefault(str(t), {}).setdefault(str(tid), {})[int(p)] = int(e)
+        hwm: dict[tuple[str, int], int] = {}
+        for topic in (self.cfg.events_topic, self.cfg.sessions_topic):
+            current = self._topic_ids.get(topic, "")
+            topic_ends = {tp.partition: e for tp, e in ends.items() if tp.topic == topic}
+            chosen, verdict = choose_marks(marks.get(topic, {}), current, topic_ends)
+            if verdict == "recreated":
+                self.counters.recreated += 1
+                log.warning(
+                    "topic %s was recreated (id now %s, marks of ids %s): its earlier high-water marks do "
+                    "not apply and are set aside", topic, current, sorted(marks[topic]),
+                )  # fmt: skip
+            elif verdict == "adopted":
+                log.info(
+                    "topic %s: marks written before topic ids were recorded adopted for id %s", topic, current
+                )
+                ranges = [Range(topic, p, e, e) for p, e in sorted(chosen.items())]
+                self._ch().insert(
+                    "loader_offsets",
+                    [[r.topic, current, r.partition, r.end, self._table_of[topic]] for r in ranges],
+                    database=self.db,
+                    column_names=["topic", "topic_id", "partition", "end_offset", "loaded_table"],
+                )
+            hwm.update({(topic, p): e for p, e in chosen.items()})
+        self._hwm = hwm
 
     def _write_hwm(self, ranges: Sequence[Range]) -> None:
         self._ch().insert(
             "loader_offsets",
-            [[r.topic, r.partition, r.end, self._table_of[r.topic]] for r in ranges],
+            [
+                [r.topic, self._topic_ids.get(r.topic, ""), r.partition, r.end, self._table_of[r.topic]]
+                for r in ranges
+            ],
             database=self.db,
-            column_names=["topic", "partition", "end_offset", "loaded_table"],
+            column_names=["topic", "topic_id", "partition", "end_offset", "loaded_table"],
         )
         for r in ranges:
             key = (r.topic, r.partition)
             self._hwm[key] = max(self._hwm.get(key, 0), r.end)
 
-    def _send_dlq(self, rejected: Sequence[tuple[Msg, str]]) -> None:
+    def _send_dlq(self, rejected: Sequence[tuple[Msg, str, str]]) -> None:
         if self._producer is None:
             from connectors.kafka import producer
 
@@ -971,7 +1250,7 @@ class Loader:
                 key=msg.key,
                 value=dlq_record(
                     msg.value,
-                    error_code=LOAD_ERROR,
+                    error_code=code,
                     error_detail=detail[:1000],
                     source_topic=msg.topic,
                     partition=msg.partition,
@@ -979,12 +1258,12 @@ class Loader:
                     received_at_ms=now_ms,
                 ),
             )
-            for msg, detail in rejected
+            for msg, code, detail in rejected
         ]
         self._producer.flush(timeout=30)
         for f in futures:
             f.get(timeout=30)
-        log.warning("sent %d records to %s (%s)", len(rejected), self.cfg.dlq_topic, rejected[0][1])
+        log.warning("sent %d records to %s (%s)", len(rejected), self.cfg.dlq_topic, rejected[0][2])
 
     def _commit(self, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None:
         if not offsets:

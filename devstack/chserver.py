@@ -15,7 +15,8 @@ What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does
 
 * ``GET /ping``, ``GET /`` -> ``Ok.``; queries via ``GET /?query=...`` (read-only, like ClickHouse) or
   ``POST`` with the query in the ``query`` parameter and/or the body (ClickHouse joins them with a
-  newline). ``INSERT ... FORMAT X`` followed by data is streamed into chDB with ``send_insert``.
+  newline). ``INSERT ... FORMAT X`` followed by data runs as ``INSERT ... SELECT * FROM file(...)`` over
+  the body (chDB's streaming insert hides errors raised after parsing, see ``_insert_from_file``).
 * Settings as URL parameters, ``database`` (or ``X-ClickHouse-Database``), ``default_format`` (or
   ``X-ClickHouse-Format``), ``param_*`` query parameters, ``query_id``, ``session_id`` /
   ``session_timeout`` / ``session_check`` / ``close_session``. URL settings apply to that request only;
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bz2
+import contextlib
 import email.parser
 import email.policy
 import fcntl
@@ -55,6 +57,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -841,6 +844,8 @@ class ChdbEngine:
             self._release_dir_lock()
             raise
         self._chdb = chdb
+        self._insert_dir = self.data_dir / ".inserts"  # request bodies of INSERTs, one file per insert
+        self._insert_dir.mkdir(exist_ok=True)
         self.pool_size = pool_size
         self.max_sessions = max_sessions
         self._pool: list[_Handle] = []
@@ -1095,22 +1100,15 @@ class ChdbEngine:
     def _run(self, handle: _Handle, stmt: Statement, req: QueryRequest) -> QueryResult:
         started = time.perf_counter_ns()
         if stmt.insert_format is not None:
+            if stmt.data:
+                return self._insert_from_file(handle, stmt, started)
             try:
                 inserter = handle.conn.send_insert(stmt.sql, stmt.insert_format)
-            except RuntimeError as exc:
-                raise ClickHouseError.from_engine(exc) from None
-            try:
-                if stmt.data:
-                    inserter.append(stmt.data)
                 done = inserter.finish()
             except RuntimeError as exc:
-                try:
-                    inserter.cancel()
-                except RuntimeError:
-                    logger.debug("cancel after failed insert", exc_info=True)
                 raise ClickHouseError.from_engine(exc) from None
-            elapsed = time.perf_counter_ns() - started
             rows, nbytes = str(done.rows_written), str(done.bytes_written)
+            elapsed = time.perf_counter_ns() - started
             summary = _summary(rows, nbytes, rows, nbytes, elapsed, result_rows=rows, result_bytes=nbytes)
             return QueryResult(b"", None, summary)
         fmt = stmt.output_format or req.default_format or DEFAULT_FORMAT
@@ -1141,6 +1139,36 @@ class ChdbEngine:
             handle.conn.query("SELECT 1", "TabSeparated")
         except RuntimeError:
             logger.debug("drain query failed", exc_info=True)
+
+    def _insert_from_file(self, handle: _Handle, stmt: Statement, started: int) -> QueryResult:
+        """``INSERT ... FORMAT X <data>`` as ``INSERT ... SELECT * FROM file(<data>, X)``.
+
+        chDB's streaming insert (``send_insert``, chDB 4.4) reports success for an insert that the table
+        rejects after parsing (a ``CHECK`` constraint, an exception in a materialized view): nothing is
+        written and no error is raised. ``INSERT ... SELECT`` fails as on a server. The target's structure
+        is used for the data (``use_structure_from_insertion_table_in_table_functions``), so the columns,
+        their order and defaults mean what they mean for ``INSERT ... FORMAT X``.
+        """
+        fd, path = tempfile.mkstemp(prefix="insert-", dir=self._insert_dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(stmt.data)
+            sql = (
+                f"{stmt.sql.rstrip()} SELECT * FROM file({_quote_literal(path)}, "
+                f"{_quote_literal(stmt.insert_format or '')})"
+            )
+            try:
+                res = handle.conn.query(sql, "TabSeparated")
+            except RuntimeError as exc:
+                raise ClickHouseError.from_engine(exc) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        rows, nbytes = str(res.rows_written()), str(res.bytes_written())
+        elapsed = time.perf_counter_ns() - started
+        return QueryResult(
+            b"", None, _summary(rows, nbytes, rows, nbytes, elapsed, result_rows=rows, result_bytes=nbytes)
+        )
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new statements, wait for running ones (up to ``timeout_s``), close every connection."""

@@ -48,6 +48,10 @@ class LoadSettings(Settings):
     """``CLICKPULSE_LOAD_RETRY_INITIAL_MS``: first retry delay when ClickHouse/Kafka fail (default 200)."""
     retry_max_ms: int = Field(10_000, alias="CLICKPULSE_LOAD_RETRY_MAX_MS", gt=0)
     """``CLICKPULSE_LOAD_RETRY_MAX_MS``: cap of the exponential backoff (default 10000)."""
+    reject_attempts: int = Field(3, alias="CLICKPULSE_LOAD_REJECT_ATTEMPTS", gt=0)
+    """``CLICKPULSE_LOAD_REJECT_ATTEMPTS``: attempts of an insert ClickHouse refuses because of its rows (a
+    constraint, a value the column cannot hold) before the batch is bisected and the refused rows go to
+    ``events.dlq`` (default 3)."""
     insert_timeout_ms: int = Field(120_000, alias="CLICKPULSE_LOAD_INSERT_TIMEOUT_MS", gt=0)
     """``CLICKPULSE_LOAD_INSERT_TIMEOUT_MS``: HTTP timeout of one insert (default 120000)."""
     session_timeout_ms: int = Field(10_000, alias="CLICKPULSE_LOAD_SESSION_TIMEOUT_MS", ge=1000)
@@ -86,6 +90,7 @@ class LoadJobSettings:
             batch_max_seconds=load.batch_max_age_ms / 1000,
             retry_initial_s=load.retry_initial_ms / 1000,
             retry_max_s=load.retry_max_ms / 1000,
+            reject_attempts=load.reject_attempts,
             insert_timeout_s=load.insert_timeout_ms / 1000,
             log_interval_s=self.consumer.log_interval_ms / 1000,
             session_timeout_ms=load.session_timeout_ms,

@@ -384,6 +384,40 @@ def test_insert_deduplication_token(endpoint: Endpoint) -> None:
     assert client.command("SELECT count() FROM dedup") == 4000
 
 
+@pytest.mark.fault
+def test_rejected_insert_is_an_error(endpoint: Endpoint) -> None:
+    """A row the table rejects after parsing (CHECK constraint, an exception in a materialized view) fails
+    the insert with ClickHouse's code, as on a server; a rejected block is not written. chDB's streaming
+    insert reported success here and dropped the rows silently."""
+    client = client_from_url(endpoint.url)
+    client.command(
+        "CREATE TABLE checked (k UInt32, kind String, CONSTRAINT known_kind CHECK kind IN ('a', 'b')) "
+        "ENGINE = MergeTree ORDER BY k"
+    )
+    rows = pa.table({"k": pa.array([1, 2, 3], pa.uint32()), "kind": pa.array(["a", "bogus", "b"])})
+    with pytest.raises(DatabaseError) as info:
+        client.insert_arrow("checked", rows)
+    assert info.value.code == 469 and "known_kind" in str(info.value)  # VIOLATED_CONSTRAINT
+    with pytest.raises(DatabaseError, match="VIOLATED_CONSTRAINT"):
+        client.insert("checked", [[4, "bogus"]], column_names=["k", "kind"])  # Native format
+    status, headers, _ = _http(_q(endpoint, "INSERT INTO checked FORMAT CSV"), data=b"5,bogus\n")
+    assert status == 500 and headers["X-ClickHouse-Exception-Code"] == "469"
+    assert client.command("SELECT count() FROM checked") == 0
+
+    # an exception in a materialized view fails the insert too (the source keeps the block, as on a server)
+    client.command("CREATE TABLE src (k UInt32) ENGINE = MergeTree ORDER BY k")
+    client.command("CREATE TABLE dst (k UInt32) ENGINE = MergeTree ORDER BY k")
+    client.command(
+        "CREATE MATERIALIZED VIEW src_mv TO dst AS SELECT k + throwIf(k = 7, 'seven') AS k FROM src"
+    )
+    with pytest.raises(DatabaseError, match="while pushing to view") as info:
+        client.insert_arrow("src", pa.table({"k": pa.array([6, 7], pa.uint32())}))
+    assert info.value.name == "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO"
+    assert client.command("SELECT count() FROM dst") == 0
+    client.insert_arrow("checked", rows.filter(pa.array([True, False, True])))
+    assert client.command("SELECT count() FROM checked") == 2
+
+
 # ------------------------------------------------------------------------------------------------ auth
 def test_auth_off_accepts_anyone(endpoint: Endpoint) -> None:
     assert _http(_q(endpoint, "SELECT 1"))[0] == 200

@@ -646,3 +646,203 @@ def test_clickhouse_outage(connections: Connections, topics: Topics, tmp_path: P
         loader.stop()
         th.join(30)
         _stop(server)
+
+
+# ============================================================================ rows ClickHouse refuses
+
+KNOWN_TYPES = "CHECK type IN ('track', 'page', 'identify', 'alias')"
+
+
+def _with_constraints(client: Any, db: str) -> None:
+    """Constraints an operator could add: a known event type; a session that does not end before it starts."""
+    client.command(f"ALTER TABLE {db}.events ADD CONSTRAINT known_type {KNOWN_TYPES}")
+    client.command(f"ALTER TABLE {db}.sessions ADD CONSTRAINT ends_after_start CHECK `end` >= start")
+
+
+def _refused(ds: Dataset) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """Records the loader converts fine but the constraints above refuse (events, sessions)."""
+    ev = [
+        (b"r1", orjson.dumps({**ds.events[3], "message_id": "refused-1", "type": "screen"})),
+        (b"r2", orjson.dumps({**ds.events[9], "message_id": "refused-2", "type": "Group"})),
+    ]
+    last = orjson.loads(ds.session_records[5][1])
+    se = [(b"r3", orjson.dumps({**last, "session_id": "s-refused", "end": "2020-01-01T00:00:00Z"}))]
+    return ev, se
+
+
+def _check_refused_dlq(dlq: list[dict[str, Any]], t: Topics, refused: list[tuple[bytes, bytes]]) -> None:
+    got = [d for d in dlq if d["error_code"] == "clickhouse_rejected"]
+    assert sorted(d["payload"].encode() for d in got) == sorted(v for _, v in refused)
+    for d in got:
+        assert "VIOLATED_CONSTRAINT" in d["error_detail"] and d["error_detail"].startswith("Code: 469.")
+        assert d["source_topic"] in {t.events, t.sessions} and d["partition"] >= 0 and d["offset"] >= 0
+        name = "known_type" if d["source_topic"] == t.events else "ends_after_start"
+        assert name in d["error_detail"]
+
+
+@pytest.mark.fault
+def test_refused_rows_dead_lettered(
+    connections: Connections, database: tuple[Any, str], topics: Topics
+) -> None:
+    """Rows ClickHouse refuses (CHECK constraints) go to events.dlq with ClickHouse's reason after bounded
+    retries; the rest of their batches load, every rollup matches; a replay from offset 0 changes nothing.
+    Before: the refused insert was retried forever and nothing after it loaded."""
+    client, db = database
+    _with_constraints(client, db)
+    ds = dataset()
+    bad_ev, bad_se = _refused(ds)
+    bootstrap = connections.kafka_bootstrap_servers
+    ev = list(ds.event_records)
+    for i, rec in enumerate(bad_ev):
+        ev.insert((i + 1) * len(ev) // 3, rec)
+    produce(bootstrap, topics.events, ev)
+    produce(bootstrap, topics.sessions, [*ds.session_records[:50], *bad_se, *ds.session_records[50:]])
+    cfg = config(connections, topics, db, reject_attempts=2)
+    first = run_bounded(cfg, timeout_s=150)
+    assert first.rejected == first.dlq == 3
+    assert first.rows == {"events": len(ds.event_records), "sessions": len(ds.session_records)}
+    assert_matches(client, db, ds)
+    dlq = dlq_count(bootstrap, topics.dlq)
+    assert len(dlq) == 3
+    _check_refused_dlq(dlq, topics, bad_ev + bad_se)
+    assert loaded_offsets(client, db, topics.events) == len(ev)  # the marks cover the refused rows too
+
+    reset_group(bootstrap, cfg.group_id, [topics.events, topics.sessions])
+    again = run_bounded(config(connections, topics, db, group_id=cfg.group_id, batch_max_rows=333))
+    assert again.rows == {"events": 0, "sessions": 0} and again.dlq == 0
+    assert_matches(client, db, ds)
+
+
+@pytest.mark.fault
+def test_crash_while_bisecting(connections: Connections, database: tuple[Any, str], tmp_path: Path) -> None:
+    """`python -m jobs.load` exits in the middle of bisecting a refused batch (test hook), twice; each restart
+    replays the intent, splits it the same way (same tokens, ClickHouse drops what landed) and the third run
+    finishes: every good row exactly once, the refused rows in the DLQ, rollups included."""
+    client, db = database
+    _with_constraints(client, db)
+    ds = dataset()
+    bad_ev, _ = _refused(ds)
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    t = Topics(f"{prefix}events.enriched", f"{prefix}sessions", f"{prefix}events.dlq")
+    names = [t.events, t.sessions, t.dlq]
+    bootstrap = connections.kafka_bootstrap_servers
+    kafka_io.ensure_topics(bootstrap, {n: {} for n in names}, partitions=4)
+    try:
+        ev = list(ds.event_records)
+        ev.insert(len(ev) // 4, bad_ev[0])
+        ev.insert(3 * len(ev) // 4, bad_ev[1])
+        produce(bootstrap, t.events, ev)
+        group = f"g-{uuid.uuid4().hex[:8]}"
+        cmd = [sys.executable, "-m", "jobs.load", "--bounded"]
+        # one batch holding every record: its first insert is refused, every later insert is a bisection step
+        extra = {
+            "CLICKPULSE_TOPIC_PREFIX": prefix,
+            "CLICKPULSE_LOAD_BATCH_MAX_ROWS": "20000",
+            "CLICKPULSE_LOAD_BATCH_MAX_AGE_MS": "4000",
+            "CLICKPULSE_LOAD_REJECT_ATTEMPTS": "1",
+        }
+
+        def run(**more: str) -> subprocess.CompletedProcess[str]:
+            env = _job_env(connections, db, group, tmp_path, **extra, **more)
+            return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+        for crash_after, replay in (("4", False), ("9", True)):
+            crashed = run(CLICKPULSE_LOAD_FAIL_AFTER_INSERT=crash_after)
+            assert crashed.returncode == 17, crashed.stderr[-3000:]
+            assert "bisecting" in crashed.stderr and ("replaying intent" in crashed.stderr) == replay
+            assert 0 < client.command(f"SELECT count() FROM {db}.events") < len(ds.event_records)
+            assert client.command(f"SELECT count() - uniqExact(message_id) FROM {db}.events") == 0
+        done = run()
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "replaying intent" in done.stderr
+        assert_matches(client, db, Dataset(ds.events, [], [], [], {}))
+        _check_refused_dlq(dlq_count(bootstrap, t.dlq), t, bad_ev)
+    finally:
+        kafka_io.delete_topics(bootstrap, names)
+
+
+# ============================================================================ a topic deleted and recreated
+
+
+def _recreate(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and create it again (same name, 4 partitions, a new topic id)."""
+    before = kafka_io.topic_ids(bootstrap, [topic])[topic]
+    kafka_io.delete_topics(bootstrap, [topic])
+    until(lambda: topic not in kafka_io.topic_ids(bootstrap, [topic]), 60, "the topic deletion")
+
+    def created() -> bool:
+        try:
+            kafka_io.ensure_topics(bootstrap, {topic: {}}, partitions=4)
+        except Exception:  # still being deleted
+            return False
+        return kafka_io.topic_ids(bootstrap, [topic]).get(topic) not in (None, "", before)
+
+    until(created, 60, "the topic to be created again")
+
+
+@pytest.mark.fault
+def test_topic_recreated(connections: Connections, database: tuple[Any, str], topics: Topics) -> None:
+    """The events topic is deleted and created again with fewer records than the old high-water marks: a
+    plain restart of the same group loads the new records (before: skipped silently as "already loaded",
+    and tokens of the old topic could drop them too); another restart loads nothing twice."""
+    client, db = database
+    bootstrap = connections.kafka_bootstrap_servers
+    old, new = dataset(), dataset(events=900, seed=12)
+    produce(bootstrap, topics.events, old.event_records)
+    cfg = config(connections, topics, db)
+    assert run_bounded(cfg).rows["events"] == len(old.event_records)
+    ids_before = kafka_io.topic_ids(bootstrap, [topics.events])
+    assert ids_before[topics.events]  # Kafka 4 gives every topic an id
+
+    _recreate(bootstrap, topics.events)
+    produce(bootstrap, topics.events, new.event_records)
+    assert len(new.event_records) < len(old.event_records) // 2
+    second = run_bounded(cfg)
+    want = len(old.event_records) + len(new.event_records)
+    assert client.command(f"SELECT count() FROM {db}.events") == want
+    assert client.command(f"SELECT uniqExact(message_id) FROM {db}.events") == want
+    assert second.rows["events"] == len(new.event_records)
+    assert second.recreated == 1
+
+    # a plain restart (and a new group from earliest) of the new incarnation: nothing twice
+    third = run_bounded(cfg)
+    fourth = run_bounded(config(connections, topics, db, starting_offsets=StartingOffsets.EARLIEST))
+    assert third.rows["events"] == fourth.rows["events"] == 0 and third.recreated == fourth.recreated == 0
+    assert client.command(f"SELECT count() FROM {db}.events") == want
+    assert_matches(client, db, Dataset(old.events + new.events, [], [], [], {}))
+
+
+@pytest.mark.fault
+def test_marks_from_before_topic_ids_are_adopted(
+    connections: Connections, database: tuple[Any, str], topics: Topics
+) -> None:
+    """Marks written before migration 0009 (topic_id '') still apply on the first start after the upgrade
+    (no double count), and are recorded under the topic's id from then on."""
+    client, db = database
+    bootstrap = connections.kafka_bootstrap_servers
+    ds = dataset()
+    produce(bootstrap, topics.events, ds.event_records)
+    cfg = config(connections, topics, db)
+    assert run_bounded(cfg).rows["events"] == len(ds.event_records)
+    # what an older loader left behind: the same marks without an id, and commits without metadata
+    marks = client.query(
+        f"SELECT topic, partition, end_offset, loaded_table FROM {db}.loader_offsets"
+    ).result_rows
+    client.command(f"TRUNCATE TABLE {db}.loader_offsets")
+    client.insert(
+        "loader_offsets",
+        marks,
+        database=db,
+        column_names=["topic", "partition", "end_offset", "loaded_table"],
+    )
+    reset_group(bootstrap, cfg.group_id, [topics.events, topics.sessions])
+    again = run_bounded(cfg)
+    assert again.rows["events"] == 0 and again.recreated == 0
+    assert again.skipped_loaded == len(ds.event_records)
+    tid = kafka_io.topic_ids(bootstrap, [topics.events])[topics.events]
+    assert loaded_offsets(client, db, topics.events) == len(ds.event_records)
+    ids = client.query(
+        f"SELECT DISTINCT topic_id FROM {db}.loader_offsets WHERE topic = {{t:String}}",
+        parameters={"t": topics.events},
+    ).result_rows
+    assert {r[0] for r in ids} == {"", tid}

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from connectors.loader import (
     EVENTS,
@@ -17,12 +18,18 @@ from connectors.loader import (
     BatchBuffer,
     Msg,
     Range,
+    RowsRejected,
     Unit,
+    choose_marks,
     convert,
     dedup_token,
     intent_metadata,
+    isolate_rejected,
+    loaded_metadata,
+    metadata_topic_id,
     parse_intent,
     plan_units,
+    rows_rejected,
 )
 
 pytestmark = pytest.mark.unit
@@ -221,3 +228,115 @@ def test_convert_sessions() -> None:
 def test_convert_empty_batch() -> None:
     out = convert(EVENTS, [])
     assert out.table.num_rows == 0 and out.table.schema == EVENTS.schema
+
+
+def test_convert_keeps_the_record_of_each_row() -> None:
+    out = convert(EVENTS, [msg(EVENT, 0), msg({**EVENT, "is_bot": "maybe"}, 1), msg(EVENT, 2)])
+    assert [m.offset for m in out.msgs] == [0, 2] == out.table.column("kafka_offset").to_pylist()
+
+
+# ------------------------------------------------------------------ rows ClickHouse refuses
+
+
+CONSTRAINT = (
+    "HTTPDriver for http://127.0.0.1:1/ received ClickHouse error code 469\n Code: 469. DB::Exception: "
+    "Constraint `known_type` for table db.events is violated at row 1. Expression: (type IN ('track')). "
+    "Column values: type = 'bogus'. (VIOLATED_CONSTRAINT) (version 26.9.2.1)"
+)
+
+
+def test_rows_rejected_only_for_row_errors() -> None:
+    got = rows_rejected(DatabaseError(CONSTRAINT, code=469, name="VIOLATED_CONSTRAINT"))
+    assert got is not None and got.code == 469
+    assert got.detail.startswith("Code: 469. DB::Exception: Constraint `known_type`")  # no URL
+    assert got.detail.endswith("(VIOLATED_CONSTRAINT)")  # no version trailer
+    assert rows_rejected(DatabaseError(CONSTRAINT)) is not None  # code read from the message
+    # not about the rows: unavailable, too many parts, schema, an exception inside a view
+    assert rows_rejected(OperationalError("Error HTTPConnectionPool: connection refused")) is None
+    assert rows_rejected(DatabaseError("Code: 252. Too many parts (TOO_MANY_PARTS)", code=252)) is None
+    assert rows_rejected(DatabaseError("Code: 16. No such column (NO_SUCH_COLUMN_IN_TABLE)", code=16)) is None
+    in_view = CONSTRAINT.replace("type = 'bogus'.", "type = 'bogus': while pushing to view db.x_mv.")
+    assert rows_rejected(DatabaseError(in_view, code=469)) is None
+    assert rows_rejected(ValueError("Code: 469.")) is None
+
+
+class FakeTable:
+    """ClickHouse for :func:`isolate_rejected`: refuses a slice holding a bad row, deduplicates by token."""
+
+    def __init__(self, rows: list[int], bad: set[int], crash_after: int | None = None) -> None:
+        self.rows, self.bad, self.crash_after = rows, bad, crash_after
+        self.tokens: set[str] = set()
+        self.stored: list[int] = []
+        self.calls = 0
+
+    def insert(self, lo: int, hi: int) -> None:
+        self.calls += 1
+        part = self.rows[lo:hi]
+        if any(r in self.bad for r in part):
+            first = next(r for r in part if r in self.bad)
+            raise RowsRejected(469, f"row {first} violates")
+        token = f"unit|{part[0]}..{part[-1]}"
+        if token not in self.tokens:
+            self.tokens.add(token)
+            self.stored.extend(part)
+        if self.crash_after is not None and self.calls >= self.crash_after:
+            raise SystemExit("crash")
+
+
+@pytest.mark.parametrize("bad", [{0}, {99}, {3, 4}, {10, 50, 51, 98}, set(range(100))])
+def test_isolate_rejected_finds_exactly_the_bad_rows(bad: set[int]) -> None:
+    rows = list(range(100, 200))
+    table = FakeTable(rows, {rows[i] for i in bad})
+    out = isolate_rejected(len(rows), table.insert, RowsRejected(469, "whole batch"))
+    assert [i for i, _ in out] == sorted(bad)
+    assert all(why.detail == f"row {rows[i]} violates" for i, why in out)  # each row's own reason
+    assert sorted(table.stored) == [r for i, r in enumerate(rows) if i not in bad]
+    if len(bad) <= 4:
+        assert table.calls <= 2 * len(bad) * 8  # 2 * bad * ceil(log2(100))
+
+
+@pytest.mark.parametrize("crash_after", [1, 2, 5, 9, 13])
+def test_isolate_rejected_replay_after_a_crash_never_double_counts(crash_after: int) -> None:
+    """A crash anywhere in the bisection, then a replay: the same slices under the same tokens, so every
+    good row is stored exactly once and the bad rows are found again."""
+    rows = list(range(64))
+    bad = {rows[7], rows[40], rows[41]}
+    table = FakeTable(rows, bad, crash_after=crash_after)
+    with pytest.raises(SystemExit):
+        isolate_rejected(len(rows), table.insert, RowsRejected(469, "whole batch"))
+    table.crash_after = None
+    out = isolate_rejected(len(rows), table.insert, RowsRejected(469, "whole batch"))
+    assert [rows[i] for i, _ in out] == sorted(bad)
+    assert sorted(table.stored) == [r for r in rows if r not in bad]  # each good row once
+
+
+# ------------------------------------------------------------------ topic incarnations
+
+
+def test_topic_id_in_tokens_and_intents() -> None:
+    rs = [Range("t", 0, 0, 10)]
+    # a recreated topic starts from offset 0 again: its tokens must differ from the old topic's
+    assert dedup_token("db", "events", rs, "id-a") != dedup_token("db", "events", rs, "id-b")
+    assert dedup_token("db", "events", rs) == "db.events:t:0:0-10"  # cp1 intents replay with the old token
+    meta = intent_metadata(rs, "8f1c-42")
+    assert meta == "cp2:intent:8f1c-42:0:0-10"
+    assert parse_intent("t", meta) == tuple(rs) and metadata_topic_id(meta) == "8f1c-42"
+    assert metadata_topic_id(loaded_metadata("8f1c-42")) == "8f1c-42"
+    assert loaded_metadata("") == "" and metadata_topic_id(intent_metadata(rs)) == ""
+    unit = plan_units(rs, {"t": "events"}, topic_ids={"t": "8f1c-42"})[0]
+    assert unit.topic_id == "8f1c-42" and unit.intent == meta
+    assert unit.token("db") == "db.events@8f1c-42:t:0:0-10"
+
+
+def test_choose_marks() -> None:
+    ends = {0: 500, 1: 700}
+    assert choose_marks({}, "new", ends) == ({}, "none")
+    assert choose_marks({"new": {0: 40}, "old": {0: 400}}, "new", ends) == ({0: 40}, "current")
+    # only an older incarnation's marks: the topic was recreated, nothing of them applies
+    assert choose_marks({"old": {0: 400, 1: 600}}, "new", ends) == ({}, "recreated")
+    # marks from before ids were recorded: adopted, unless a mark lies beyond its partition's end
+    assert choose_marks({"": {0: 400, 1: 600}}, "new", ends) == ({0: 400, 1: 600}, "adopted")
+    assert choose_marks({"": {0: 400, 1: 900}}, "new", ends) == ({}, "recreated")
+    assert choose_marks({"": {0: 400}, "old": {0: 450}}, "new", ends) == ({}, "recreated")
+    # no id from the broker: the highest mark of any incarnation (never load twice)
+    assert choose_marks({"": {0: 400}, "old": {0: 450, 1: 10}}, "", ends) == ({0: 450, 1: 10}, "current")

@@ -218,13 +218,15 @@ GROUP BY
 CREATE TABLE clickpulse.loader_offsets
 (
     `topic` String,
+    `topic_id` String,
     `partition` UInt32,
     `end_offset` UInt64,
     `loaded_table` LowCardinality(String),
     `updated_at` DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = ReplacingMergeTree(end_offset)
-ORDER BY (topic, partition)
+PRIMARY KEY (topic, partition)
+ORDER BY (topic, partition, topic_id)
 SETTINGS index_granularity = 8192;
 
 -- monthly_active_users
