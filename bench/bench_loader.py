@@ -75,7 +75,7 @@ class _Env:
         )
 
     def count(self) -> int:
-        return int(self.client.command(f"SELECT count() FROM {self.db}.events"))
+        return int(str(self.client.command(f"SELECT count() FROM {self.db}.events")))
 
     def close(self) -> None:
         self.client.command(f"DROP DATABASE IF EXISTS {self.db}")

@@ -41,7 +41,7 @@ def stack(stack_home: Path) -> Iterator[Stack]:
 def connections(stack: Stack) -> Connections:
     """Connection settings pointing at the session's stack."""
     env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
-    return Connections(**env)
+    return Connections.from_env(env)
 
 
 @pytest.fixture()

@@ -107,7 +107,7 @@ def test_actions_reach_only_their_rules_webhook_or_the_dlq(
         "webhook": {"url": evil_url, "secret_env": "CLICKPULSE_WEBHOOK_SECRET"},
         "action": {"webhook": {"url": evil_url}},
     }
-    actions = {
+    actions: dict[str, dict[str, Any]] = {
         "a" * 64: {"rule_id": "nope"},
         "b" * 64: {"rule_id": "nope", **own_destination},
         "c" * 64: {"rule_id": "greedy"},

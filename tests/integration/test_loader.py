@@ -184,9 +184,9 @@ def expected(ds: Dataset) -> dict[str, Any]:
     for e in ev:
         if e["event"] == "Order Completed":
             p = e["properties"]
-            key = (_day(e["event_time_ms"]), p.get("currency", ""), e["utm_source"], e["utm_campaign"])
-            revenue[key][0] += 1
-            revenue[key][1] += Decimal(repr(p.get("revenue", 0))).quantize(Decimal("0.0001"))
+            rkey = (_day(e["event_time_ms"]), p.get("currency", ""), e["utm_source"], e["utm_campaign"])
+            revenue[rkey][0] += 1
+            revenue[rkey][1] += Decimal(repr(p.get("revenue", 0))).quantize(Decimal("0.0001"))
     sessions_per_day: Counter[date] = Counter(_day(_ms(s["start"])) for s in ds.latest_sessions.values())
     last_day = max(dau)
     wau = {
@@ -354,7 +354,7 @@ def dlq_count(bootstrap: str, topic: str) -> list[dict[str, Any]]:
         c.assign(tps)
         c.seek_to_beginning(*tps)
         ends = c.end_offsets(tps)
-        out = []
+        out: list[Any] = []
         deadline = time.monotonic() + 20
         while any(c.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
             for recs in c.poll(timeout_ms=300).values():

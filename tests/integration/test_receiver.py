@@ -15,12 +15,13 @@ from devstack.receiver import WebhookReceiver
 pytestmark = pytest.mark.integration
 
 SECRET = "receiver-secret-\u2713"
-ACTION = {"action_id": "ab" * 32, "rule_id": "deal_promo", "user_key": "u1", "events": []}
+ACTION_ID = "ab" * 32
+ACTION = {"action_id": ACTION_ID, "rule_id": "deal_promo", "user_key": "u1", "events": []}
 BODY = orjson.dumps(ACTION)
 
 
 def headers(**overrides: str) -> dict[str, str]:
-    return {**signed_headers(SECRET.encode(), BODY, ACTION["action_id"], int(time.time())), **overrides}
+    return {**signed_headers(SECRET.encode(), BODY, ACTION_ID, int(time.time())), **overrides}
 
 
 def raw_post(port: int, header_lines: bytes) -> bytes:
@@ -40,7 +41,7 @@ def test_receiver_verifies_both_signatures_and_the_timestamp() -> None:
     with WebhookReceiver(SECRET, tolerance_s=60) as rec, httpx.Client(trust_env=False) as client:
         url = rec.url("/hook")
         assert client.post(url, content=BODY, headers=headers()).status_code == 200
-        stale = signed_headers(SECRET.encode(), BODY, ACTION["action_id"], int(time.time()) - 120)
+        stale = signed_headers(SECRET.encode(), BODY, ACTION_ID, int(time.time()) - 120)
         assert client.post(url, content=BODY, headers=stale).status_code == 401  # a replay, too old
         assert (
             client.post(url, content=BODY, headers=headers(**{"webhook-signature": "v1,AAAA"})).status_code
@@ -48,7 +49,7 @@ def test_receiver_verifies_both_signatures_and_the_timestamp() -> None:
         )
         legacy_only = {k: v for k, v in headers().items() if not k.startswith("webhook-")}
         assert client.post(url, content=BODY, headers=legacy_only).status_code == 401
-        other = signed_headers(b"another-secret", BODY, ACTION["action_id"], int(time.time()))
+        other = signed_headers(b"another-secret", BODY, ACTION_ID, int(time.time()))
         assert client.post(url, content=BODY, headers=other).status_code == 401
         good = headers()
         hostile = b"".join(

@@ -61,7 +61,7 @@ def test_contract_topics_exist_and_rules_is_compacted(connections: Connections) 
 def test_kafka_produce_and_consume_roundtrip(connections: Connections, topic_factory) -> None:
     topic = topic_factory("roundtrip", partitions=4)
     prod = kafka_io.producer(connections.kafka_bootstrap_servers)
-    sent = {}
+    sent: dict[bytes, list[bytes]] = {}
     for i in range(2000):
         key = f"user-{i % 37}".encode()
         value = f'{{"n": {i}}}'.encode()
@@ -165,6 +165,7 @@ def test_status_reports_a_dead_service_and_up_restarts_it(stack: Stack, tmp_path
     st = Stack(StackSettings(home=tmp_path / "dead"), environ=env)
     try:
         first = st.up()["clickhouse"]
+        assert first.pid is not None
         os.killpg(first.pid, signal.SIGKILL)  # the process group `up` started (see devstack.stack._spawn)
         deadline = time.monotonic() + 30
         while pid_alive(first.pid, first.marker):

@@ -8,14 +8,14 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Union, cast, get_args, get_origin
 
 import pytest
 from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from connectors.settings import environment
+from connectors.settings import Settings, environment
 from devstack import configdoc
 
 pytestmark = [
@@ -132,6 +132,11 @@ def test_renamed_variables_are_listed() -> None:
 VALID_PROBES = {"CLICKPULSE_WEBHOOK_SECRET_ENV": "CLICKPULSE_WEBHOOK_SECRET_PROBE"}
 
 
+def read(cls: type[BaseSettings], state_dir: Path) -> Settings:
+    """``cls`` (a settings area) as a job's ``main()`` reads it: from :func:`environment`."""
+    return cast(type[Settings], cls).from_env(environment(state_dir=state_dir))
+
+
 def _probe(info: FieldInfo, default: Any) -> tuple[str, Any]:
     """An environment value for a field that differs from its default, and the value it must parse to."""
     if info.alias in VALID_PROBES:
@@ -172,7 +177,9 @@ def test_each_documented_variable_sets_its_field(
             raw, expected = _probe(info, info.get_default(call_default_factory=True, validated_data={}))
             with monkeypatch.context() as m:
                 m.setenv(s.env_var, raw)
-                value = getattr(doc.cls.from_env(environment(state_dir=tmp_path)), s.field)
+                value = getattr(
+                    cast(type[Settings], doc.cls).from_env(environment(state_dir=tmp_path)), s.field
+                )
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             assert value == expected, f"{doc.name}.{s.field}: {s.env_var}={raw} gave {value!r}"
@@ -192,7 +199,9 @@ def test_no_undocumented_variable_sets_a_field(
             raw, expected = _probe(info, info.get_default(call_default_factory=True, validated_data={}))
             with monkeypatch.context() as m:
                 m.setenv(bare, raw)
-                value = getattr(doc.cls.from_env(environment(state_dir=tmp_path)), s.field)
+                value = getattr(
+                    cast(type[Settings], doc.cls).from_env(environment(state_dir=tmp_path)), s.field
+                )
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             if value == expected:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tests.unit.test_ingest_stage import ev, run
-from udfs.ingest import OK, IngestOptions, IngestStage, Link, MemoryProfileStore, Poison, StoreUnavailable
+from udfs.ingest import OK, IngestOptions, IngestStage, Link, Poison, StoreUnavailable
 
 pytestmark = [pytest.mark.unit, pytest.mark.fault]
 
@@ -104,7 +104,7 @@ def test_poison_values_read_as_nothing_and_are_counted() -> None:
     store.poison["a-1"] = Poison("identity hash without user_id")
     store.links["a-2"] = Link("u-2", 0, 0, 0)
 
-    class PoisonProfiles(MemoryProfileStore):
+    class PoisonProfiles:  # a ProfileStore whose one profile is poison
         def get_many(self, user_keys: Sequence[str]) -> Mapping[str, dict[str, str] | Poison]:
             return {k: (Poison("not a hash") if k == "a-1" else {"plan": "pro"}) for k in user_keys}
 

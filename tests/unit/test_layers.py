@@ -39,7 +39,7 @@ def _modules(package: str) -> list[Path]:
 
 def test_no_job_imports_another_job() -> None:
     """Each job builds its part of the graph alone; only ``jobs/pipeline.py`` composes the parts."""
-    offenders = {}
+    offenders: dict[str, list[str]] = {}
     for path in _modules("jobs"):
         if path.name == "pipeline.py":
             continue

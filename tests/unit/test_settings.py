@@ -49,6 +49,8 @@ def test_every_old_name_still_sets_its_setting(
     assert renamed.new in OWNERS, f"{renamed.new} is no documented setting"
     cls, field = OWNERS[renamed.new]
     info = cls.model_fields[field]
+    raw: str
+    expected: Any
     if isinstance(info.annotation, type) and issubclass(info.annotation, enum.Enum):
         member = next(m for m in info.annotation if m != info.default)
         raw, expected = str(member.value), member
@@ -117,7 +119,7 @@ def test_compose_gives_each_area_its_options_and_one_connections(tmp_path: Path)
     triggers = compose(TriggersJobSettings, env, {"group_id": "t"})
     assert triggers.dispatch_group() == "t-dispatch"
     with pytest.raises(ValidationError, match="frozen"):
-        s.ingest.dedup_window_ms = 1
+        s.ingest.dedup_window_ms = 1  # type: ignore[misc]
 
 
 def test_kafka_security_options_reach_every_client(tmp_path: Path) -> None:

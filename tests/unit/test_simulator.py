@@ -234,7 +234,7 @@ def test_duplicates_are_byte_identical_redeliveries_within_ten_minutes(sim: Any)
         orig, copy = records[dup.original_position], records[dup.position]
         assert copy.value == orig.value and copy.key == orig.key
         assert 0 <= copy.timestamp_ms - orig.timestamp_ms <= 600_000
-        assert checked[dup.original_position].event["message_id"] == dup.message_id  # type: ignore[index]
+        assert checked[dup.original_position].event["message_id"] == dup.message_id
 
 
 def test_records_are_ordered_in_time_and_keyed_by_visitor(sim: Any) -> None:
@@ -244,7 +244,7 @@ def test_records_are_ordered_in_time_and_keyed_by_visitor(sim: Any) -> None:
     assert cfg.start_ms <= stamps[0] and stamps[-1] <= cfg.end_ms
     for pos, event, _ in valid_events(records, checked):
         expected = event.get("anonymous_id") or event.get("user_id")
-        assert records[pos].key == expected.encode()
+        assert expected is not None and records[pos].key == expected.encode()
     # a few backend events carry only a user_id and are keyed by it
     assert any(e.get("user_id") and not e.get("anonymous_id") for _, e, _ in valid_events(records, checked))
 
