@@ -38,8 +38,8 @@ def _env(prefix: str, home: Path, **extra: str) -> dict[str, str]:
         KAFKA_BOOTSTRAP_SERVERS=conn.kafka_bootstrap_servers,
         REDIS_URL=conn.redis_url.get_secret_value(),
         CLICKPULSE_TOPIC_PREFIX=prefix,
-        CLICKPULSE_REDIS_PREFIX=f"bench:{prefix}",
-        CLICKPULSE_HOME=str(home),
+        CLICKPULSE_REDIS_KEY_PREFIX=f"bench:{prefix}",
+        CLICKPULSE_STATE_DIR=str(home),
         **extra,
     )
     return env
@@ -64,7 +64,7 @@ def throughput(events: int = 200_000) -> tuple[float, int]:
         home = Path(f"/tmp/clickpulse-bench-{prefix}")  # noqa: S108 - scratch checkpoints
         subprocess.run(
             [sys.executable, "-m", "jobs.ingest", "--bounded", "--starting-offsets", "earliest"],
-            env=_env(prefix, home, CLICKPULSE_CHECKPOINT_INTERVAL_MS="10000"),
+            env=_env(prefix, home, CLICKPULSE_FLINK_CHECKPOINT_INTERVAL_MS="10000"),
             cwd=REPO, check=True, capture_output=True, timeout=1800,
         )  # fmt: skip
         consumer = KafkaConsumer(
@@ -91,7 +91,7 @@ def latency(rate: int = 2000, seconds: int = 40, checkpoint_ms: int = 1000) -> t
     home = Path(f"/tmp/clickpulse-bench-{prefix}")  # noqa: S108
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.ingest", "--starting-offsets", "latest"],
-        env=_env(prefix, home, CLICKPULSE_CHECKPOINT_INTERVAL_MS=str(checkpoint_ms)),
+        env=_env(prefix, home, CLICKPULSE_FLINK_CHECKPOINT_INTERVAL_MS=str(checkpoint_ms)),
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     sent: dict[str, float] = {}

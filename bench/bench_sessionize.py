@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallelism", type=int, default=1)
     p.add_argument("--mode", choices=["thread", "process"], default="thread", help="python.execution-mode")
     p.add_argument("--state-backend", choices=["rocksdb", "hashmap"], default="rocksdb")
-    p.add_argument("--state-cache", type=int, default=20_000, help="CLICKPULSE_SESSIONIZE_STATE_CACHE")
+    p.add_argument("--state-cache", type=int, default=20_000, help="CLICKPULSE_SESSIONIZE_STATE_CACHE_KEYS")
     p.add_argument("--timeout-s", type=float, default=900.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -179,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                     "CLICKPULSE_TOPIC_PREFIX": prefix,
-                    "CLICKPULSE_HOME": str(Path(tmp) / "home"),
-                    "CLICKPULSE_LOG_INTERVAL_S": "1",
-                    "CLICKPULSE_PYTHON_EXECUTION_MODE": args.mode,
+                    "CLICKPULSE_STATE_DIR": str(Path(tmp) / "home"),
+                    "CLICKPULSE_JOB_LOG_INTERVAL_MS": "1000",
+                    "CLICKPULSE_FLINK_PYTHON_EXECUTION_MODE": args.mode,
                     "CLICKPULSE_SESSIONIZE_STATE_BACKEND": args.state_backend,
-                    "CLICKPULSE_SESSIONIZE_STATE_CACHE": str(args.state_cache),
+                    "CLICKPULSE_SESSIONIZE_STATE_CACHE_KEYS": str(args.state_cache),
                     "FLINK_LOG_DIR": str(Path(tmp) / "log"),
                 }
             )

@@ -201,9 +201,9 @@ class Run:
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "REDIS_URL": conn.redis_url.get_secret_value(),
             "CLICKPULSE_TOPIC_PREFIX": self.prefix,
-            "CLICKPULSE_HOME": str(self.home),
+            "CLICKPULSE_STATE_DIR": str(self.home),
             "CLICKPULSE_WEBHOOK_SECRET": SECRET,
-            "CLICKPULSE_PARALLELISM": str(parallelism),
+            "CLICKPULSE_FLINK_PARALLELISM": str(parallelism),
             "CLICKPULSE_TRIGGERS_EVENT_FILTER": "auto" if prefilter else "none",
         }
         self.producer = KafkaProducer(

@@ -69,7 +69,7 @@ def job_env(connections: Connections, tmp_path: Path) -> Iterator[dict[str, str]
     """Environment for running a job as a subprocess on its own contract topics.
 
     A unique ``CLICKPULSE_TOPIC_PREFIX`` gives the test its own copy of every contract topic (created
-    here, deleted afterwards), a unique Redis key prefix and its own ``CLICKPULSE_HOME`` (checkpoints).
+    here, deleted afterwards), a unique Redis key prefix and its own ``CLICKPULSE_STATE_DIR`` (checkpoints).
     """
     from connectors.settings import CONTRACT_TOPICS, child_environment
 
@@ -80,14 +80,14 @@ def job_env(connections: Connections, tmp_path: Path) -> Iterator[dict[str, str]
     env.update(
         {
             "CLICKPULSE_TOPIC_PREFIX": prefix,
-            "CLICKPULSE_REDIS_PREFIX": f"test:{prefix}",
-            "CLICKPULSE_HOME": str(tmp_path / "home"),
-            "CLICKPULSE_CHECKPOINT_INTERVAL_MS": "2000",
-            "CLICKPULSE_LOG_INTERVAL_S": "2",
+            "CLICKPULSE_REDIS_KEY_PREFIX": f"test:{prefix}",
+            "CLICKPULSE_STATE_DIR": str(tmp_path / "home"),
+            "CLICKPULSE_FLINK_CHECKPOINT_INTERVAL_MS": "2000",
+            "CLICKPULSE_JOB_LOG_INTERVAL_MS": "2000",
         }
     )
-    if os.environ.get("CLICKPULSE_JARS_DIR"):  # connector jars elsewhere than <repo>/.clickpulse/jars
-        env["CLICKPULSE_JARS_DIR"] = os.environ["CLICKPULSE_JARS_DIR"]
+    if os.environ.get("CLICKPULSE_MAVEN_JARS_DIR"):  # connector jars elsewhere than <repo>/.clickpulse/jars
+        env["CLICKPULSE_MAVEN_JARS_DIR"] = os.environ["CLICKPULSE_MAVEN_JARS_DIR"]
     yield env
     if not os.environ.get("CLICKPULSE_KEEP_TOPICS"):
         kafka_io.delete_topics(connections.kafka_bootstrap_servers, list(topics))

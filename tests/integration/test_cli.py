@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "CLICKPULSE_HOME": str(stack.root)}
+    env = {"PATH": "/usr/bin:/bin", "CLICKPULSE_STATE_DIR": str(stack.root)}
     return run_job("cli", env, *args, timeout=300)
 
 

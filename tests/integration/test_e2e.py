@@ -105,16 +105,16 @@ def test_pipeline_matches_the_truth_through_a_kill_9(
     env = {
         **job_env,
         "CLICKPULSE_WEBHOOK_SECRET": SECRET,
-        "CLICKPULSE_CHECKPOINT_INTERVAL_MS": "1000",
+        "CLICKPULSE_FLINK_CHECKPOINT_INTERVAL_MS": "1000",
         "CLICKPULSE_REDIS_TIMEOUT_MS": "2000",  # no fail-open identity lookups on a busy box
-        "CLICKPULSE_IDLE_TIMEOUT_S": "600",
+        "CLICKPULSE_SESSIONIZE_IDLE_TIMEOUT_MS": "600000",
         "CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS": "30000",
     }
     with WebhookReceiver(SECRET) as receiver:
         rules_file = rules_for_port(DEMO_RULES, receiver.port, tmp_path / "rules.yaml")
         rules = Rules.of(load_rules_file(rules_file))
         pipeline = Pipeline(PipelineConfig(env, tmp_path / "run", rules_file, database, f"e2e-{prefix}"))
-        checkpoints = Path(env["CLICKPULSE_HOME"]) / "flink" / "sessionize" / "checkpoints"
+        checkpoints = Path(env["CLICKPULSE_STATE_DIR"]) / "flink" / "sessionize" / "checkpoints"
         try:
             pipeline.start_all()
             pipeline.wait_running(ALL_JOBS, timeout_s=420)

@@ -497,13 +497,13 @@ def _job_env(conn: Connections, db: str, group: str, home: Path, **extra: str) -
         {
             "KAFKA_BOOTSTRAP_SERVERS": conn.kafka_bootstrap_servers,
             "CLICKHOUSE_URL": conn.clickhouse_url.get_secret_value(),
-            "CLICKPULSE_HOME": str(home),
-            "CLICKPULSE_DATABASE": db,
+            "CLICKPULSE_STATE_DIR": str(home),
+            "CLICKPULSE_CLICKHOUSE_DATABASE": db,
             "CLICKPULSE_TOPIC_PREFIX": "",
-            "CLICKPULSE_LOAD_GROUP_ID": group,
+            "CLICKPULSE_JOB_GROUP_ID": group,
             "CLICKPULSE_LOAD_BATCH_MAX_ROWS": "400",
-            "CLICKPULSE_LOAD_BATCH_MAX_SECONDS": "0.3",
-            "CLICKPULSE_LOG_INTERVAL_S": "5",
+            "CLICKPULSE_LOAD_BATCH_MAX_AGE_MS": "300",
+            "CLICKPULSE_JOB_LOG_INTERVAL_MS": "5000",
             "CLICKPULSE_LOAD_SESSION_TIMEOUT_MS": "6000",
             **extra,
         }
@@ -535,12 +535,12 @@ def test_crash_mid_batch(connections: Connections, database: tuple[Any, str], tm
             env = _job_env(connections, db, group, tmp_path, CLICKPULSE_TOPIC_PREFIX=prefix, **extra)
             return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
-        crashed = run(CLICKPULSE_LOADER_FAIL_AFTER_INSERT="3")
+        crashed = run(CLICKPULSE_LOAD_FAIL_AFTER_INSERT="3")
         assert crashed.returncode == 17, crashed.stderr[-2000:]
         partial = client.command(f"SELECT count() FROM {db}.events")
         assert 0 < partial < len(ds.event_records)
 
-        replayed = run(CLICKPULSE_LOADER_FAIL_AFTER_INSERT="1")
+        replayed = run(CLICKPULSE_LOAD_FAIL_AFTER_INSERT="1")
         assert replayed.returncode == 17, replayed.stderr[-2000:]
         assert "replaying intent" in replayed.stderr
         assert client.command(f"SELECT count() FROM {db}.events") == partial  # the repeat was dropped

@@ -132,7 +132,7 @@ def test_cli_up_down_leaves_no_process_behind(tmp_path: Path) -> None:
         for k, v in os.environ.items()
         if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "CLICKHOUSE_URL")
     }
-    env["CLICKPULSE_HOME"] = str(home)
+    env["CLICKPULSE_STATE_DIR"] = str(home)
     cli = [sys.executable, "-m", "jobs.cli", "stack"]
     up = subprocess.run([*cli, "up"], env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stderr

@@ -97,7 +97,7 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(job_env: dict[str, str
         os.killpg(first.pid, signal.SIGKILL)  # a process kill, not a clean cancel
         first.wait(30)
 
-    checkpoints = Path(job_env["CLICKPULSE_HOME"]) / "flink" / "ingest" / "checkpoints"
+    checkpoints = Path(job_env["CLICKPULSE_STATE_DIR"]) / "flink" / "ingest" / "checkpoints"
     assert list(checkpoints.glob("*/chk-*/_metadata")), "the first run left a retained checkpoint"
     # The restored source keeps the first run's (unbounded) splits, so the second run is unbounded
     # too: let it catch up, then stop it.

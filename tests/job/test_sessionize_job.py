@@ -254,10 +254,10 @@ def summarize(user: str, g: list[dict[str, Any]]) -> dict[str, Any]:
 def job_env_for(job_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {
         **job_env,
-        "CLICKPULSE_GROUP_ID": f"sess-{job_env['CLICKPULSE_TOPIC_PREFIX']}",  # own transactional ids
-        "CLICKPULSE_ALLOWED_LATENESS_S": str(LATENESS_S),
+        "CLICKPULSE_JOB_GROUP_ID": f"sess-{job_env['CLICKPULSE_TOPIC_PREFIX']}",  # own transactional ids
+        "CLICKPULSE_SESSIONIZE_ALLOWED_LATENESS_MS": str(LATENESS_S * 1000),
         # no partition may be declared idle while it still has data (this box is shared and slow)
-        "CLICKPULSE_IDLE_TIMEOUT_S": "600",
+        "CLICKPULSE_SESSIONIZE_IDLE_TIMEOUT_MS": "600000",
     }
 
 
@@ -397,7 +397,7 @@ def test_kill_and_restore_gives_the_same_final_sessions(job_env: dict[str, str],
     finally:
         kill(proc)
 
-    checkpoints = Path(env["CLICKPULSE_HOME"]) / "flink" / "sessionize" / "checkpoints"
+    checkpoints = Path(env["CLICKPULSE_STATE_DIR"]) / "flink" / "sessionize" / "checkpoints"
     assert list(checkpoints.glob("*/chk-*/_metadata")), "a retained checkpoint"
     produce_sentinels(bootstrap, topic)
     proc = start_job(
@@ -422,7 +422,7 @@ def test_kill_and_restore_gives_the_same_final_sessions(job_env: dict[str, str],
         # nothing else may arrive: the job has committed its input to the end, and a checkpoint after
         # that committed whatever it made of it (and of the watermark it reached)
         until(
-            lambda: offsets_committed_to_end(bootstrap, topic, env["CLICKPULSE_GROUP_ID"]),
+            lambda: offsets_committed_to_end(bootstrap, topic, env["CLICKPULSE_JOB_GROUP_ID"]),
             120,
             "the restored job to commit its input offsets to the end",
             every_s=1.0,
@@ -509,7 +509,7 @@ def test_future_dated_burst_does_not_move_the_watermark(job_env: dict[str, str],
         produce_at(bootstrap, topic, burst)
         # the job has read the burst (its offsets are committed with a checkpoint), and one more checkpoint
         # later its periodic watermark (every 200 ms) has long been emitted: the normal events come after it
-        group = env["CLICKPULSE_GROUP_ID"]
+        group = env["CLICKPULSE_JOB_GROUP_ID"]
 
         def alive_and(check: Callable[[], bool]) -> Callable[[], bool]:
             def probe() -> bool:
@@ -520,7 +520,7 @@ def test_future_dated_burst_does_not_move_the_watermark(job_env: dict[str, str],
 
         until(alive_and(lambda: offsets_committed_to_end(bootstrap, topic, group)), 300, "the burst consumed")
         read_at = time.time()
-        checkpoints = Path(env["CLICKPULSE_HOME"]) / "flink" / "sessionize" / "checkpoints"
+        checkpoints = Path(env["CLICKPULSE_STATE_DIR"]) / "flink" / "sessionize" / "checkpoints"
         until(alive_and(lambda: checkpoint_after(checkpoints, read_at)), 300, "a checkpoint after the burst")
 
         produce_at(bootstrap, topic, [(e, e["event_time_ms"], None) for e in normal])

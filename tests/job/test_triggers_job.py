@@ -191,7 +191,7 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
     receiver.scripts["/flaky"] = [500, 500, 200]
     events = Events(bootstrap, f"{prefix}events.enriched")
     args = ["--rules", str(rules_file), "--group-id", "t-triggers", "--starting-offsets", "earliest"]
-    checkpoints = Path(job_env["CLICKPULSE_HOME"]) / "flink" / "triggers" / "checkpoints"
+    checkpoints = Path(job_env["CLICKPULSE_STATE_DIR"]) / "flink" / "triggers" / "checkpoints"
 
     def ping_until_ready(job: subprocess.Popen[bytes], log_path: Path) -> None:
         """Ready (and warm) when pings of 8 users, so on every subtask, made it through source ->
