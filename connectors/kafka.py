@@ -6,6 +6,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
@@ -14,12 +15,17 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 log = logging.getLogger(__name__)
 
 
-def admin(bootstrap: str, *, timeout_s: float = 10.0) -> KafkaAdminClient:
-    """Connect an admin client (raises ``kafka.errors.NoBrokersAvailable`` when nothing answers)."""
+def admin(bootstrap: str, *, timeout_s: float = 10.0, **security: Any) -> KafkaAdminClient:
+    """Connect an admin client (raises ``kafka.errors.NoBrokersAvailable`` when nothing answers).
+
+    ``security``: TLS/SASL client options, :meth:`connectors.settings.Connections.kafka_security_options`
+    (every function here takes them).
+    """
     return KafkaAdminClient(
         bootstrap_servers=bootstrap,
         client_id="clickpulse-admin",
         request_timeout_ms=int(timeout_s * 1000),
+        **security,
     )
 
 
@@ -67,13 +73,14 @@ def ensure_topics(
     *,
     partitions: int = 4,
     replication_factor: int = 1,
+    **security: Any,
 ) -> list[str]:
     """Create every topic in ``topics`` (name -> topic configs) that does not exist yet.
 
     Returns the names it created. Existing topics are left as they are (partition counts are not
     changed behind an operator's back).
     """
-    client = admin(bootstrap)
+    client = admin(bootstrap, **security)
     try:
         existing = set(client.list_topics())
         missing = [
@@ -95,9 +102,9 @@ def ensure_topics(
         client.close()
 
 
-def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
+def delete_topics(bootstrap: str, names: Iterable[str], **security: Any) -> None:
     """Delete topics (used by tests to clean up their own topics)."""
-    client = admin(bootstrap)
+    client = admin(bootstrap, **security)
     try:
         existing = set(client.list_topics())
         todo = [n for n in names if n in existing]
@@ -107,13 +114,13 @@ def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
         client.close()
 
 
-def topic_ids(bootstrap: str, names: Iterable[str]) -> dict[str, str]:
+def topic_ids(bootstrap: str, names: Iterable[str], **security: Any) -> dict[str, str]:
     """Kafka's id (KIP-516 UUID, as text) of each existing topic in ``names``; '' where the broker gives none.
 
     The id tells two incarnations of a topic name apart (deleted and created again).
     """
     wanted = list(names)
-    client = admin(bootstrap)
+    client = admin(bootstrap, **security)
     try:
         described = client.describe_topics(wanted)
     finally:

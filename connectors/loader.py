@@ -673,7 +673,9 @@ class LoaderConfig:
     batch is bisected to dead-letter the rows at fault."""
     fail_after_inserts: int = 0
     """Test hook: exit the process (status 17) right after the N-th data insert, before anything is
-    committed (``CLICKPULSE_LOADER_FAIL_AFTER_INSERT``); 0 = off."""
+    committed (``CLICKPULSE_LOAD_FAIL_AFTER_INSERT``); 0 = off."""
+    kafka_security: Mapping[str, Any] = field(default_factory=dict)
+    """TLS/SASL options of every Kafka client of the loader (``Connections.kafka_security_options``)."""
 
     def table_of(self) -> dict[str, str]:
         """Topic -> target table."""
@@ -767,6 +769,7 @@ class Loader:
             cfg.group_id, redact_url(cfg.clickhouse_url),
         )  # fmt: skip
         consumer = KafkaConsumer(
+            **cfg.kafka_security,
             bootstrap_servers=cfg.bootstrap_servers,
             group_id=cfg.group_id,
             client_id=f"{cfg.group_id}-{os.getpid()}",
@@ -987,6 +990,7 @@ class Loader:
     def _read_ranges(self, ranges: Sequence[Range]) -> list[Msg]:
         """Read exactly ``ranges`` with a group-less consumer (works for partitions owned by others)."""
         side = KafkaConsumer(
+            **self.cfg.kafka_security,
             bootstrap_servers=self.cfg.bootstrap_servers,
             group_id=None,
             enable_auto_commit=False,
@@ -1183,7 +1187,11 @@ class Loader:
         from connectors.kafka import topic_ids
 
         names = [self.cfg.events_topic, self.cfg.sessions_topic]
-        self._topic_ids = {t: i for t, i in topic_ids(self.cfg.bootstrap_servers, names).items() if i}
+        self._topic_ids = {
+            t: i
+            for t, i in topic_ids(self.cfg.bootstrap_servers, names, **self.cfg.kafka_security).items()
+            if i
+        }
 
     def _load_hwm(self, ends: Mapping[TopicPartition, int]) -> None:
         """The marks of each topic's current incarnation (see :func:`choose_marks`)."""
@@ -1242,7 +1250,9 @@ class Loader:
         if self._producer is None:
             from connectors.kafka import producer
 
-            self._producer = producer(self.cfg.bootstrap_servers, client_id=f"{self.cfg.group_id}-dlq")
+            self._producer = producer(
+                self.cfg.bootstrap_servers, client_id=f"{self.cfg.group_id}-dlq", **self.cfg.kafka_security
+            )
         now_ms = int(time.time() * 1000)
         futures = [
             self._producer.send(

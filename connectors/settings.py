@@ -255,12 +255,9 @@ class Connections(Settings):
         """Full name of a contract topic, with the configured prefix."""
         return f"{self.topic_prefix}{name}"
 
-    def kafka_client_options(self) -> dict[str, Any]:
-        """Security options for kafka-python clients (``KafkaProducer(**...)`` etc.), bootstrap included."""
-        opts: dict[str, Any] = {
-            "bootstrap_servers": self.kafka_bootstrap_servers,
-            "security_protocol": self.kafka_security_protocol.value,
-        }
+    def kafka_security_options(self) -> dict[str, Any]:
+        """TLS/SASL options of kafka-python clients (``KafkaConsumer(bootstrap_servers=..., **these)``)."""
+        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol.value}
         if self.kafka_sasl_mechanism:
             opts["sasl_mechanism"] = self.kafka_sasl_mechanism
             opts["sasl_plain_username"] = self.kafka_sasl_username

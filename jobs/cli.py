@@ -84,6 +84,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
         conn.kafka_bootstrap_servers,
         {conn.topic(t): cfg for t, cfg in CONTRACT_TOPICS.items()},
         partitions=args.partitions,
+        **conn.kafka_security_options(),
     )
     console.print(f"created: {', '.join(created) if created else 'nothing (all topics exist)'}")
     return 0

@@ -96,6 +96,7 @@ class LoadJobSettings:
             session_timeout_ms=load.session_timeout_ms,
             bounded=self.consumer.bounded,
             fail_after_inserts=load.fail_after_insert,
+            kafka_security=conn.kafka_security_options(),
         )
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 #: What only the local stack needs.
-LOCAL_ONLY = ("chdb", "lz4", "zstandard")
+LOCAL_ONLY = ("chdb", "zstandard")
 
 
 def _name(requirement: str) -> str:

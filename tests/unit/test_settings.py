@@ -142,7 +142,7 @@ def test_kafka_security_options_reach_every_client(tmp_path: Path) -> None:
         'org.apache.kafka.common.security.scram.ScramLoginModule required username="ingest" password="p\\"w";'
     )
     assert props["ssl.truststore.location"] == "/etc/ca.pem"
-    client = conn.kafka_client_options()
+    client = conn.kafka_security_options()
     assert client["sasl_plain_password"] == 'p"w' and client["ssl_cafile"] == "/etc/ca.pem"
     assert 'p\\"w' not in repr(conn)  # the password is a secret
 
