@@ -12,7 +12,7 @@ Plan (``EXPLAIN`` shows it):
    * valid rows -> Flink SQL deduplication on ``message_id`` (keep first row, proctime order; JVM
      keyed state in RocksDB with TTL = the dedup window) -> ``events.enriched`` (exactly-once).
 
-Counters (Flink metrics, and one log line every ``--log-interval-s`` from the driver via
+Counters (Flink metrics, and one log line every ``CLICKPULSE_JOB_LOG_INTERVAL_MS`` from the driver via
 :mod:`connectors.flink_metrics`): records_in, valid, dlq and dlq_reason.<code>, redis_fallbacks,
 redis_poison, links_flushed, links_dropped and the gauge links_pending from the stage; duplicates = what
 the Deduplicate operator read minus what it wrote (= enriched).

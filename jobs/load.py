@@ -3,7 +3,7 @@
 Run it as ``python -m jobs.load [options]`` or ``clickpulse run load``. A Kafka consumer-group job, not a
 Flink job (see ``docs/adr/003-loader-exactly-once.md``); the work is in :mod:`connectors.loader`. Settings
 come from the command line, then the environment, then ``.clickpulse/stack.env``; they are read once, in
-:func:`main`, into a frozen :class:`LoadSettings`.
+:func:`main`, into a frozen :class:`LoadJobSettings`.
 """
 
 from __future__ import annotations
