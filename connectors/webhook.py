@@ -10,6 +10,12 @@ Isolation: every destination (scheme, host, port) gets its own lane: a queue, ``
 tasks and its own ``httpx.AsyncClient`` connection pool. A slow or dead endpoint only fills its own
 lane; when a lane's queue is full, new actions for it go to ``on_dead`` at once instead of blocking.
 
+Each attempt has a total deadline, the destination's timeout: connecting, sending and receiving the
+status line and headers must all fit in it (httpx's own timeouts are per read, so a receiver dripping a
+byte at a time could otherwise hold a worker for ever). The response is streamed and at most
+``max_response_bytes`` of its body are read, within what is left of the deadline; once the status is
+in, a slow, broken or oversized body only costs the connection, not the outcome.
+
 Request (contract): ``POST`` with the action JSON as body and headers ``Content-Type:
 application/json``, ``X-Clickpulse-Signature: sha256=<hex HMAC-SHA256(secret, body)>``,
 ``X-Clickpulse-Action-Id`` and ``Idempotency-Key`` (both the action id). Redirects are never followed.
@@ -50,6 +56,7 @@ import orjson
 from udfs.rules import LOOPBACK_ONLY, Allowlist, Destination
 
 __all__ = [
+    "MAX_RESPONSE_BYTES",
     "LatencySample",
     "RetryPolicy",
     "WebhookDispatcher",
@@ -64,6 +71,10 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Clickpulse-Signature"
 ACTION_ID_HEADER = "X-Clickpulse-Action-Id"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+#: Bytes of a response body read at most (the body is never used; reading a small one keeps the
+#: connection reusable, a larger one is cut off and its connection closed).
+MAX_RESPONSE_BYTES = 64 * 1024
 
 OnDead = Callable[[dict[str, Any], int, str], None]
 OnDelivered = Callable[[dict[str, Any], int], None]
@@ -193,6 +204,16 @@ class _Lane:
         self.workers: list[asyncio.Task[None]] = []
 
 
+async def _read_capped(response: httpx.Response, cap: int) -> int:
+    """Read the raw (still encoded) body until its end or past ``cap`` bytes; the bytes read."""
+    read = 0
+    async for chunk in response.aiter_raw():
+        read += len(chunk)
+        if read > cap:
+            break
+    return read
+
+
 class WebhookDispatcher:
     """Delivers action records to webhooks; see the module docstring for the guarantees.
 
@@ -212,12 +233,14 @@ class WebhookDispatcher:
         user_agent: str = "clickpulse-webhook/1",
         ssl_context: ssl.SSLContext | None = None,
         seed: int | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         """Configure a dispatcher; nothing starts until :meth:`start` or the first :meth:`submit`.
 
         Each destination gets ``concurrency_per_destination`` concurrent requests (and pooled
         connections) and a queue of ``max_queue_per_destination`` actions, beyond which new actions
         are dead-lettered at once. URLs outside ``allowlist`` are dead-lettered without a request.
+        At most ``max_response_bytes`` of a response body are read.
         ``ssl_context`` defaults to httpx's, built once by :meth:`start` (``trust_env=False``);
         ``seed`` makes the back-off jitter reproducible (tests).
         """
@@ -229,6 +252,7 @@ class WebhookDispatcher:
         self._allowlist = allowlist
         self._user_agent = user_agent
         self._ssl_context = ssl_context
+        self._max_response_bytes = max_response_bytes
         self._rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -386,24 +410,11 @@ class WebhookDispatcher:
         try:
             while True:
                 attempts += 1
-                retry_after: float | None = None
-                try:
-                    response = await lane.client.post(
-                        dest.url, content=item.body, headers=headers, timeout=dest.timeout_s
-                    )
-                except httpx.TimeoutException as exc:
-                    last_error, retryable = f"timeout after {dest.timeout_s:g}s ({type(exc).__name__})", True
-                except httpx.TransportError as exc:
-                    last_error, retryable = f"connection error: {type(exc).__name__}: {exc}", True
-                else:
-                    status = response.status_code
-                    if 200 <= status < 300:
-                        self._delivered(lane.key, item, attempts)
-                        return
-                    last_error = f"HTTP {status}"
-                    retryable = status == 429 or status >= 500
-                    if status == 429:
-                        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                status, last_error, retry_after = await self._attempt(lane, item, headers)
+                if status is not None and 200 <= status < 300:
+                    self._delivered(lane.key, item, attempts)
+                    return
+                retryable = status is None or status == 429 or status >= 500
                 if not retryable or attempts >= self._policy.max_attempts:
                     self._dead(item, attempts, last_error)
                     return
@@ -424,6 +435,39 @@ class WebhookDispatcher:
                 f"shutdown: not delivered before the deadline (last error: {last_error or 'none'})",
             )
             raise
+
+    async def _attempt(
+        self, lane: _Lane, item: _Item, headers: Mapping[str, str]
+    ) -> tuple[int | None, str, float | None]:
+        """One POST under the destination's total deadline: ``(status or None, last_error, Retry-After)``."""
+        dest = item.destination
+        deadline = asyncio.get_running_loop().time() + dest.timeout_s
+        request = lane.client.build_request(
+            "POST", dest.url, content=item.body, headers=headers, timeout=dest.timeout_s
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await lane.client.send(request, stream=True)
+        except TimeoutError:
+            return None, f"timeout after {dest.timeout_s:g}s (total deadline)", None
+        except httpx.TimeoutException as exc:
+            return None, f"timeout after {dest.timeout_s:g}s ({type(exc).__name__})", None
+        except httpx.TransportError as exc:
+            return None, f"connection error: {type(exc).__name__}: {exc}", None
+        try:
+            status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("Retry-After")) if status == 429 else None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    read = await _read_capped(response, self._max_response_bytes)
+                if read > self._max_response_bytes:
+                    log.debug("webhook %s: response body cut off after %d bytes", lane.key, read)
+            except (TimeoutError, httpx.HTTPError) as exc:
+                # the status is in: a slow or broken body costs the connection, not the outcome
+                log.debug("webhook %s: response body not read (%s)", lane.key, type(exc).__name__)
+        finally:
+            await response.aclose()
+        return status, "" if 200 <= status < 300 else f"HTTP {status}", retry_after
 
     def _delivered(self, key: str, item: _Item, attempts: int) -> None:
         latency_ms = (time.monotonic() - item.submitted) * 1000.0
