@@ -8,7 +8,10 @@ on its own daemon thread and ``submit`` is thread-safe and never blocks.
 
 Isolation: every destination (scheme, host, port) gets its own lane: a queue, ``concurrency`` worker
 tasks and its own ``httpx.AsyncClient`` connection pool. A slow or dead endpoint only fills its own
-lane; when a lane's queue is full, new actions for it go to ``on_dead`` at once instead of blocking.
+lane. A lane holds at most ``max_queue_per_destination`` unsettled actions (or the ``limit`` a caller
+passes): beyond that :meth:`WebhookDispatcher.submit` returns ``False`` and does not take the action, so
+the caller keeps it (the dispatch loop spills it to ``actions.retry``); a deliverable action is never
+dead-lettered because a queue is full.
 
 Each attempt has a total deadline, the destination's timeout: connecting, sending and receiving the
 status line and headers must all fit in it (httpx's own timeouts are per read, so a receiver dripping a
@@ -194,13 +197,15 @@ class _Item:
     body: bytes
     destination: Destination
     submitted: float
+    key: str
 
 
 class _Lane:
-    def __init__(self, key: str, client: httpx.AsyncClient, max_queue: int) -> None:
+    def __init__(self, key: str, client: httpx.AsyncClient) -> None:
         self.key = key
         self.client = client
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        # unbounded here: submit() bounds every lane's unsettled actions (queued or being delivered)
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
 
 
@@ -238,8 +243,8 @@ class WebhookDispatcher:
         """Configure a dispatcher; nothing starts until :meth:`start` or the first :meth:`submit`.
 
         Each destination gets ``concurrency_per_destination`` concurrent requests (and pooled
-        connections) and a queue of ``max_queue_per_destination`` actions, beyond which new actions
-        are dead-lettered at once. URLs outside ``allowlist`` are dead-lettered without a request.
+        connections) and holds at most ``max_queue_per_destination`` unsettled actions, beyond which
+        :meth:`submit` refuses new ones. URLs outside ``allowlist`` are dead-lettered without a request.
         At most ``max_response_bytes`` of a response body are read.
         ``ssl_context`` defaults to httpx's, built once by :meth:`start` (``trust_env=False``);
         ``seed`` makes the back-off jitter reproducible (tests).
@@ -261,6 +266,7 @@ class WebhookDispatcher:
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
         self._outstanding = 0
+        self._backlog: dict[str, int] = {}  # per lane key: submitted, not settled
         self._closing = False
         self._started = threading.Event()
 
@@ -342,17 +348,41 @@ class WebhookDispatcher:
 
     # -- submit ------------------------------------------------------------------------------------
 
-    def submit(self, action: Mapping[str, Any], destination: Destination) -> None:
-        """Queue ``action`` for delivery to ``destination``. Thread-safe; never blocks on the network."""
-        item = _Item(dict(action), orjson.dumps(action), destination, time.monotonic())
+    def submit(self, action: Mapping[str, Any], destination: Destination, limit: int | None = None) -> bool:
+        """Queue ``action`` for delivery to ``destination``; ``False`` when its lane is full.
+
+        A lane is full when it already holds ``limit`` (default ``max_queue_per_destination``) actions
+        that are not settled yet; then the action is not taken (no callback will follow for it) and the
+        caller keeps it — try again later or put it somewhere else. Thread-safe; never blocks.
+        """
+        key = destination.key
+        cap = self._max_queue if limit is None else min(limit, self._max_queue)
         with self._lock:
             if self._closing:
                 raise RuntimeError("webhook dispatcher is closed")
+            waiting = self._backlog.get(key, 0)
+            if waiting >= cap:
+                self._stats.setdefault(key, _LaneStats()).rejected += 1
+                return False
+            self._backlog[key] = waiting + 1
             self._outstanding += 1
+        item = _Item(dict(action), orjson.dumps(action), destination, time.monotonic(), key)
         if self._thread is None:
             self.start()
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._enqueue, item)
+        return True
+
+    def backlog(self, destination: Destination | str) -> int:
+        """Actions submitted for ``destination``'s lane (or lane key) and not settled yet."""
+        key = destination if isinstance(destination, str) else destination.key
+        with self._lock:
+            return self._backlog.get(key, 0)
+
+    def backlogs(self) -> dict[str, int]:
+        """Unsettled actions per lane key, for the lanes that have any."""
+        with self._lock:
+            return {key: n for key, n in self._backlog.items() if n > 0}
 
     def _enqueue(self, item: _Item) -> None:
         dest = item.destination
@@ -365,12 +395,7 @@ class WebhookDispatcher:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._new_lane(key)
-        try:
-            lane.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            with self._lock:
-                self._stats[key].rejected += 1
-            self._dead(item, 0, f"queue full: {self._max_queue} actions already waiting for {key}")
+        lane.queue.put_nowait(item)
 
     def _new_lane(self, key: str) -> _Lane:
         client = httpx.AsyncClient(
@@ -382,7 +407,7 @@ class WebhookDispatcher:
             verify=self._ssl_context or True,
             trust_env=False,
         )
-        lane = _Lane(key, client, self._max_queue)
+        lane = _Lane(key, client)
         lane.workers = [asyncio.create_task(self._worker(lane)) for _ in range(self._concurrency)]
         self._lanes[key] = lane
         with self._lock:
@@ -480,7 +505,7 @@ class WebhookDispatcher:
                 self._on_delivered(item.action, attempts)
             except Exception:
                 log.exception("webhook on_delivered callback failed")
-        self._settle()
+        self._settle(item)
 
     def _dead(self, item: _Item, attempts: int, last_error: str) -> None:
         with self._lock:
@@ -496,11 +521,16 @@ class WebhookDispatcher:
             self._on_dead(item.action, attempts, last_error)
         except Exception:
             log.exception("webhook on_dead callback failed")
-        self._settle()
+        self._settle(item)
 
-    def _settle(self) -> None:
+    def _settle(self, item: _Item) -> None:
         with self._settled:
             self._outstanding -= 1
+            left = self._backlog.get(item.key, 0) - 1
+            if left > 0:
+                self._backlog[item.key] = left
+            else:
+                self._backlog.pop(item.key, None)
             self._settled.notify_all()
 
     # -- stats -------------------------------------------------------------------------------------
@@ -508,7 +538,8 @@ class WebhookDispatcher:
     def stats(self) -> dict[str, Any]:
         """Counters overall and per destination: ok, retried, failed, rejected, latency p50/p99/max (ms).
 
-        Latency is from :meth:`submit` to the 2xx response, retries included.
+        ``rejected`` counts submits refused because the lane was full. Latency is from :meth:`submit`
+        to the 2xx response, retries included.
         """
         with self._lock:
             per = {key: s.summary() for key, s in self._stats.items()}

@@ -47,9 +47,12 @@ class Receiver:
     requests: list[tuple[float, dict[str, Any], dict[str, str]]] = field(default_factory=list)
     bad_signatures: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    delay_s: float = 0.0  # a slow but healthy receiver: each answer takes this long
 
     def handle(self, request: Request) -> Response:
         body = request.get_data()
+        if self.delay_s:
+            time.sleep(self.delay_s)  # the server thread answering late, not the test waiting
         with self.lock:
             if not verify_signature(SECRET, body, request.headers.get("X-Clickpulse-Signature")):
                 self.bad_signatures += 1
@@ -255,18 +258,30 @@ def test_close_dead_letters_what_is_left(blackhole: int) -> None:
         d.submit(action(9), dest(f"http://127.0.0.1:{blackhole}/hook"))
 
 
-def test_full_queue_and_refused_destination_go_to_dead(blackhole: int) -> None:
+def test_full_lane_refuses_instead_of_dead_lettering(receiver_factory: Callable[[], Receiver]) -> None:
+    """A slow but healthy destination: a full lane hands the action back to the caller (who spills it);
+    nothing deliverable is dead-lettered for a full queue, and the lane takes actions again once it drains.
+    A refused destination is still dead-lettered at once."""
+    rx = receiver_factory()
+    rx.delay_s = 0.2
     out = Outcomes()
-    with dispatcher(out, concurrency_per_destination=1, max_queue_per_destination=2) as d:
-        for i in range(6):
-            d.submit(action(500 + i), dest(f"http://127.0.0.1:{blackhole}/hook", timeout_s=0.2))
+    with dispatcher(out, concurrency_per_destination=1, max_queue_per_destination=3) as d:
+        taken = [d.submit(action(500 + i), dest(rx.url())) for i in range(5)]
+        assert taken == [True, True, True, False, False]
+        assert d.backlog(dest(rx.url())) == 3
+        assert d.submit(action(510), dest(rx.url()), limit=2) is False  # a caller's tighter bound
         d.submit(action(600), dest("http://203.0.113.9/hook"))
         assert d.flush(10)
+        assert d.backlog(dest(rx.url())) == 0 and d.backlogs() == {}
+        assert [d.submit(action(503 + i), dest(rx.url())) for i in range(2)] == [True, True]
+        assert d.flush(10)
         stats = d.stats()
-    errors = [err for _, _, err in out.dead]
-    assert sum(e.startswith("queue full") for e in errors) >= 3
-    assert any(e.startswith("destination refused") for e in errors)
-    assert len(out.dead) == 7 and stats["rejected"] >= 3
+    rx.check()
+    assert sorted(int(a["action_id"], 16) for a, _ in out.delivered) == [500, 501, 502, 503, 504]
+    assert [(a["action_id"], err.split(":")[0]) for a, _, err in out.dead] == [
+        (action(600)["action_id"], "destination refused")
+    ]
+    assert stats["rejected"] == 3 and stats["ok"] == 5 and stats["failed"] == 1
 
 
 @contextmanager
