@@ -437,7 +437,7 @@ class ActionDispatch:
                 consumer.pause(*consumer.assignment())
                 paused = True
             elif paused and awaiting_ack < self.config.max_in_flight // 2:
-                consumer.resume(*(tp for tp in consumer.paused() if tp not in self._held))
+                _resume(consumer, [tp for tp in consumer.paused() if tp not in self._held])
                 paused = False
             self._release_held(consumer, paused)
             batch = consumer.poll(timeout_ms=100)
@@ -483,7 +483,7 @@ class ActionDispatch:
             # also a partition held before a rebalance revoked and re-assigned it (its hold was dropped)
             stray = [tp for tp in consumer.paused() if tp not in self._held]
             if stray:
-                consumer.resume(*stray)
+                _resume(consumer, stray)
 
     def _retry_drained(self) -> bool:
         """Every assigned retry partition read to its current end (spilled actions are taken back)."""
@@ -732,6 +732,22 @@ class ActionDispatch:
 
     def _log_line(self) -> None:
         log.info("dispatch: %s", " ".join(f"{k}={v}" for k, v in self.summary().items()))
+
+
+def _resume(consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
+    """Resume ``tps``, working around kafka-python 3.0.x (3.0.12 checked) never fetching them again.
+
+    Records buffered for a partition when it is paused are parked, and restored only while the
+    fetcher's in-line slot is ``None`` — which, once anything was fetched, it never is again (a drained
+    batch stays there, empty): the resumed partition stays parked, and unfetched, for ever. Dropping
+    the parked batch loses nothing: the partition's position is still that of its next unread record
+    (or where a hold sought it back to), and it is fetched again from there.
+    """
+    parked = getattr(getattr(consumer, "_fetcher", None), "_paused_partition_records", None)
+    for tp in tps:
+        if isinstance(parked, dict):
+            parked.pop(tp, None)
+    consumer.resume(*tps)
 
 
 def _round(value: float | None) -> float | None:
