@@ -13,6 +13,18 @@ acknowledged by the broker. A crash or restart therefore re-delivers what was in
 receivers deduplicate on ``Idempotency-Key`` = ``action_id``) and never loses an action. Duplicates of
 an action that is still in flight (the triggers job re-fired it after a restart) ride on the first
 delivery instead of being sent twice.
+
+Backpressure without stalling other destinations (``actions`` partitions mix destinations, so pausing
+one would stall them all). Each destination holds at most ``max_queue_per_destination`` unsettled
+actions in memory; while the loop is above ``max_in_flight``, each destination with a backlog holds at
+most a fair share of that. An action beyond its destination's bound is **spilled**: its record is
+written unchanged to ``actions.retry`` (key: the destination), and its ``actions`` offset is settled
+once the broker acknowledged the copy. The loop reads ``actions.retry`` like ``actions``; a spilled
+action whose destination is still full is not taken: that retry partition is sought back to it and
+paused until the destination has drained to half its bound; meanwhile its new actions are spilled
+too, behind the older ones. Only destinations that spilled share the retry topic's head-of-line
+waits. The consumer pauses everything only while ``max_in_flight`` actions wait for the broker's
+acknowledgement of their spill or DLQ record (a slow broker), never for a destination.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from udfs.rules import (
     DEFAULT_SECRET_ENV,
     LOOPBACK_ONLY,
     Allowlist,
+    Destination,
     Rule,
     RuleError,
     RuleRecord,
@@ -239,6 +252,8 @@ class DispatchConfig:
     dlq_topic: str
     rules_topic: str
     group_id: str
+    #: where actions beyond a destination's bound are spilled; default ``<actions_topic>.retry``
+    retry_topic: str = ""
     auto_offset_reset: str = "earliest"
     allowlist: Allowlist = LOOPBACK_ONLY
     default_secret_env: str = DEFAULT_SECRET_ENV
@@ -252,6 +267,11 @@ class DispatchConfig:
     commit_interval_s: float = 0.2
     shutdown_s: float = 5.0
     log_interval_s: float = 10.0
+
+    @property
+    def spill_topic(self) -> str:
+        """The ``actions.retry`` topic of this loop."""
+        return self.retry_topic or f"{self.actions_topic}.retry"
 
 
 @dataclass
@@ -278,6 +298,7 @@ class DispatchCounters:
     dead_lettered: int = 0
     unknown_rule: int = 0
     malformed: int = 0
+    spilled: int = 0
     fire_to_delivery_ms: LatencySample = field(default_factory=LatencySample)
 
 
@@ -290,6 +311,7 @@ class _Listener(ConsumerRebalanceListener):
         with self.owner._lock:
             for tp in revoked:
                 self.owner._parts.pop(tp, None)
+                self.owner._held.pop(tp, None)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         with self.owner._lock:
@@ -318,6 +340,10 @@ class ActionDispatch:
         self._lock = threading.Lock()
         self._parts: dict[TopicPartition, _Partition] = {}
         self._inflight: dict[str, list[tuple[TopicPartition, int]]] = {}
+        # retry partitions paused at an action whose destination is full -> that destination's key
+        self._held: dict[TopicPartition, str] = {}
+        # per-destination bound of this poll round (see _bound)
+        self._fair_share: int | None = None
         self._closing = False
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
@@ -368,15 +394,15 @@ class ActionDispatch:
             self._shutdown()
 
     def _subscribe(self) -> None:
-        """Join the group for ``actions``, once this consumer's metadata knows the topic's partitions."""
+        """Join the group for ``actions`` and ``actions.retry``, once this consumer's metadata knows them."""
         assert self._consumer is not None
-        topic = self.config.actions_topic
+        topics = [self.config.actions_topic, self.config.spill_topic]
         # The group leader assigns only partitions it has metadata for: without this, a consumer that
         # joins before its metadata names the topic can end up with no partitions until a rebalance.
         deadline = time.monotonic() + 30.0
-        while not self._consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not all(self._consumer.partitions_for_topic(t) for t in topics):
             time.sleep(0.2)
-        self._consumer.subscribe([topic], listener=_Listener(self))
+        self._consumer.subscribe(topics, listener=_Listener(self))
         self._subscribed_at = time.monotonic()
 
     def _loop(self, stop: threading.Event, until_caught_up: threading.Event | None) -> None:
@@ -402,25 +428,72 @@ class ActionDispatch:
                 self._subscribe()
             with self._lock:
                 in_flight = sum(len(p.pending) for p in self._parts.values())
-            if in_flight >= self.config.max_in_flight and not paused:
+            self._fair_share = self._share(in_flight)
+            # Flow control is per destination (spilling). What is left is a guard against a slow
+            # broker: actions waiting only for the ack of their spill or DLQ record. Those drain on
+            # their own, unlike a lane's backlog, so pausing for them cannot wait for ever.
+            assert self._dispatcher is not None
+            awaiting_ack = in_flight - sum(self._dispatcher.backlogs().values())
+            if awaiting_ack >= self.config.max_in_flight and not paused:
                 consumer.pause(*consumer.assignment())
                 paused = True
-            elif paused and in_flight < self.config.max_in_flight // 2:
-                consumer.resume(*consumer.paused())
+            elif paused and awaiting_ack < self.config.max_in_flight // 2:
+                _resume(consumer, [tp for tp in consumer.paused() if tp not in self._held])
                 paused = False
+            self._release_held(consumer, paused)
             batch = consumer.poll(timeout_ms=100)
             for tp, messages in batch.items():
                 for m in messages:
-                    self._handle(tp, m)
+                    held = self._handle(tp, m)
+                    if held is not None:
+                        # not taken: read it again once its destination has room; nothing after it
+                        # in this partition is taken before (the retry topic keeps spill order)
+                        consumer.seek(tp, m.offset)
+                        consumer.pause(tp)
+                        self._held[tp] = held
+                        break
             self._commit()
             self._maybe_log()
             if until_caught_up is not None and until_caught_up.is_set():
                 assignment = consumer.assignment()
                 if end is None and assignment:
                     end = consumer.end_offsets(list(assignment))
-                if end is not None and self._settled_up_to(end):
+                if end is not None and self._settled_up_to(end) and self._retry_drained():
                     log.info("dispatch caught up with %s", self.config.actions_topic)
                     return
+
+    def _share(self, in_flight: int) -> int | None:
+        """The bound of every destination's backlog this round: ``None`` (the lane's own) below
+        ``max_in_flight``, above it a fair share of ``max_in_flight`` among the lanes with a backlog."""
+        if in_flight < self.config.max_in_flight or self._dispatcher is None:
+            return None
+        lanes = max(1, len(self._dispatcher.backlogs()))
+        return max(self.config.concurrency_per_destination, self.config.max_in_flight // (2 * lanes))
+
+    def _bound(self) -> int:
+        share = self._fair_share
+        return self.config.max_queue_per_destination if share is None else share
+
+    def _release_held(self, consumer: KafkaConsumer, paused: bool) -> None:
+        """Resume retry partitions whose destination has drained to half its bound."""
+        assert self._dispatcher is not None
+        for tp, key in list(self._held.items()):
+            if self._dispatcher.backlog(key) <= self._bound() // 2:
+                del self._held[tp]
+        if not paused:
+            # also a partition held before a rebalance revoked and re-assigned it (its hold was dropped)
+            stray = [tp for tp in consumer.paused() if tp not in self._held]
+            if stray:
+                _resume(consumer, stray)
+
+    def _retry_drained(self) -> bool:
+        """Every assigned retry partition read to its current end (spilled actions are taken back)."""
+        assert self._consumer is not None
+        retry = [tp for tp in self._consumer.assignment() if tp.topic == self.config.spill_topic]
+        if not retry:
+            return True
+        end = self._consumer.end_offsets(retry)
+        return all(self._consumer.position(tp) >= off for tp, off in end.items())
 
     def _settled_up_to(self, end: Mapping[TopicPartition, int]) -> bool:
         assert self._consumer is not None
@@ -449,17 +522,29 @@ class ActionDispatch:
 
     # -- one action --------------------------------------------------------------------------------
 
-    def _handle(self, tp: TopicPartition, m: Any) -> None:
+    def _handle(self, tp: TopicPartition, m: Any) -> str | None:
+        """Take one record; a destination key instead when a spilled action must wait for its lane."""
+        retried = tp.topic == self.config.spill_topic
+        action: dict[str, Any] | None = None
+        try:
+            parsed = orjson.loads(m.value)
+            if not isinstance(parsed, dict) or not isinstance(parsed.get("action_id"), str):
+                raise ValueError("not an action record (object with action_id)")
+            action = parsed
+        except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+            problem = f"malformed action record: {exc}"
+        destination: Destination | None = None
+        if action is not None:
+            destination, problem = self._route(action)
+        if retried and destination is not None and not self._has_room(destination.key):
+            return destination.key  # not registered: read again when the lane has room
         with self._lock:
             part = self._parts.setdefault(tp, _Partition())
             part.next_offset = max(part.next_offset or 0, m.offset + 1)
             part.pending.add(m.offset)
-            self.counters.actions += 1
-        try:
-            action = orjson.loads(m.value)
-            if not isinstance(action, dict) or not isinstance(action.get("action_id"), str):
-                raise ValueError("not an action record (object with action_id)")
-        except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+            if not retried:
+                self.counters.actions += 1
+        if action is None:
             with self._lock:
                 self.counters.malformed += 1
             payload = (m.value or b"").decode("utf-8", errors="replace")
@@ -467,37 +552,71 @@ class ActionDispatch:
                 {"action_id": f"malformed:{tp.partition}:{m.offset}", "payload": payload},
                 [(tp, m.offset)],
                 0,
-                f"malformed action record: {exc}",
+                problem,
             )
-            return
+            return None
         action_id = action["action_id"]
         with self._lock:
             waiting = self._inflight.get(action_id)
             if waiting is not None:
                 waiting.append((tp, m.offset))
                 self.counters.duplicates_in_flight += 1
-                return
+                return None
             self._inflight[action_id] = [(tp, m.offset)]
-        assert self._rulebook is not None and self._dispatcher is not None
+        if destination is None:
+            self._settle_dead(action, 0, problem)
+            return None
+        assert self._dispatcher is not None
+        key = destination.key
+        if not retried and key in self._held.values():
+            self._spill(action, m.value, key)  # behind the spilled ones waiting for this destination
+        elif not self._dispatcher.submit(action, destination, limit=self._bound()):
+            self._spill(action, m.value, key)
+        return None
+
+    def _route(self, action: Mapping[str, Any]) -> tuple[Destination | None, str]:
+        """The destination of an action, or ``None`` and why it cannot be delivered."""
+        assert self._rulebook is not None
         rule_id = str(action.get("rule_id", ""))
         rule = self._rulebook.get(rule_id, wait_s=self.config.rules_wait_s)
         if rule is None:
             with self._lock:
                 self.counters.unknown_rule += 1
-            self._settle_dead(action, 0, f"unknown rule {rule_id!r} (removed before delivery?)")
-            return
+            return None, f"unknown rule {rule_id!r} (removed before delivery?)"
         try:
-            destination = destination_for(
+            return destination_for(
                 rule,
                 self.environ,
                 default_secret_env=self.config.default_secret_env,
                 reserved_env=self.config.reserved_env,
                 default_timeout_s=self.config.default_timeout_s,
-            )
+            ), ""
         except RuleError as exc:
-            self._settle_dead(action, 0, str(exc))
-            return
-        self._dispatcher.submit(action, destination)
+            return None, str(exc)
+
+    def _has_room(self, key: str) -> bool:
+        assert self._dispatcher is not None
+        return self._dispatcher.backlog(key) < self._bound()
+
+    def _spill(self, action: Mapping[str, Any], value: bytes, key: str) -> None:
+        """Write the action record unchanged to the retry topic; its offsets settle on the broker's ack."""
+        assert self._producer is not None
+        action_id = str(action.get("action_id"))
+        with self._lock:
+            offsets = self._inflight.pop(action_id, [])
+        future = self._producer.send(self.config.spill_topic, key=key.encode("utf-8"), value=value)
+
+        def acked(_: Any) -> None:
+            with self._lock:
+                self.counters.spilled += 1
+            self._done(offsets)
+
+        def failed(exc: BaseException) -> None:
+            # Not committed: the next run reads the action again rather than losing it.
+            log.error("could not spill action %s to %s: %s", action_id, self.config.spill_topic, exc)
+
+        future.add_callback(acked)
+        future.add_errback(failed)
 
     # -- outcomes (dispatcher thread) ---------------------------------------------------------------
 
@@ -596,6 +715,7 @@ class ActionDispatch:
                 "unknown_rule": c.unknown_rule,
                 "malformed": c.malformed,
                 "duplicates_in_flight": c.duplicates_in_flight,
+                "spilled": c.spilled,
                 "in_flight": in_flight,
                 "partitions": len(self._parts),
             }
@@ -614,6 +734,22 @@ class ActionDispatch:
 
     def _log_line(self) -> None:
         log.info("dispatch: %s", " ".join(f"{k}={v}" for k, v in self.summary().items()))
+
+
+def _resume(consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
+    """Resume ``tps``, working around kafka-python 3.0.x (3.0.12 checked) never fetching them again.
+
+    Records buffered for a partition when it is paused are parked, and restored only while the
+    fetcher's in-line slot is ``None`` — which, once anything was fetched, it never is again (a drained
+    batch stays there, empty): the resumed partition stays parked, and unfetched, for ever. Dropping
+    the parked batch loses nothing: the partition's position is still that of its next unread record
+    (or where a hold sought it back to), and it is fetched again from there.
+    """
+    parked = getattr(getattr(consumer, "_fetcher", None), "_paused_partition_records", None)
+    for tp in tps:
+        if isinstance(parked, dict):
+            parked.pop(tp, None)
+    consumer.resume(*tps)
 
 
 def _round(value: float | None) -> float | None:

@@ -43,10 +43,12 @@ class DispatchSettings(Settings):
     webhook_concurrency: int = Field(4, alias="CLICKPULSE_WEBHOOK_CONCURRENCY", gt=0)
     """``CLICKPULSE_WEBHOOK_CONCURRENCY``: concurrent requests per destination (default 4)."""
     webhook_max_queue: int = Field(10_000, alias="CLICKPULSE_WEBHOOK_MAX_QUEUE", gt=0)
-    """``CLICKPULSE_WEBHOOK_MAX_QUEUE``: actions waiting per destination before new ones are dead-lettered
-    (default 10000)."""
+    """``CLICKPULSE_WEBHOOK_MAX_QUEUE``: unsettled actions held in memory per destination; beyond it new
+    ones for that destination are spilled to ``actions.retry`` and read back as it drains (default 10000)."""
     dispatch_max_in_flight: int = Field(20_000, alias="CLICKPULSE_DISPATCH_MAX_IN_FLIGHT", gt=0)
-    """``CLICKPULSE_DISPATCH_MAX_IN_FLIGHT``: unsettled actions before the consumer pauses (default 20000)."""
+    """``CLICKPULSE_DISPATCH_MAX_IN_FLIGHT``: unsettled actions above which each backlogged destination keeps
+    only a fair share in memory and spills the rest; the consumer pauses only while this many wait for
+    the broker's ack of their spill or DLQ record (default 20000)."""
     dispatch_rules_wait_ms: int = Field(2000, alias="CLICKPULSE_DISPATCH_RULES_WAIT_MS", ge=0)
     """``CLICKPULSE_DISPATCH_RULES_WAIT_MS``: how long an action naming an unknown rule waits for the rules
     topic to catch up before it is dead-lettered (default 2000)."""
@@ -73,6 +75,7 @@ class DispatchSettings(Settings):
             bootstrap=conn.kafka_bootstrap_servers,
             actions_topic=conn.topic("actions"),
             dlq_topic=conn.topic("actions.dlq"),
+            retry_topic=conn.topic("actions.retry"),
             rules_topic=conn.topic("rules"),
             group_id=group_id,
             auto_offset_reset="latest" if consumer.starting_offsets == StartingOffsets.LATEST else "earliest",

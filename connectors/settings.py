@@ -29,7 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 log = logging.getLogger(__name__)
 
-#: Contract topics and the topic-level configs they are created with.
+#: Contract topics (and internal ones) and the topic-level configs they are created with.
 CONTRACT_TOPICS: dict[str, dict[str, str]] = {
     "events.raw": {},
     "events.enriched": {},
@@ -39,6 +39,8 @@ CONTRACT_TOPICS: dict[str, dict[str, str]] = {
     "rules": {"cleanup.policy": "compact"},
     "actions": {},
     "actions.dlq": {},
+    # internal, not in the contract: actions a slow destination could not take yet (connectors.actions)
+    "actions.retry": {},
 }
 
 #: The file ``clickpulse stack up`` writes into the state directory.

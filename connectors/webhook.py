@@ -8,7 +8,16 @@ on its own daemon thread and ``submit`` is thread-safe and never blocks.
 
 Isolation: every destination (scheme, host, port) gets its own lane: a queue, ``concurrency`` worker
 tasks and its own ``httpx.AsyncClient`` connection pool. A slow or dead endpoint only fills its own
-lane; when a lane's queue is full, new actions for it go to ``on_dead`` at once instead of blocking.
+lane. A lane holds at most ``max_queue_per_destination`` unsettled actions (or the ``limit`` a caller
+passes): beyond that :meth:`WebhookDispatcher.submit` returns ``False`` and does not take the action, so
+the caller keeps it (the dispatch loop spills it to ``actions.retry``); a deliverable action is never
+dead-lettered because a queue is full.
+
+Each attempt has a total deadline, the destination's timeout: connecting, sending and receiving the
+status line and headers must all fit in it (httpx's own timeouts are per read, so a receiver dripping a
+byte at a time could otherwise hold a worker for ever). The response is streamed and at most
+``max_response_bytes`` of its body are read, within what is left of the deadline; once the status is
+in, a slow, broken or oversized body only costs the connection, not the outcome.
 
 Request (contract): ``POST`` with the action JSON as body and headers ``Content-Type:
 application/json``, ``X-Clickpulse-Signature: sha256=<hex HMAC-SHA256(secret, body)>``,
@@ -59,6 +68,7 @@ import orjson
 from udfs.rules import LOOPBACK_ONLY, Allowlist, Destination
 
 __all__ = [
+    "MAX_RESPONSE_BYTES",
     "LatencySample",
     "RetryPolicy",
     "WebhookDispatcher",
@@ -82,6 +92,10 @@ WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
 WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
 #: Receivers accept a ``webhook-timestamp`` this far from their clock (the Standard Webhooks default).
 DEFAULT_TOLERANCE_S = 300.0
+
+#: Bytes of a response body read at most (the body is never used; reading a small one keeps the
+#: connection reusable, a larger one is cut off and its connection closed).
+MAX_RESPONSE_BYTES = 64 * 1024
 
 OnDead = Callable[[dict[str, Any], int, str], None]
 OnDelivered = Callable[[dict[str, Any], int], None]
@@ -308,14 +322,26 @@ class _Item:
     body: bytes
     destination: Destination
     submitted: float
+    key: str
 
 
 class _Lane:
-    def __init__(self, key: str, client: httpx.AsyncClient, max_queue: int) -> None:
+    def __init__(self, key: str, client: httpx.AsyncClient) -> None:
         self.key = key
         self.client = client
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        # unbounded here: submit() bounds every lane's unsettled actions (queued or being delivered)
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> int:
+    """Read the raw (still encoded) body until its end or past ``cap`` bytes; the bytes read."""
+    read = 0
+    async for chunk in response.aiter_raw():
+        read += len(chunk)
+        if read > cap:
+            break
+    return read
 
 
 class WebhookDispatcher:
@@ -337,12 +363,14 @@ class WebhookDispatcher:
         user_agent: str = "clickpulse-webhook/1",
         ssl_context: ssl.SSLContext | None = None,
         seed: int | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         """Configure a dispatcher; nothing starts until :meth:`start` or the first :meth:`submit`.
 
         Each destination gets ``concurrency_per_destination`` concurrent requests (and pooled
-        connections) and a queue of ``max_queue_per_destination`` actions, beyond which new actions
-        are dead-lettered at once. URLs outside ``allowlist`` are dead-lettered without a request.
+        connections) and holds at most ``max_queue_per_destination`` unsettled actions, beyond which
+        :meth:`submit` refuses new ones. URLs outside ``allowlist`` are dead-lettered without a request.
+        At most ``max_response_bytes`` of a response body are read.
         ``ssl_context`` defaults to httpx's, built once by :meth:`start` (``trust_env=False``);
         ``seed`` makes the back-off jitter reproducible (tests).
         """
@@ -354,6 +382,7 @@ class WebhookDispatcher:
         self._allowlist = allowlist
         self._user_agent = user_agent
         self._ssl_context = ssl_context
+        self._max_response_bytes = max_response_bytes
         self._rng = random.Random(seed)  # noqa: S311 - jitter, not cryptography
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -362,6 +391,7 @@ class WebhookDispatcher:
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
         self._outstanding = 0
+        self._backlog: dict[str, int] = {}  # per lane key: submitted, not settled
         self._closing = False
         self._started = threading.Event()
 
@@ -443,17 +473,41 @@ class WebhookDispatcher:
 
     # -- submit ------------------------------------------------------------------------------------
 
-    def submit(self, action: Mapping[str, Any], destination: Destination) -> None:
-        """Queue ``action`` for delivery to ``destination``. Thread-safe; never blocks on the network."""
-        item = _Item(dict(action), orjson.dumps(action), destination, time.monotonic())
+    def submit(self, action: Mapping[str, Any], destination: Destination, limit: int | None = None) -> bool:
+        """Queue ``action`` for delivery to ``destination``; ``False`` when its lane is full.
+
+        A lane is full when it already holds ``limit`` (default ``max_queue_per_destination``) actions
+        that are not settled yet; then the action is not taken (no callback will follow for it) and the
+        caller keeps it — try again later or put it somewhere else. Thread-safe; never blocks.
+        """
+        key = destination.key
+        cap = self._max_queue if limit is None else min(limit, self._max_queue)
         with self._lock:
             if self._closing:
                 raise RuntimeError("webhook dispatcher is closed")
+            waiting = self._backlog.get(key, 0)
+            if waiting >= cap:
+                self._stats.setdefault(key, _LaneStats()).rejected += 1
+                return False
+            self._backlog[key] = waiting + 1
             self._outstanding += 1
+        item = _Item(dict(action), orjson.dumps(action), destination, time.monotonic(), key)
         if self._thread is None:
             self.start()
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._enqueue, item)
+        return True
+
+    def backlog(self, destination: Destination | str) -> int:
+        """Actions submitted for ``destination``'s lane (or lane key) and not settled yet."""
+        key = destination if isinstance(destination, str) else destination.key
+        with self._lock:
+            return self._backlog.get(key, 0)
+
+    def backlogs(self) -> dict[str, int]:
+        """Unsettled actions per lane key, for the lanes that have any."""
+        with self._lock:
+            return {key: n for key, n in self._backlog.items() if n > 0}
 
     def _enqueue(self, item: _Item) -> None:
         dest = item.destination
@@ -466,12 +520,7 @@ class WebhookDispatcher:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._new_lane(key)
-        try:
-            lane.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            with self._lock:
-                self._stats[key].rejected += 1
-            self._dead(item, 0, f"queue full: {self._max_queue} actions already waiting for {key}")
+        lane.queue.put_nowait(item)
 
     def _new_lane(self, key: str) -> _Lane:
         client = httpx.AsyncClient(
@@ -483,7 +532,7 @@ class WebhookDispatcher:
             verify=self._ssl_context or True,
             trust_env=False,
         )
-        lane = _Lane(key, client, self._max_queue)
+        lane = _Lane(key, client)
         lane.workers = [asyncio.create_task(self._worker(lane)) for _ in range(self._concurrency)]
         self._lanes[key] = lane
         with self._lock:
@@ -509,25 +558,12 @@ class WebhookDispatcher:
         try:
             while True:
                 attempts += 1
-                retry_after: float | None = None
-                try:
-                    headers = signed_headers(dest.secret, item.body, action_id, int(time.time()))
-                    response = await lane.client.post(
-                        dest.url, content=item.body, headers=headers, timeout=dest.timeout_s
-                    )
-                except httpx.TimeoutException as exc:
-                    last_error, retryable = f"timeout after {dest.timeout_s:g}s ({type(exc).__name__})", True
-                except httpx.TransportError as exc:
-                    last_error, retryable = f"connection error: {type(exc).__name__}: {exc}", True
-                else:
-                    status = response.status_code
-                    if 200 <= status < 300:
-                        self._delivered(lane.key, item, attempts)
-                        return
-                    last_error = f"HTTP {status}"
-                    retryable = status == 429 or status >= 500
-                    if status == 429:
-                        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                headers = signed_headers(dest.secret, item.body, action_id, int(time.time()))
+                status, last_error, retry_after = await self._attempt(lane, item, headers)
+                if status is not None and 200 <= status < 300:
+                    self._delivered(lane.key, item, attempts)
+                    return
+                retryable = status is None or status == 429 or status >= 500
                 if not retryable or attempts >= self._policy.max_attempts:
                     self._dead(item, attempts, last_error)
                     return
@@ -549,6 +585,39 @@ class WebhookDispatcher:
             )
             raise
 
+    async def _attempt(
+        self, lane: _Lane, item: _Item, headers: Mapping[str, str]
+    ) -> tuple[int | None, str, float | None]:
+        """One POST under the destination's total deadline: ``(status or None, last_error, Retry-After)``."""
+        dest = item.destination
+        deadline = asyncio.get_running_loop().time() + dest.timeout_s
+        request = lane.client.build_request(
+            "POST", dest.url, content=item.body, headers=headers, timeout=dest.timeout_s
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await lane.client.send(request, stream=True)
+        except TimeoutError:
+            return None, f"timeout after {dest.timeout_s:g}s (total deadline)", None
+        except httpx.TimeoutException as exc:
+            return None, f"timeout after {dest.timeout_s:g}s ({type(exc).__name__})", None
+        except httpx.TransportError as exc:
+            return None, f"connection error: {type(exc).__name__}: {exc}", None
+        try:
+            status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("Retry-After")) if status == 429 else None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    read = await _read_capped(response, self._max_response_bytes)
+                if read > self._max_response_bytes:
+                    log.debug("webhook %s: response body cut off after %d bytes", lane.key, read)
+            except (TimeoutError, httpx.HTTPError) as exc:
+                # the status is in: a slow or broken body costs the connection, not the outcome
+                log.debug("webhook %s: response body not read (%s)", lane.key, type(exc).__name__)
+        finally:
+            await response.aclose()
+        return status, "" if 200 <= status < 300 else f"HTTP {status}", retry_after
+
     def _delivered(self, key: str, item: _Item, attempts: int) -> None:
         latency_ms = (time.monotonic() - item.submitted) * 1000.0
         with self._lock:
@@ -560,7 +629,7 @@ class WebhookDispatcher:
                 self._on_delivered(item.action, attempts)
             except Exception:
                 log.exception("webhook on_delivered callback failed")
-        self._settle()
+        self._settle(item)
 
     def _dead(self, item: _Item, attempts: int, last_error: str) -> None:
         with self._lock:
@@ -576,11 +645,16 @@ class WebhookDispatcher:
             self._on_dead(item.action, attempts, last_error)
         except Exception:
             log.exception("webhook on_dead callback failed")
-        self._settle()
+        self._settle(item)
 
-    def _settle(self) -> None:
+    def _settle(self, item: _Item) -> None:
         with self._settled:
             self._outstanding -= 1
+            left = self._backlog.get(item.key, 0) - 1
+            if left > 0:
+                self._backlog[item.key] = left
+            else:
+                self._backlog.pop(item.key, None)
             self._settled.notify_all()
 
     # -- stats -------------------------------------------------------------------------------------
@@ -588,7 +662,8 @@ class WebhookDispatcher:
     def stats(self) -> dict[str, Any]:
         """Counters overall and per destination: ok, retried, failed, rejected, latency p50/p99/max (ms).
 
-        Latency is from :meth:`submit` to the 2xx response, retries included.
+        ``rejected`` counts submits refused because the lane was full. Latency is from :meth:`submit`
+        to the 2xx response, retries included.
         """
         with self._lock:
             per = {key: s.summary() for key, s in self._stats.items()}

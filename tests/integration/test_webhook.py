@@ -1,4 +1,5 @@
-"""Webhook delivery against real local HTTP receivers (pytest-httpserver) and dead/black-hole ports.
+"""Webhook delivery against real local HTTP receivers (pytest-httpserver), dead/black-hole ports and
+hostile raw-socket receivers (one that drips its answer, one that answers with an endless body).
 
 Every request a receiver gets is checked: body is the action JSON, the HMAC signature verifies, and
 ``X-Clickpulse-Action-Id`` and ``Idempotency-Key`` both carry the action id.
@@ -10,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -47,9 +49,12 @@ class Receiver:
     requests: list[tuple[float, dict[str, Any], dict[str, str]]] = field(default_factory=list)
     bad_signatures: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    delay_s: float = 0.0  # a slow but healthy receiver: each answer takes this long
 
     def handle(self, request: Request) -> Response:
         body = request.get_data()
+        if self.delay_s:
+            time.sleep(self.delay_s)  # the server thread answering late, not the test waiting
         with self.lock:
             if not verify_signature(SECRET, body, request.headers.get("X-Clickpulse-Signature")):
                 self.bad_signatures += 1
@@ -245,18 +250,131 @@ def test_close_dead_letters_what_is_left(blackhole: int) -> None:
         d.submit(action(9), dest(f"http://127.0.0.1:{blackhole}/hook"))
 
 
-def test_full_queue_and_refused_destination_go_to_dead(blackhole: int) -> None:
+def test_full_lane_refuses_instead_of_dead_lettering(receiver_factory: Callable[[], Receiver]) -> None:
+    """A slow but healthy destination: a full lane hands the action back to the caller (who spills it);
+    nothing deliverable is dead-lettered for a full queue, and the lane takes actions again once it drains.
+    A refused destination is still dead-lettered at once."""
+    rx = receiver_factory()
+    rx.delay_s = 0.2
     out = Outcomes()
-    with dispatcher(out, concurrency_per_destination=1, max_queue_per_destination=2) as d:
-        for i in range(6):
-            d.submit(action(500 + i), dest(f"http://127.0.0.1:{blackhole}/hook", timeout_s=0.2))
+    with dispatcher(out, concurrency_per_destination=1, max_queue_per_destination=3) as d:
+        taken = [d.submit(action(500 + i), dest(rx.url())) for i in range(5)]
+        assert taken == [True, True, True, False, False]
+        assert d.backlog(dest(rx.url())) == 3
+        assert d.submit(action(510), dest(rx.url()), limit=2) is False  # a caller's tighter bound
         d.submit(action(600), dest("http://203.0.113.9/hook"))
         assert d.flush(10)
+        assert d.backlog(dest(rx.url())) == 0 and d.backlogs() == {}
+        assert [d.submit(action(503 + i), dest(rx.url())) for i in range(2)] == [True, True]
+        assert d.flush(10)
         stats = d.stats()
-    errors = [err for _, _, err in out.dead]
-    assert sum(e.startswith("queue full") for e in errors) >= 3
-    assert any(e.startswith("destination refused") for e in errors)
-    assert len(out.dead) == 7 and stats["rejected"] >= 3
+    rx.check()
+    assert sorted(int(a["action_id"], 16) for a, _ in out.delivered) == [500, 501, 502, 503, 504]
+    assert [(a["action_id"], err.split(":")[0]) for a, _, err in out.dead] == [
+        (action(600)["action_id"], "destination refused")
+    ]
+    assert stats["rejected"] == 3 and stats["ok"] == 5 and stats["failed"] == 1
+
+
+@contextmanager
+def raw_receiver(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
+    """A loopback TCP server: for each connection (at most 8) reads one request, then ``answer``s it."""
+    stop = threading.Event()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    threads: list[threading.Thread] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5.0)
+            data = b""
+            while b"\r\n\r\n" not in data and len(data) < 65536:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                answer(conn, stop)
+            except OSError:
+                pass  # the client hung up: what these receivers are for
+
+    def accept() -> None:
+        while not stop.is_set() and len(threads) < 8:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            t = threading.Thread(target=serve, args=(conn,), daemon=True)
+            threads.append(t)
+            t.start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for t in threads:
+            t.join(5)
+        server.close()
+
+
+@pytest.mark.fault
+def test_a_dripping_receiver_cannot_hold_a_worker_past_the_deadline() -> None:
+    """One byte a second never trips httpx's per-read timeout; the total deadline (the destination's
+    timeout) ends the attempt anyway."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+    def drip(conn: socket.socket, stop: threading.Event) -> None:
+        for byte in answer:
+            conn.sendall(bytes([byte]))
+            if stop.wait(1.0):
+                return
+
+    out = Outcomes()
+    once = RetryPolicy(max_attempts=1)
+    with raw_receiver(drip) as port, dispatcher(out, policy=once, concurrency_per_destination=1) as d:
+        started = time.monotonic()
+        d.submit(action(700), dest(f"http://127.0.0.1:{port}/hook", timeout_s=1.5))
+        assert d.flush(6), "the dripping receiver held the worker past its deadline"
+        took = time.monotonic() - started
+    assert took < 4.0, took
+    assert [(a["action_id"], n, err) for a, n, err in out.dead] == [
+        (action(700)["action_id"], 1, "timeout after 1.5s (total deadline)")
+    ]
+
+
+@pytest.mark.fault
+def test_an_endless_response_body_is_cut_off() -> None:
+    """A 2xx announcing a 1 GB body counts as delivered; only a small part of the body is read and the
+    connection is dropped (the receiver stops on its own after 64 MiB, a bound for this test)."""
+    sent: list[int] = []
+    header = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n"
+
+    def flood(conn: socket.socket, stop: threading.Event) -> None:
+        chunk = b"0" * 65536
+        total = 0
+        try:
+            conn.sendall(header)
+            while total < 64 * 1024 * 1024 and not stop.is_set():
+                conn.sendall(chunk)
+                total += len(chunk)
+        finally:
+            sent.append(total)
+
+    out = Outcomes()
+    with raw_receiver(flood) as port, dispatcher(out, concurrency_per_destination=1) as d:
+        d.submit(action(800), dest(f"http://127.0.0.1:{port}/hook", timeout_s=5.0))
+        assert d.flush(10)
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert out.delivered == [(action(800), 1)] and out.dead == []
+    # what the kernel's socket buffers took before the client closed, not 1 GB (nor the 64 MiB bound)
+    assert len(sent) == 1 and sent[0] < 32 * 1024 * 1024, sent
 
 
 def test_signature_helpers_and_secret_resolution() -> None:

@@ -220,6 +220,8 @@ def consumer_needs(job: str, env: Mapping[str, str]) -> Need:
         need.read(dc.actions_topic, dc.group_id)
         need.read(dc.rules_topic, None)  # the rule book reads the compacted topic without a group
         need.write(dc.dlq_topic)
+        need.read(dc.spill_topic, dc.group_id)  # actions spilled while their destination is backlogged
+        need.write(dc.spill_topic)
     else:
         raise AssertionError(f"no consumer wiring known for {job}")
     return need
