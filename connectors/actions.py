@@ -70,8 +70,9 @@ log = logging.getLogger(__name__)
 # reading the rules topic
 
 
-def _rules_consumer(bootstrap: str, client_id: str) -> KafkaConsumer:
+def _rules_consumer(bootstrap: str, client_id: str, security: Mapping[str, Any]) -> KafkaConsumer:
     return KafkaConsumer(
+        **security,
         bootstrap_servers=bootstrap,
         client_id=client_id,
         group_id=None,
@@ -118,9 +119,14 @@ def _absorb(records: dict[str, RuleRecord], batch: Mapping[TopicPartition, list[
     return changed
 
 
-def read_rule_records(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> dict[str, RuleRecord]:
-    """Read the whole ``rules`` topic up to its current end: the latest record per rule id."""
-    consumer = _rules_consumer(bootstrap, "clickpulse-rules-snapshot")
+def read_rule_records(
+    bootstrap: str, topic: str, *, timeout_s: float = 30.0, **security: Any
+) -> dict[str, RuleRecord]:
+    """Read the whole ``rules`` topic up to its current end: the latest record per rule id.
+
+    ``security``: TLS/SASL client options (``Connections.kafka_security_options``).
+    """
+    consumer = _rules_consumer(bootstrap, "clickpulse-rules-snapshot", security)
     try:
         tps = _assign_all(consumer, topic, timeout_s)
         end = consumer.end_offsets(tps)
@@ -144,11 +150,17 @@ class RuleBook(threading.Thread):
     """
 
     def __init__(
-        self, bootstrap: str, topic: str, file_rules: Iterable[Rule], allowlist: Allowlist = LOOPBACK_ONLY
+        self,
+        bootstrap: str,
+        topic: str,
+        file_rules: Iterable[Rule],
+        allowlist: Allowlist = LOOPBACK_ONLY,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
-        """Follow ``topic`` on ``bootstrap``; :meth:`start` begins reading."""
+        """Follow ``topic`` on ``bootstrap`` (TLS/SASL options ``security``); :meth:`start` begins reading."""
         super().__init__(name="rulebook", daemon=True)
         self.bootstrap = bootstrap
+        self.security = dict(security or {})
         self.topic = topic
         self.file_rules = tuple(file_rules)
         self.allowlist = allowlist
@@ -164,7 +176,7 @@ class RuleBook(threading.Thread):
     def run(self) -> None:
         """Read the topic until :meth:`close`."""
         try:
-            consumer = _rules_consumer(self.bootstrap, "clickpulse-rulebook")
+            consumer = _rules_consumer(self.bootstrap, "clickpulse-rulebook", self.security)
         except Exception as exc:  # noqa: BLE001 - surfaced to the waiting caller
             self._failure = exc
             self._ready.set()
@@ -267,6 +279,8 @@ class DispatchConfig:
     commit_interval_s: float = 0.2
     shutdown_s: float = 5.0
     log_interval_s: float = 10.0
+    kafka_security: Mapping[str, Any] = field(default_factory=dict)
+    """TLS/SASL options of every Kafka client of the loop (``Connections.kafka_security_options``)."""
 
     @property
     def spill_topic(self) -> str:
@@ -358,10 +372,11 @@ class ActionDispatch:
     def run(self, stop: threading.Event, until_caught_up: threading.Event | None = None) -> None:
         """Dispatch until ``stop`` is set; when ``until_caught_up`` is set, stop once nothing is left."""
         c = self.config
-        self._rulebook = RuleBook(c.bootstrap, c.rules_topic, self.file_rules, c.allowlist)
+        self._rulebook = RuleBook(c.bootstrap, c.rules_topic, self.file_rules, c.allowlist, c.kafka_security)
         self._rulebook.start()
         self._rulebook.wait_ready(60.0)
         self._producer = KafkaProducer(
+            **c.kafka_security,
             bootstrap_servers=c.bootstrap,
             client_id="clickpulse-dispatch-dlq",
             acks="all",
@@ -377,6 +392,7 @@ class ActionDispatch:
             on_delivered=self._on_delivered,
         ).start()
         self._consumer = KafkaConsumer(
+            **c.kafka_security,
             bootstrap_servers=c.bootstrap,
             client_id="clickpulse-dispatch",
             group_id=c.group_id,

@@ -94,6 +94,7 @@ class DispatchSettings(Settings):
             rules_wait_s=self.dispatch_rules_wait_ms / 1000.0,
             shutdown_s=self.dispatch_shutdown_ms / 1000.0,
             log_interval_s=consumer.log_interval_ms / 1000.0,
+            kafka_security=conn.kafka_security_options(),
         )
 
 

@@ -566,6 +566,7 @@ def function_config(s: TriggersJobSettings, file_rules: list[Rule]) -> FunctionC
         s.connections.kafka_bootstrap_servers,
         s.connections.topic("rules"),
         timeout_s=s.triggers.rules_snapshot_timeout_ms / 1000,
+        **s.connections.kafka_security_options(),
     )
     rules, errors = effective_rules(file_rules, snapshot, s.dispatch.allowlist())
     for rule_id, err in errors.items():
