@@ -53,6 +53,15 @@ SERVICES = ("kafka", "redis", "clickhouse")
 ENV_VARS = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "redis": "REDIS_URL", "clickhouse": "CLICKHOUSE_URL"}
 
 
+def _kafka_cluster_id() -> str:
+    """A random KRaft cluster id (base64url of a UUID) that does not start with ``-``: the storage tool's
+    argument parser would take such an id for an option (Kafka's own ``random-uuid`` avoids it too)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class StackError(RuntimeError):
     """A problem the user can fix; the message is one line saying what to do."""
 
@@ -383,7 +392,7 @@ class Stack:
         log4j.write_text(_KAFKA_LOG4J)
         classpath = f"{jars}/*"
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            cluster_id = _kafka_cluster_id()
             fmt = subprocess.run(  # noqa: S603
                 [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.tools.StorageTool",
                  "format", "-t", cluster_id, "-c", str(props), "--ignore-formatted"],
