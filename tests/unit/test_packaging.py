@@ -70,11 +70,3 @@ def test_local_commands_say_in_one_line_that_the_local_stack_is_missing(
         assert cli.main(command) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "local stack" in err and "pip install" in err
-
-
-def test_kafka_cluster_ids_never_look_like_an_option() -> None:
-    """1 in 64 random ids started with ``-`` and ``kafka-storage format -t`` refused them."""
-    from devstack.stack import _kafka_cluster_id
-
-    ids = [_kafka_cluster_id() for _ in range(2000)]
-    assert not any(i.startswith("-") for i in ids) and len(set(ids)) == len(ids)
