@@ -302,6 +302,10 @@ class _Partition:
         return self.next_offset
 
 
+#: Fields that would say where or how to deliver: never part of an action record (the rule book decides).
+DESTINATION_FIELDS = frozenset({"url", "webhook", "secret", "secret_env", "headers", "destination", "action"})
+
+
 @dataclass
 class DispatchCounters:
     """Totals of the dispatch loop (also logged as one line every ``log_interval_s``)."""
@@ -312,6 +316,7 @@ class DispatchCounters:
     dead_lettered: int = 0
     unknown_rule: int = 0
     malformed: int = 0
+    foreign_destination: int = 0
     spilled: int = 0
     fire_to_delivery_ms: LatencySample = field(default_factory=LatencySample)
 
@@ -599,6 +604,13 @@ class ActionDispatch:
             with self._lock:
                 self.counters.unknown_rule += 1
             return None, f"unknown rule {rule_id!r} (removed before delivery?)"
+        foreign = sorted(DESTINATION_FIELDS & action.keys())
+        if foreign:
+            # actions are written by the triggers job alone (ACLs); one that tries to steer its own
+            # delivery was forged or corrupted: it reaches no one
+            with self._lock:
+                self.counters.foreign_destination += 1
+            return None, f"action carries destination fields of its own ({', '.join(foreign)}): refused"
         try:
             return destination_for(
                 rule,
@@ -730,6 +742,7 @@ class ActionDispatch:
                 "dead_lettered": c.dead_lettered,
                 "unknown_rule": c.unknown_rule,
                 "malformed": c.malformed,
+                "foreign_destination": c.foreign_destination,
                 "duplicates_in_flight": c.duplicates_in_flight,
                 "spilled": c.spilled,
                 "in_flight": in_flight,
