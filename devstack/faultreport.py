@@ -59,7 +59,8 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "local stack",
         ("test_stack",),
-        "a service process killed: `stack status` reports it dead, `stack up` restarts it",
+        "a service process killed (`stack status` reports it dead, `stack up` restarts it); Redis restarted "
+        "on its port with its data (`Stack.restart`)",
     ),
     Family(
         "webhook signing and verification",

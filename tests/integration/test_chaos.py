@@ -12,8 +12,9 @@ with the simulator's truth:
 
 * records: every unique valid message id in ClickHouse ``events`` exactly once (0 lost, 0 duplicated,
   nothing else), ``events.dlq`` with the truth's malformed records by reason;
-* sessions: no session version published twice, each event in ``events.late`` at most once (the
-  on-time events among them, which the restarts turned late, are counted: a finding, not a pass), and
+* sessions: no session version published twice, each event in ``events.late`` at most once and loaded
+  (on-time events among them are counted, ``late_unexpected``, not asserted: the same run without
+  restarts has them too, so they come from the load, not from the faults; see README), and
   ClickHouse ``sessions`` (``FINAL``, not retracted) exactly the sessions of the loaded events (gap
   30 min) over the user keys the pipeline resolved (identity lookups may fail open while Redis is down:
   counted, not compared);
@@ -227,8 +228,8 @@ def test_no_record_lost_or_duplicated_and_every_webhook_signed_while_services_re
     assert not lost and duplicated == 0 and not foreign, (lost[:10], duplicated, foreign[:10])
     assert dlq_missing == 0 and dlq_extra == 0, dlq
     # late data is never silently dropped: each late event once in events.late (and loaded; the sessions
-    # check above covers every other event). On-time events turned late by the restarts
-    # (late_unexpected) are recorded and reported, not asserted: see README, "Faults and bad inputs tried".
+    # check above covers every other event). On-time events among them (late_unexpected) are recorded and
+    # reported, not asserted: without restarts they occur too (README, "Faults and bad inputs tried").
     assert len(late_msgs) == len(late), "an event sent to events.late twice"
     assert late <= set(copies), "a late event missing from ClickHouse events"
     assert summary["session_versions_published_twice"] == 0
