@@ -10,7 +10,7 @@ JARS_DIR := .clickpulse/jars
 POM := connectors/maven/pom.xml
 PYTEST_ARGS ?=
 
-.PHONY: help venv sysdeps jars demo test test-unit lint docs stack-up stack-down stack-status bench clean
+.PHONY: help venv sysdeps jars demo test test-unit chaos lint docs stack-up stack-down stack-status bench clean
 
 help: ## list every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,11 @@ test: venv sysdeps jars ## run every test tier (unit, job, integration)
 
 test-unit: venv ## run only the unit tier (no JVM, no services)
 	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+chaos: venv sysdeps jars ## every fault test plus the chaos scenario; refreshes README's faults table
+	status=0; $(BIN)/pytest -m fault $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python -m devstack.faultreport --write || true; \
+	exit $$status
 
 lint: venv ## ruff, mypy and the README configuration reference check
 	$(BIN)/ruff check .

@@ -91,6 +91,10 @@ DEMO_RULES = REPO / "docs" / "rules.demo.yaml"
 #: The port the demo rules file names; the demo uses another free port when this one is taken.
 RULES_PORT = 8099
 FLINK_JOBS = ("ingest", "sessionize", "triggers")
+#: The single Flink job that runs ingest, sessions and triggers in one graph (``jobs.pipeline``); the
+#: chaos test runs it with ``dispatch`` and ``load`` (:class:`Pipeline` starts any of these).
+PIPELINE_JOB = "pipeline"
+_FLINK = (*FLINK_JOBS, PIPELINE_JOB)
 ALL_JOBS = ("ingest", "sessionize", "triggers", "dispatch", "load")
 _REST_RE = re.compile(r"REST API[^\n]*? at (http://[\w.\-\[\]:]+)")
 
@@ -171,9 +175,9 @@ class Pipeline:
         """The command line of ``job``."""
         c = self.config
         args = ["--group-id", self.group_id(job), "--starting-offsets", "earliest"]
-        if job in FLINK_JOBS:
+        if job in _FLINK:
             args += ["--restore", restore, "--parallelism", str(c.parallelism)]
-        if job == "triggers":
+        if job in ("triggers", PIPELINE_JOB):
             args += ["--rules", str(c.rules_file), "--no-dispatch"]
         elif job == "dispatch":
             args += ["--rules", str(c.rules_file)]
@@ -286,7 +290,7 @@ class Pipeline:
         while pending:
             self.check_alive(pending)
             for job in sorted(pending):
-                if job not in FLINK_JOBS or self.flink_state(job) == "RUNNING":
+                if job not in _FLINK or self.flink_state(job) == "RUNNING":
                     jp = self.jobs[job]
                     jp.running_at = time.monotonic()
                     log.info("%s running after %.0fs", job, jp.running_at - jp.started)
@@ -300,11 +304,11 @@ class Pipeline:
             time.sleep(1.0)
 
     def wait_event_time(self, tick: Callable[[], None] | None = None) -> None:
-        """Block until the triggers job's event time can advance: its rules source holds the watermark
-        back until it is idle, ``CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS`` after the job started running.
-        Traffic produced before then would meet a watermark stuck at the epoch (no window clean-up, no
-        sequence deadline) for a while, unlike live traffic."""
-        jp = self.jobs.get("triggers")
+        """Block until the triggers (or pipeline) job's event time can advance: its rules source holds
+        the watermark back until it is idle, ``CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS`` after the job started
+        running. Traffic produced before then would meet a watermark stuck at the epoch (no window
+        clean-up, no sequence deadline) for a while, unlike live traffic."""
+        jp = self.jobs.get("triggers") or self.jobs.get(PIPELINE_JOB)
         if jp is None or jp.running_at is None:
             return
         idle_s = int(self.config.env.get("CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS", "2000")) / 1000.0
@@ -1156,8 +1160,9 @@ def finish(
 ) -> None:
     """Bring the whole pipeline to a clean stop; call it once ClickHouse has every event.
 
-    Each Flink job is drained (stop with a savepoint and MAX_WATERMARK: every open session is published,
-    every pending sequence rule decided) as soon as its committed offsets show it has read its whole input;
+    Each Flink job started (the single jobs, or the ``pipeline`` job) is drained (stop with a savepoint
+    and MAX_WATERMARK: every open session is published, every pending sequence rule decided) as soon as
+    its committed offsets show it has read its whole input;
     then the loader and the dispatcher finish ``sessions`` and ``actions`` and are stopped with SIGTERM.
     """
     deadline = time.monotonic() + timeout_s
@@ -1181,6 +1186,7 @@ def finish(
         "sessionize": ("events.enriched", data_end_offsets(bootstrap, f"{prefix}events.enriched")),
     }
     inputs["triggers"] = inputs["sessionize"]
+    inputs[PIPELINE_JOB] = inputs["ingest"]
     failures: list[BaseException] = []
 
     def catch_up_and_drain(job: str) -> None:
@@ -1198,7 +1204,8 @@ def finish(
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failures.append(exc)
 
-    drains = [threading.Thread(target=catch_up_and_drain, args=(j,)) for j in FLINK_JOBS]
+    flink = [j for j in _FLINK if j in pipeline.jobs]
+    drains = [threading.Thread(target=catch_up_and_drain, args=(j,)) for j in flink]
     for t in drains:
         t.start()
     for t in drains:

@@ -428,10 +428,18 @@ class Stack:
             exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(rdir),
             "--appendonly", "yes", "--save", "", "--daemonize", "no",
             "--logfile", str(self.logs / "redis.log"), "--pidfile", str(rdir / "redis.pid"),
+            # keep the command line: by default Redis retitles itself "redis-server 127.0.0.1:PORT" a few
+            # ms after start, and a marker matching only one of the two titles made a health wait right
+            # after the spawn (a restart) take the starting server for a dead one
+            "--set-proc-title", "no",
         ]  # fmt: skip
         pid = _spawn(cmd, self.logs / "redis.stdout.log", self.root)
         return ServiceState(
-            name="redis", url=f"redis://127.0.0.1:{port}/0", pid=pid, ports={"redis": port}, marker=f":{port}"
+            name="redis",
+            url=f"redis://127.0.0.1:{port}/0",
+            pid=pid,
+            ports={"redis": port},
+            marker=f"--port {port} --dir {rdir} ",
         )
 
     def _start_clickhouse(self, prev: ServiceState | None) -> ServiceState:
@@ -450,6 +458,41 @@ class Stack:
             ports={"clickhouse": port},
             marker="devstack.chserver",
         )
+
+    # restart ------------------------------------------------------------------------------------
+    def restart(
+        self, name: str, *, port_timeout_s: float = 30.0, progress: Callable[[str], None] = log.info
+    ) -> ServiceState:
+        """Stop one service ``up`` started (SIGTERM, SIGKILL after 30 s) and start it again on the same
+        port(s) and data directory; return its new state once it is healthy.
+
+        What a restarted broker, Redis or ClickHouse server looks like to the jobs: connections drop, the
+        service is gone for a few seconds, then it is back at the same address with its data. Raises
+        :class:`StackError` for an external or unknown service, or when a port does not come free.
+        """
+        state = self.load_state()
+        svc = state.get(name)
+        if name not in SERVICES or svc is None or svc.external or not svc.pid:
+            raise StackError(f"{name}: not a service `stack up` started; nothing to restart")
+        progress(f"{name}: restarting pid {svc.pid}")
+        stop_pid(svc.pid, svc.marker)
+        deadline = time.monotonic() + port_timeout_s
+        while not all(port_free(p) for p in svc.ports.values()):
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"{name}: port(s) {sorted(svc.ports.values())} still taken after stopping it"
+                )
+            time.sleep(0.1)
+        fresh = getattr(self, f"_start_{name}")(svc)
+        if fresh.ports != svc.ports:
+            if fresh.pid:
+                stop_pid(fresh.pid, fresh.marker)
+            raise StackError(f"{name}: came back on {fresh.ports}, not {svc.ports}")
+        state[name] = fresh
+        self.save_state(state)
+        self._wait(name, fresh)
+        progress(f"{name}: restarted (pid {fresh.pid}) at {display_url(fresh.url)}")
+        return fresh
 
     # down / status ------------------------------------------------------------------------------
     def down(self, *, progress: Callable[[str], None] = log.info) -> list[str]:

@@ -98,3 +98,30 @@ def blackhole() -> Iterator[int]:
     """A loopback port that accepts TCP connections but never answers: a dead receiver."""
     with blackhole_port() as port:
         yield port
+
+
+# ------------------------------------------------------------------------- fault run record
+# Outcome of every `fault` test of a session whose -m expression names `fault` (`make chaos`), for
+# README's "Faults and bad inputs tried" table (`python -m devstack.faultreport`).
+_fault_tests: dict[str, dict[str, object]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Record the outcome and duration of each phase of a ``fault`` test."""
+    if "fault" not in report.keywords:
+        return
+    entry = _fault_tests.setdefault(report.nodeid, {"outcome": "passed", "duration_s": 0.0})
+    entry["duration_s"] = round(float(entry["duration_s"]) + report.duration, 2)  # type: ignore[arg-type]
+    if report.failed:
+        entry["outcome"] = "failed" if report.when == "call" else "error"
+    elif report.skipped and entry["outcome"] == "passed":
+        entry["outcome"] = "skipped"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write ``.clickpulse/faults/run.json`` after a run selected with ``-m`` naming ``fault``."""
+    markexpr = str(session.config.getoption("markexpr") or "")
+    if _fault_tests and "fault" in markexpr:
+        from devstack.faultreport import write_run
+
+        write_run(_fault_tests, markexpr)

@@ -182,6 +182,27 @@ def test_status_reports_a_dead_service_and_up_restarts_it(stack: Stack, tmp_path
         st.down()
 
 
+@pytest.mark.fault
+def test_restart_brings_redis_back_on_its_port_with_its_data(stack: Stack, tmp_path: Path) -> None:
+    """A second stack that runs its own Redis (Kafka and ClickHouse are the session's): what the chaos test
+    does to every service. Before Redis kept its command line, the health wait right after the spawn took
+    the starting server for a dead one ("redis exited during start-up")."""
+    env = {k: v for k, v in _own_env(stack).items() if k != "REDIS_URL"}
+    st = Stack(StackSettings(home=tmp_path / "restart"), environ=env)
+    try:
+        first = st.up()["redis"]
+        redis.Redis.from_url(first.url).set("kept", "yes")
+        again = st.restart("redis")
+        assert (again.url, again.ports) == (first.url, first.ports) and again.pid != first.pid
+        assert not pid_alive(first.pid, first.marker) and pid_alive(again.pid, again.marker)
+        assert redis.Redis.from_url(again.url).get("kept") == b"yes"  # appendonly data survived
+        assert {r["service"]: r for r in st.status()}["redis"]["state"] == "running"
+        with pytest.raises(StackError, match="nothing to restart"):
+            st.restart("kafka")  # external here
+    finally:
+        st.down()
+
+
 def test_stack_never_prints_credentials_and_keeps_secrets_private(stack: Stack, tmp_path: Path) -> None:
     secret = "pw-" + uuid.uuid4().hex
     own = _own_env(stack)
