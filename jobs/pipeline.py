@@ -112,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if file_rules is None:
         return 2
     config = triggers_job.function_config(part, file_rules)
-    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=triggers_job.flink_options(part))
+    # one source feeds both keyed parts: a partition may only count as idle after the longer of their idle
+    # timeouts (marked idle too early, it lets the watermark run ahead and its events turn late)
+    idle_ms = max(s.sessionize.idle_timeout_ms, s.triggers.idle_timeout_ms)
+    extra = {**triggers_job.flink_options(part), "table.exec.source.idle-timeout": f"{idle_ms} ms"}
+    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=extra)
     outputs = build(t_env, s, config)
     create_kafka_sinks(
         t_env,

@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +127,24 @@ def test_no_record_lost_or_duplicated_and_every_webhook_signed_while_services_re
 
             thread = threading.Thread(target=producer, name="chaos-producer", daemon=True)
             thread.start()
+
+            def produced_share(share: float) -> bool:
+                pipeline.check_alive()  # raises when a job died
+                return produced[0] >= share * len(records)
+
             for service, share in RESTARTS:
-                until(
-                    lambda share=share: pipeline.check_alive() or produced[0] >= share * len(records),
-                    300,
-                    f"{share:.0%} of the records produced",
-                )
+                until(partial(produced_share, share), 300, f"{share:.0%} of the records produced")
                 t0, at = time.monotonic(), produced[0]
                 chaos_stack.restart(service)
                 restarts.append(
                     {"service": service, "at_record": at, "seconds": round(time.monotonic() - t0, 1)}
                 )
-            until(lambda: pipeline.check_alive() or not thread.is_alive(), 300, "the producer to finish")
+
+            def producer_done() -> bool:
+                pipeline.check_alive()
+                return not thread.is_alive()
+
+            until(producer_done, 300, "the producer to finish")
             if "error" in box:
                 raise box["error"]
             wait_for_events(pipeline, client, database, truth.unique_valid, stall_s=300)
