@@ -152,3 +152,24 @@ def test_child_environment_drops_leftover_settings(tmp_path: Path) -> None:
     env = settings.child_environment(conn, {"CLICKPULSE_JOB_GROUP_ID": "stale", "PATH": "/bin"})
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "k:1" and env["PATH"] == "/bin"
     assert "CLICKPULSE_JOB_GROUP_ID" not in env
+
+
+def test_kafka_security_reaches_the_consumer_jobs_configs(tmp_path: Path) -> None:
+    """The loader's and the dispatch loop's Kafka clients get the TLS/SASL options, as Flink's do."""
+    from jobs.dispatch import DispatchJobSettings
+
+    env = environment(
+        {
+            "CLICKPULSE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "CLICKPULSE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "CLICKPULSE_KAFKA_SASL_USERNAME": "load",
+            "CLICKPULSE_KAFKA_SASL_PASSWORD": "pw",
+        },
+        state_dir=tmp_path,
+    )
+    load = compose(LoadJobSettings, env).loader_config().kafka_security
+    d = compose(DispatchJobSettings, env)
+    dispatch = d.dispatch.dispatch_config(d.connections, d.consumer, "g").kafka_security
+    for options in (load, dispatch):
+        assert options["security_protocol"] == "SASL_SSL" and options["sasl_plain_username"] == "load"
+        assert options["sasl_mechanism"] == "SCRAM-SHA-512" and options["sasl_plain_password"] == "pw"
