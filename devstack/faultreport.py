@@ -73,12 +73,14 @@ FAMILIES: tuple[Family, ...] = (
         "dispatch destinations",
         ("test_dispatch_destinations", "test_webhook"),
         "actions naming unknown rules or carrying their own url/secret/headers; an action id unfit for a "
-        "header; the lane keeps delivering",
+        "header; the lane keeps delivering; a receiver dripping one byte a second (total deadline), a 1 GB "
+        "response body (cut off)",
     ),
     Family(
         "dispatch backpressure",
-        ("test_dispatch_backpressure",),
-        "a slow destination with 15,000 pending actions, request deadlines, 1 GB responses",
+        ("test_triggers_job",),
+        "a slow destination with 15,000 pending actions (every one delivered, none dead-lettered); a fast "
+        "destination beside a slow destination's backlog of 3,000 keeps its latency",
     ),
     Family(
         "Redis",

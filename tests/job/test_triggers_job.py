@@ -520,6 +520,7 @@ class Running:
         assert not self.thread.is_alive()
 
 
+@pytest.mark.fault
 def test_slow_destination_gets_every_one_of_15000_pending_actions(
     job_env: dict[str, str], receiver: Receiver
 ) -> None:
@@ -569,6 +570,7 @@ def test_slow_destination_gets_every_one_of_15000_pending_actions(
     assert receiver.bad_signatures == []
 
 
+@pytest.mark.fault
 def test_fast_destination_keeps_its_latency_beside_a_slow_backlog(
     job_env: dict[str, str], make_receiver: Callable[[], Receiver]
 ) -> None:
