@@ -896,19 +896,22 @@ class Loader:
         log.info("load: %s", self.counters.line())
 
     def _lag(self) -> int:
+        """Records behind the high watermarks of the partitions this process holds (for the log line).
+
+        During a rebalance (e.g. the broker restarting) the consumer may already have dropped a partition
+        our bookkeeping still lists: such a partition is skipped, never an error.
+        """
         consumer = self._consumer
         if consumer is None:
             return 0
         lag = 0
-        for tp in self._assigned:
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
+        for tp in list(self._assigned):
             try:
-                pos = consumer.position(tp, timeout_ms=0)
-            except KafkaError:
+                hw = consumer.highwater(tp)
+                pos = consumer.position(tp, timeout_ms=0) if hw is not None else None
+            except KafkaError:  # IllegalStateError: not assigned (any more)
                 continue
-            if pos is not None:
+            if hw is not None and pos is not None:
                 lag += max(0, hw - pos)
         return lag
 

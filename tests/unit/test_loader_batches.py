@@ -340,3 +340,28 @@ def test_choose_marks() -> None:
     assert choose_marks({"": {0: 400}, "old": {0: 450}}, "new", ends) == ({}, "recreated")
     # no id from the broker: the highest mark of any incarnation (never load twice)
     assert choose_marks({"": {0: 400}, "old": {0: 450, 1: 10}}, "", ends) == ({0: 450, 1: 10}, "current")
+
+
+def test_lag_skips_partitions_the_consumer_no_longer_holds() -> None:
+    """A broker restart made the loader crash: a rebalance had taken a partition from the consumer that
+    the loader's own list still held, and ``highwater`` raised ``IllegalStateError``."""
+    from kafka import TopicPartition
+    from kafka.errors import IllegalStateError
+
+    from connectors.loader import Loader
+
+    held, gone = TopicPartition("t", 0), TopicPartition("t", 1)
+
+    class Consumer:
+        def highwater(self, tp: TopicPartition) -> int:
+            if tp == gone:
+                raise IllegalStateError("Partition is not assigned")
+            return 10
+
+        def position(self, tp: TopicPartition, timeout_ms: int = 0) -> int:
+            return 4
+
+    loader = Loader.__new__(Loader)
+    loader._consumer = Consumer()
+    loader._assigned = {held, gone}
+    assert loader._lag() == 6
