@@ -254,19 +254,26 @@ def main(argv: list[str] | None = None) -> int:
                     total_valid = truth.unique_valid
                     b0 = time.monotonic()
                     burst_produced = produce(bootstrap, f"{prefix}events.raw", burst)
+                    # the readers' targets: events.raw's end is known once the burst is produced; that of
+                    # events.enriched (ingest's output) once ClickHouse has every event. A reader counts
+                    # as done when its group committed the target offsets, i.e. at its next checkpoint.
                     ends: dict[str, dict[int, int]] = {}
+                    if "events.raw" in readers.values():
+                        ends["events.raw"] = data_end_offsets(bootstrap, f"{prefix}events.raw")
                     deadline = time.monotonic() + 1800
                     while len(done_at) < 1 + len(readers) and time.monotonic() < deadline:
                         pipeline.check_alive()
                         now = time.monotonic()
                         if "load" not in done_at and _count(client, database) >= total_valid:
                             done_at["load"] = now
-                            ends = {
-                                t: data_end_offsets(bootstrap, f"{prefix}{t}") for t in set(readers.values())
-                            }
-                        for job, topic in readers.items() if ends else ():
-                            if job not in done_at and caught_up(
-                                bootstrap, pipeline.group_id(job), f"{prefix}{topic}", ends[topic]
+                            ends["events.enriched"] = data_end_offsets(bootstrap, f"{prefix}events.enriched")
+                        for job, topic in readers.items():
+                            if (
+                                job not in done_at
+                                and topic in ends
+                                and caught_up(
+                                    bootstrap, pipeline.group_id(job), f"{prefix}{topic}", ends[topic]
+                                )
                             ):
                                 done_at[job] = now
                         time.sleep(0.5)
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     load_avg = os.getloadavg()[0]
     if args.pipeline:
         what, running = (
-            "pipeline job (ingest, sessions, triggers in one graph), dispatch, load",
+            "pipeline job, dispatch, load (the pipeline: ingest, sessions, triggers in one graph",
             "pipeline running",
         )
         writer, to_fire_what = "the pipeline job", "ingest + triggers in one graph, no commit wait"
