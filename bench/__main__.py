@@ -17,7 +17,14 @@ from rich.console import Console
 
 from devstack.stack import Stack, StackSettings
 
-BENCHES = ("bench_stack", "bench_ingest", "bench_loader", "bench_sessionize", "bench_triggers")
+BENCHES = (
+    "bench_stack",
+    "bench_ingest",
+    "bench_loader",
+    "bench_sessionize",
+    "bench_triggers",
+    "bench_pipeline",
+)
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 

@@ -5,6 +5,9 @@
 ingest, sessionize, triggers, dispatch, load, each its own process, Flink jobs at parallelism 1) on
 their own topic prefix and database, with the demo rules plus one rule firing on every ``Order
 Completed`` (more samples for the webhook latency), delivered to a receiver in this process.
+``--pipeline`` (what ``bench.bench_pipeline`` runs) measures the production shape instead: the
+``pipeline`` job (ingest, sessions and triggers in one Flink graph, ``--no-dispatch``), ``dispatch`` and
+``load``.
 
 1. **Latency**: simulated traffic at a steady rate well below capacity; for every event, wall-clock
    times on this machine: handed to the producer; readable in ``events.enriched`` (a ``read_committed``
@@ -14,8 +17,10 @@ Completed`` (more samples for the webhook latency), delivered to a receiver in t
    (event -> webhook). The median of each hop says where the time goes.
 2. **Throughput**: then a burst of simulated records produced as fast as possible while everything
    runs; sustained events/s = raw records / time until ClickHouse has every event, and how long
-   sessionize and triggers needed to read the whole burst. CPU seconds per job (its process group:
-   driver, JVM, Python workers) over the burst show who uses the two cores.
+   sessionize and triggers (or the pipeline job) needed to read the whole burst. CPU seconds per job
+   (its process group: driver, JVM, Python workers) and per event, over the burst and over the steady
+   phase, show who uses the two cores (``bench``: this process, i.e. producer, tail and receiver).
+   ``--burst 0`` skips this phase.
 
 Prints markdown rows (``| benchmark | result | notes |``).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import secrets
 import statistics
 import tempfile
@@ -44,6 +50,7 @@ from connectors.settings import CONTRACT_TOPICS, load_connections
 from devstack.demo import (
     ALL_JOBS,
     DEMO_RULES,
+    PIPELINE_JOB,
     Pipeline,
     PipelineConfig,
     caught_up,
@@ -58,6 +65,9 @@ from devstack.simulator import SimConfig, generate
 from udfs.timeutil import parse_timestamp_ms
 
 log = logging.getLogger("bench.e2e")
+
+#: The processes of ``--pipeline``: the one Flink job, the dispatch loop on its own, the loader.
+PIPELINE_JOBS = (PIPELINE_JOB, "dispatch", "load")
 
 
 def _cpu_seconds(pgid: int) -> float:
@@ -74,6 +84,23 @@ def _cpu_seconds(pgid: int) -> float:
         if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ...
             total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def _cpu(pipeline: Pipeline, jobs: tuple[str, ...]) -> dict[str, float]:
+    """CPU seconds so far of each job's process group, and of this process (``bench``)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        **{j: _cpu_seconds(pipeline.jobs[j].proc.pid) for j in jobs},
+        "bench": own.ru_utime + own.ru_stime,
+    }
+
+
+def _cpu_note(cpu: dict[str, float], events: int) -> str:
+    """``job 12 s (120 µs/event), …``, busiest first."""
+    return ", ".join(
+        f"{j} {cpu[j]:.0f} s ({cpu[j] / max(1, events) * 1e6:,.0f} µs/event)"
+        for j in sorted(cpu, key=lambda j: -cpu[j])
+    )
 
 
 class Tail(threading.Thread):
@@ -123,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=300.0, help="steady rate of the latency phase (records/s)")
     p.add_argument("--seconds", type=int, default=60, help="length of the measured latency phase")
     p.add_argument("--warmup", type=int, default=20, help="seconds at the steady rate before measuring")
-    p.add_argument("--burst", type=int, default=100_000, help="records of the throughput phase")
+    p.add_argument("--burst", type=int, default=100_000, help="records of the throughput phase (0: skip it)")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run the pipeline job (--no-dispatch), dispatch and load instead of the five separate jobs",
+    )
     p.add_argument(
         "--read-uncommitted",
         action="store_true",
@@ -137,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     bootstrap = conn.kafka_bootstrap_servers
     tag = uuid.uuid4().hex[:8]
     prefix, database = f"bench{tag}.", f"bench_e2e_{tag}"
+    jobs = PIPELINE_JOBS if args.pipeline else ALL_JOBS
+    # who reads the burst: the keyed jobs read events.enriched; the pipeline job reads events.raw
+    readers = (
+        {PIPELINE_JOB: "events.raw"}
+        if args.pipeline
+        else {"sessionize": "events.enriched", "triggers": "events.enriched"}
+    )
     topics = {f"{prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()}
     kafka_io.ensure_topics(bootstrap, topics, partitions=4)
     client = client_from_url(conn.clickhouse_url.get_secret_value())
@@ -167,15 +206,18 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = Pipeline(PipelineConfig(env, work, rules_file, database, f"bench-e2e-{tag}"))
             try:
                 t0 = time.monotonic()
-                pipeline.start_all()
-                pipeline.wait_running(ALL_JOBS, timeout_s=600)
+                pipeline.start_all(jobs)
+                pipeline.wait_running(jobs, timeout_s=600)
                 log.info("every job running after %.0fs", time.monotonic() - t0)
                 pipeline.wait_event_time()
 
                 # -- latency phase ---------------------------------------------------------------------
                 tail = Tail(bootstrap, f"{prefix}events.enriched")
                 tail.start()
+                s0, cpu_s0 = time.monotonic(), _cpu(pipeline, jobs)
                 produced = produce(bootstrap, f"{prefix}events.raw", steady, rate=args.rate)
+                cpu_steady = {j: v - cpu_s0[j] for j, v in _cpu(pipeline, jobs).items()}
+                steady_s = time.monotonic() - s0
                 want = len(valid_steady)
                 deadline = time.monotonic() + 300
                 while time.monotonic() < deadline:
@@ -206,29 +248,37 @@ def main(argv: list[str] | None = None) -> int:
                 tail.stop.set()
 
                 # -- throughput phase ------------------------------------------------------------------
-                cpu0 = {j: _cpu_seconds(pipeline.jobs[j].proc.pid) for j in ALL_JOBS}
-                total_valid = truth.unique_valid
-                b0 = time.monotonic()
-                burst_produced = produce(bootstrap, f"{prefix}events.raw", burst)
                 done_at: dict[str, float] = {}
-                enriched_end: dict[int, int] | None = None
-                deadline = time.monotonic() + 1800
-                while len(done_at) < 3 and time.monotonic() < deadline:
-                    pipeline.check_alive()
-                    now = time.monotonic()
-                    if "load" not in done_at:
-                        if _count(client, database) >= total_valid:
+                if args.burst > 0:
+                    cpu0 = _cpu(pipeline, jobs)
+                    total_valid = truth.unique_valid
+                    b0 = time.monotonic()
+                    burst_produced = produce(bootstrap, f"{prefix}events.raw", burst)
+                    # the readers' targets: events.raw's end is known once the burst is produced; that of
+                    # events.enriched (ingest's output) once ClickHouse has every event. A reader counts
+                    # as done when its group committed the target offsets, i.e. at its next checkpoint.
+                    ends: dict[str, dict[int, int]] = {}
+                    if "events.raw" in readers.values():
+                        ends["events.raw"] = data_end_offsets(bootstrap, f"{prefix}events.raw")
+                    deadline = time.monotonic() + 1800
+                    while len(done_at) < 1 + len(readers) and time.monotonic() < deadline:
+                        pipeline.check_alive()
+                        now = time.monotonic()
+                        if "load" not in done_at and _count(client, database) >= total_valid:
                             done_at["load"] = now
-                            enriched_end = data_end_offsets(bootstrap, f"{prefix}events.enriched")
-                    if enriched_end is not None:
-                        for job in ("sessionize", "triggers"):
-                            if job not in done_at and caught_up(
-                                bootstrap, pipeline.group_id(job), f"{prefix}events.enriched", enriched_end
+                            ends["events.enriched"] = data_end_offsets(bootstrap, f"{prefix}events.enriched")
+                        for job, topic in readers.items():
+                            if (
+                                job not in done_at
+                                and topic in ends
+                                and caught_up(
+                                    bootstrap, pipeline.group_id(job), f"{prefix}{topic}", ends[topic]
+                                )
                             ):
                                 done_at[job] = now
-                    time.sleep(0.5)
-                cpu1 = {j: _cpu_seconds(pipeline.jobs[j].proc.pid) for j in ALL_JOBS}
-                window = max(done_at.values(), default=time.monotonic()) - b0
+                        time.sleep(0.5)
+                    cpu1 = _cpu(pipeline, jobs)
+                    window = max(done_at.values(), default=time.monotonic()) - b0
             finally:
                 pipeline.stop_all()
     finally:
@@ -236,32 +286,42 @@ def main(argv: list[str] | None = None) -> int:
         kafka_io.delete_topics(bootstrap, list(topics))
 
     load_avg = os.getloadavg()[0]
-    n = len(burst)
-    rate = n / (done_at["load"] - b0) if "load" in done_at else 0.0
-    per_job = {j: n / (t - b0) for j, t in done_at.items()}
-    cpu = {j: cpu1[j] - cpu0[j] for j in ALL_JOBS}
-    cpu_note = ", ".join(f"{j} {cpu[j]:.0f}" for j in sorted(cpu, key=lambda j: -cpu[j]))
+    if args.pipeline:
+        what, running = (
+            "pipeline job, dispatch, load (the pipeline: ingest, sessions, triggers in one graph",
+            "pipeline running",
+        )
+        writer, to_fire_what = "the pipeline job", "ingest + triggers in one graph, no commit wait"
+    else:
+        what, running = "every job at once (ingest, sessionize, triggers, dispatch, load", "every job running"
+        writer = "ingest"
+        to_fire_what = "ingest + triggers" if args.read_uncommitted else "ingest checkpoint + triggers"
+    if args.burst > 0:
+        n = len(burst)
+        rate = n / (done_at["load"] - b0) if "load" in done_at else 0.0
+        read = ", ".join(f"{j} read it at {n / (done_at[j] - b0):,.0f}/s" for j in readers if j in done_at)
+        cpu = {j: cpu1[j] - cpu0[j] for j in cpu1}
+        print(
+            f"| end to end, {what}; Flink jobs at parallelism 1), raw → ClickHouse sustained | {rate:,.0f} "
+            f"events/s | burst of {n:,} raw records (produced in {burst_produced.seconds:.0f} s) while "
+            f"everything runs; {read or 'readers not caught up'}; CPU-seconds over the {window:.0f} s: "
+            f"{_cpu_note(cpu, n)} (2 cores = {2 * window:.0f}); load average {load_avg:.1f} |"
+        )
     print(
-        f"| end to end, every job at once (ingest, sessionize, triggers, dispatch, load; Flink jobs at "
-        f"parallelism 1), raw → ClickHouse sustained | {rate:,.0f} events/s | burst of {n:,} raw records "
-        f"(produced in {burst_produced.seconds:.0f} s) while everything runs; sessionize read it at "
-        f"{per_job.get('sessionize', 0):,.0f}/s, triggers at {per_job.get('triggers', 0):,.0f}/s; CPU-seconds "
-        f"over the {window:.0f} s: {cpu_note} (2 cores = {2 * window:.0f}); load average {load_avg:.1f} |"
-    )
-    print(
-        f"| end to end, event → queryable in ClickHouse, {args.rate:,.0f} raw events/s, every job running "
+        f"| end to end, event → queryable in ClickHouse, {args.rate:,.0f} raw events/s, {running} "
         f"| p50 {_p(queryable, 0.5)}, p99 {_p(queryable, 0.99)} | {len(queryable):,} events after a "
         f"{args.warmup} s warm-up; of which "
-        f"produce → readable in events.enriched (ingest, exactly-once: visible at its 1 s checkpoints) "
-        f"p50 {_p(visible, 0.5)}, p99 {_p(visible, 0.99)} |"
+        f"produce → readable in events.enriched ({writer}, exactly-once: visible at its 1 s checkpoints) "
+        f"p50 {_p(visible, 0.5)}, p99 {_p(visible, 0.99)}; CPU over the {steady_s:.0f} s of steady traffic: "
+        f"{_cpu_note(cpu_steady, len(steady))} |"
     )
     print(
-        f"| end to end, event → webhook received, {args.rate:,.0f} raw events/s, every job running"
+        f"| end to end, event → webhook received, {args.rate:,.0f} raw events/s, {running}"
         f"{', triggers reading read_uncommitted' if args.read_uncommitted else ''} | "
         f"p50 {_p(webhook, 0.5)}, p99 {_p(webhook, 0.99)} | {len(webhook):,} actions fired by an event "
-        f"(deal promo, order webhook); event → fired_at p50 {_p(to_fire, 0.5)} "
-        f"({'ingest + triggers' if args.read_uncommitted else 'ingest checkpoint + triggers'}), fired_at → received p50 {_p(fire_to_hook, 0.5)}, p99 {_p(fire_to_hook, 0.99)} (actions "
-        f"topic + dispatch + HTTP) |"
+        f"(deal promo, order webhook); event → fired_at p50 {_p(to_fire, 0.5)}, p99 {_p(to_fire, 0.99)} "
+        f"({to_fire_what}), fired_at → received p50 {_p(fire_to_hook, 0.5)}, p99 {_p(fire_to_hook, 0.99)} "
+        f"(actions topic + dispatch + HTTP) |"
     )
     if visible and queryable:
         log.info(
