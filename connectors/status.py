@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from http.client import HTTPException
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -134,8 +135,8 @@ def flink_jobs(rest_url: str, *, timeout_s: float = 5.0) -> list[dict[str, Any]]
         checkpoint: dict[str, Any] | None
         try:
             checkpoint = last_checkpoint(rest_url, str(job["jid"]), timeout_s=timeout_s)
-        except (OSError, ValueError) as exc:
-            checkpoint = {"unavailable": str(exc)}
+        except (OSError, ValueError, HTTPException) as exc:
+            checkpoint = {"unavailable": repr(exc)}
         out.append(
             {
                 "id": job.get("jid"),
