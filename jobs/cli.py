@@ -241,12 +241,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         console.print(f"[red]error:[/] job {args.job!r} is not part of this build")
         return 2
+    if not args.verbose:
+        # py4j logs a Ctrl-C that lands in a call to the JVM with its traceback (on the root logger, which
+        # the job's own logging set-up keeps); main() reports it as one line
+        for name in ("", "py4j", "py4j.java_gateway", "py4j.clientserver"):
+            logging.getLogger(name).addFilter(_not_interrupt)
     code = int(module.main(args.job_args))
     from connectors.runtime import interrupted
 
     if interrupted():  # the job stopped itself on Ctrl-C (its own signal handler): report it as one
         raise KeyboardInterrupt
     return code
+
+
+def _not_interrupt(record: logging.LogRecord) -> bool:
+    return not (
+        record.exc_info
+        and record.exc_info[0] is not None
+        and issubclass(record.exc_info[0], KeyboardInterrupt)
+    )
 
 
 # --------------------------------------------------------------------------- status
