@@ -572,8 +572,8 @@ def as_cli_error(exc: BaseException) -> CliError | None:
         return CliError(str(exc), exit_code=2)
     from pydantic import ValidationError
 
-    if isinstance(exc, ValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    if isinstance(exc, ValidationError):  # the messages only: the input may be a secret
+        problems = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in exc.errors())
         return CliError(f"invalid setting: {problems}", exit_code=2)
     from kafka.errors import KafkaError, KafkaTimeoutError
 
@@ -590,6 +590,21 @@ def as_cli_error(exc: BaseException) -> CliError | None:
     if isinstance(exc, ConnectionError | TimeoutError):
         return CliError(f"connection failed: {exc}")
     return None
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The variable of the settings field a validation error is about (its name when none declares it)."""
+    from connectors.settings import Settings
+
+    name = str(loc[0]) if loc else "?"
+    pending: list[type[Settings]] = [Settings]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        info = cls.model_fields.get(name)
+        if info is not None and info.alias:
+            return info.alias
+    return ".".join(map(str, loc))
 
 
 def error_line(message: str) -> None:

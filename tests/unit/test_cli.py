@@ -211,3 +211,9 @@ def test_status_reads_the_configured_jobmanager(no_services: dict[str, str], fak
     assert {j["id"] for j in doc["flink"]["jobs"]} == {"a1", "c3"}
     text = cli(env, "status").stdout
     assert "clickpulse-pipeline" in text and "#7 at 2026-11-30T00:54:20" in text and "none yet" in text
+
+
+def test_invalid_setting_names_its_variable(no_services: dict[str, str]) -> None:
+    res = cli({**no_services, "CLICKPULSE_TOPIC_PARTITIONS": "four"}, "stack", "status")
+    assert res.returncode == 2
+    assert "invalid setting: CLICKPULSE_TOPIC_PARTITIONS" in one_error_line(res)
