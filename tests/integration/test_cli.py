@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,7 +237,11 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_ctrl_c_stops_a_running_job_and_its_jvm(job_env: dict[str, str], tmp_path: Path) -> None:
+def test_status_of_a_running_job_then_ctrl_c_stops_it_and_its_jvm(
+    job_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``run ingest`` on its mini-cluster: ``status`` pointed at the REST URL the job logs lists it with its
+    last checkpoint; then Ctrl-C: exit 130, one line, the JVM gone."""
     log_file = tmp_path / "run.log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen(
@@ -251,6 +256,22 @@ def test_ctrl_c_stops_a_running_job_and_its_jvm(job_env: dict[str, str], tmp_pat
         assert proc.poll() is None, log_file.read_text()
         jvm = _children(proc.pid)
         assert jvm, "the PyFlink gateway JVM is a child of the job"
+        rest_url = re.search(r"Flink REST API \(metrics, job status\) at (\S+)", log_file.read_text())
+        assert rest_url, log_file.read_text()
+        env = {**job_env, "CLICKPULSE_FLINK_REST_URL": rest_url.group(1)}
+
+        def checkpointed() -> list[dict]:
+            res = subprocess.run(
+                [sys.executable, "-m", "jobs.cli", "status", "--json"],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            flink = json.loads(res.stdout)["flink"]
+            assert flink["available"], flink
+            return [j for j in flink["jobs"] if j["checkpoint"] is not None]
+
+        (job,) = until(checkpointed, 120, "a completed checkpoint in status")
+        assert job["state"] == "RUNNING" and job["checkpoint"]["id"] >= 1
+        assert job["checkpoint"]["completed_at"].startswith("20")
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
