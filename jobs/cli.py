@@ -303,7 +303,8 @@ def _services_part() -> dict[str, Any]:
     rows = [
         {"service": "kafka", "source": "configured", "url": conn.kafka_bootstrap_servers,
          "healthy": kafka_io.is_healthy(conn.kafka_bootstrap_servers, timeout_s=2.0)},
-        {"service": "redis", "source": "configured", "url": "", "healthy": redis_ok},
+        {"service": "redis", "source": "configured", "url": redact_url(conn.redis_url.get_secret_value()),
+         "healthy": redis_ok},
         {"service": "clickhouse", "source": "configured", "url": redact_url(ch_url), "healthy": ch_ok},
     ]  # fmt: skip
     return {"available": True, "services": rows}

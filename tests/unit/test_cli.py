@@ -217,3 +217,21 @@ def test_invalid_setting_names_its_variable(no_services: dict[str, str]) -> None
     res = cli({**no_services, "CLICKPULSE_TOPIC_PARTITIONS": "four"}, "stack", "status")
     assert res.returncode == 2
     assert "invalid setting: CLICKPULSE_TOPIC_PARTITIONS" in one_error_line(res)
+
+
+def test_services_without_the_local_stack_package_are_probed(
+    no_services: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The production image has no ``devstack``: status probes the configured services itself."""
+    from jobs import cli as cli_module
+
+    for name, value in no_services.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli_module, "local_stack_installed", lambda: False)
+    part = cli_module._services_part()
+    assert part["available"] is True
+    assert [(s["service"], s["healthy"]) for s in part["services"]] == [
+        ("kafka", False),
+        ("redis", False),
+        ("clickhouse", False),
+    ]
