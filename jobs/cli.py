@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from connectors.progress import Bar, progress_bar
-from connectors.runtime import EXIT_INTERRUPTED, CliError
+from connectors.runtime import EXIT_INTERRUPTED, CliError, interrupted
 
 log = logging.getLogger("clickpulse")
 console = Console(stderr=True)
@@ -41,6 +41,9 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("kafka", "urllib3", "httpx", "clickhouse_connect"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python 3 warns whenever a task of its I/O loop runs over 100 ms: on a busy 2-core box that is
+    # every few seconds of a demo and says nothing about delivery (job logs keep it)
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     if not verbose:
         # the service clients log their connection failures (with tracebacks) before the error reaches
         # main(), which reports it as one line; a filter on the handler, as clickhouse-connect sets
@@ -50,9 +53,6 @@ def _setup_logging(verbose: bool) -> None:
 
 def _quiet_clients(record: logging.LogRecord) -> bool:
     return record.name.split(".", 1)[0] not in ("kafka", "clickhouse_connect", "urllib3")
-    # kafka-python 3 warns whenever a task of its I/O loop runs over 100 ms: on a busy 2-core box that is
-    # every few seconds of a demo and says nothing about delivery (job logs keep it)
-    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- stack / topics
@@ -239,16 +239,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         if e.name != f"jobs.{args.job}":
             raise
-        console.print(f"[red]error:[/] job {args.job!r} is not part of this build")
-        return 2
+        raise CliError(f"job {args.job!r} is not part of this build", exit_code=2) from e
     if not args.verbose:
         # py4j logs a Ctrl-C that lands in a call to the JVM with its traceback (on the root logger, which
         # the job's own logging set-up keeps); main() reports it as one line
         for name in ("", "py4j", "py4j.java_gateway", "py4j.clientserver"):
             logging.getLogger(name).addFilter(_not_interrupt)
     code = int(module.main(args.job_args))
-    from connectors.runtime import interrupted
-
     if interrupted():  # the job stopped itself on Ctrl-C (its own signal handler): report it as one
         raise KeyboardInterrupt
     return code
