@@ -144,7 +144,7 @@ CHECKPOINTS = {
                 "latest_ack_timestamp": 1796000060000,
                 "end_to_end_duration": 120,
                 "checkpointed_size": 4096,
-                "external_path": "file:/tmp/cp/chk-7",
+                "external_path": "file:/checkpoints/chk-7",
             }
         },
     },
@@ -197,7 +197,7 @@ def test_flink_jobs_lists_running_jobs_with_their_last_checkpoint(fake_jobmanage
         "completed_at": "2026-11-30T00:54:20.000+00:00",
         "duration_ms": 120,
         "size_bytes": 4096,
-        "path": "file:/tmp/cp/chk-7",
+        "path": "file:/checkpoints/chk-7",
         "completed_total": 7,
         "failed_total": 1,
     }
