@@ -76,8 +76,9 @@ class FlinkSettings(Settings):
     further ahead keeps its event time for sessions and rules but drives the watermark as if it were
     this far ahead (default 300000 = 5 min)."""
     rest_url: str = Field("", alias="CLICKPULSE_FLINK_REST_URL")
-    """``CLICKPULSE_FLINK_REST_URL``: JobManager REST URL for the counter log (default: the local
-    mini-cluster's, on a free loopback port; empty under ``flink run`` unless set)."""
+    """``CLICKPULSE_FLINK_REST_URL``: JobManager REST URL for the counter log and ``clickpulse status``
+    (default: a job's local mini-cluster's, on a free loopback port; empty under ``flink run`` and for
+    ``clickpulse status`` unless set)."""
 
 
 def add_flink_args(p: argparse.ArgumentParser) -> None:

@@ -21,26 +21,27 @@ _DEDUP = re.compile(r"^Deduplicate\[\d+\]\.numRecords(In|Out)$")
 log = logging.getLogger(__name__)
 
 
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback/JobManager URL
+def rest_get(url: str, timeout_s: float = 5.0) -> Any:
+    """The JSON document at ``url`` of Flink's REST API (raises ``OSError``/``ValueError`` on failure)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - loopback/JobManager URL
         return json.loads(r.read())
 
 
 def job_counters(rest_url: str) -> dict[str, int]:
     """Counters of the first RUNNING (or last) job: ``clickpulse.*`` sums plus dedup in/out."""
-    jobs = _get(f"{rest_url}/jobs/overview").get("jobs", [])
+    jobs = rest_get(f"{rest_url}/jobs/overview").get("jobs", [])
     if not jobs:
         return {}
     job = next((j for j in jobs if j.get("state") == "RUNNING"), jobs[-1])
-    detail = _get(f"{rest_url}/jobs/{job['jid']}")
+    detail = rest_get(f"{rest_url}/jobs/{job['jid']}")
     out: dict[str, int] = {}
     for v in detail.get("vertices", []):
         base = f"{rest_url}/jobs/{job['jid']}/vertices/{v['id']}/subtasks/metrics"
-        names = [m["id"] for m in _get(base) if ".clickpulse." in m["id"] or _DEDUP.match(m["id"])]
+        names = [m["id"] for m in rest_get(base) if ".clickpulse." in m["id"] or _DEDUP.match(m["id"])]
         if not names:
             continue
         query = urllib.parse.urlencode({"get": ",".join(names), "agg": "sum"})
-        for m in _get(f"{base}?{query}"):
+        for m in rest_get(f"{base}?{query}"):
             dedup = _DEDUP.match(m["id"])
             key = ("dedup_" + dedup.group(1).lower()) if dedup else m["id"].split(".clickpulse.", 1)[1]
             out[key] = out.get(key, 0) + int(float(m.get("sum", 0)))

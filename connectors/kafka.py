@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
@@ -38,6 +38,12 @@ def _any_port_open(bootstrap: str, timeout_s: float) -> bool:
         except (OSError, ValueError):
             continue
     return False
+
+
+def reachable(bootstrap: str, *, timeout_s: float = 3.0) -> bool:
+    """True when a TCP connection to one of the ``bootstrap`` brokers opens (no Kafka request: works
+    before TLS/SASL options are known)."""
+    return _any_port_open(bootstrap, timeout_s)
 
 
 def is_healthy(bootstrap: str, *, timeout_s: float = 3.0) -> bool:
@@ -73,12 +79,14 @@ def ensure_topics(
     *,
     partitions: int = 4,
     replication_factor: int = 1,
+    progress: Callable[[str], None] | None = None,
     **security: Any,
 ) -> list[str]:
     """Create every topic in ``topics`` (name -> topic configs) that does not exist yet.
 
     Returns the names it created. Existing topics are left as they are (partition counts are not
-    changed behind an operator's back).
+    changed behind an operator's back). ``progress(name)`` is called once per topic of ``topics``, when it
+    is known to exist.
     """
     client = admin(bootstrap, **security)
     try:
@@ -89,12 +97,18 @@ def ensure_topics(
             if name not in existing
         ]
         created: list[str] = []
+        if progress is not None:
+            for name in topics:
+                if name in existing:
+                    progress(name)
         for topic in missing:
             try:
                 client.create_topics([topic])
                 created.append(topic.name)
             except TopicAlreadyExistsError:
                 log.debug("topic %s appeared concurrently", topic.name)
+            if progress is not None:
+                progress(topic.name)
         if created:
             log.debug("created topics: %s", ", ".join(created))
         return created

@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from connectors.clickhouse import client_from_url
 
@@ -156,15 +157,20 @@ def _check_history(migrations: list[Migration], done: dict[int, tuple[str, str]]
 
 
 def migrate(
-    client_or_url: Client | str, database: str = "clickpulse", *, sql_dir: Path = SQL_DIR
+    client_or_url: Client | str,
+    database: str = "clickpulse",
+    *,
+    sql_dir: Path = SQL_DIR,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[str]:
     """Apply every pending migration of ``sql_dir`` to ``database``, in order; return the names applied.
 
     ``client_or_url`` is a clickhouse-connect client or a ``CLICKHOUSE_URL``. Creates the database and
     ``schema_migrations`` if needed. Raises :class:`MigrationError` when an applied migration's file
-    changed or is missing (nothing is applied then), and the server's error when a statement fails (the
-    versions before it stay recorded; rerunning resumes at the failed file, whose statements are
-    idempotent).
+    changed or is missing (nothing is applied then), and when a statement fails (naming the file, the
+    statement and the server's reason; the versions before it stay recorded; rerunning resumes at the
+    failed file, whose statements are idempotent). ``progress(file name, done, total)`` is called before
+    each pending file and once at the end (``("", total, total)``).
     """
     db = validate_identifier(database)
     client = client_from_url(client_or_url) if isinstance(client_or_url, str) else client_or_url
@@ -174,15 +180,22 @@ def migrate(
         done = applied(client, db)
         _check_history(migrations, done)
         names: list[str] = []
-        for mig in migrations:
-            if mig.version in done:
-                continue
+        todo = [mig for mig in migrations if mig.version not in done]
+        for i, mig in enumerate(todo):
+            if progress is not None:
+                progress(mig.path.name, i, len(todo))
             statements = mig.statements(db)
             if not statements:
                 raise MigrationError(f"{mig.path.name} has no statements")
             log.info("applying %s to %s (%d statements)", mig.path.name, db, len(statements))
-            for sql in statements:
-                client.command(sql)
+            for n, sql in enumerate(statements, 1):
+                try:
+                    client.command(sql)
+                except ClickHouseError as exc:
+                    why = " ".join(str(exc).split())
+                    raise MigrationError(
+                        f"{mig.path.name}: statement {n} of {len(statements)} failed: {why}"
+                    ) from exc
             client.insert(
                 "schema_migrations",
                 [[mig.version, mig.name, mig.checksum]],
@@ -190,6 +203,8 @@ def migrate(
                 column_names=["version", "name", "checksum"],
             )
             names.append(mig.name)
+        if progress is not None and todo:
+            progress("", len(todo), len(todo))
         if not names:
             log.info("%s is up to date (%d migrations applied)", db, len(done))
         return names

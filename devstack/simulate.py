@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from connectors import kafka as kafka_io
+from connectors.progress import progress_bar
 from devstack.simulator import SimConfig, SimRecord, Truth, generate
 
 log = logging.getLogger(__name__)
@@ -118,24 +118,17 @@ def produce(
 
 
 def run_simulation(bootstrap: str, opts: SimulateOptions, console: Console | None = None) -> SimulateSummary:
-    """Generate, write the truth file if asked, produce; return counts."""
+    """Generate, write the truth file if asked, produce; return counts. With ``console``, a progress bar
+    (:func:`connectors.progress.progress_bar`: only on a terminal)."""
     cfg = sim_config(opts)
     records, truth = generate(cfg)
     if opts.truth_path:
         Path(opts.truth_path).write_bytes(truth.to_json())
     t0 = time.monotonic()
     if console is not None:
-        with Progress(
-            TextColumn("[cyan]producing"),
-            BarColumn(),
-            TextColumn("{task.completed:,}/{task.total:,}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("produce", total=len(records))
+        with progress_bar(console, "producing", total=len(records)) as bar:
             produce(bootstrap, opts.topic, records, rate=opts.rate,
-                    progress=lambda i: bar.update(task, completed=i))  # fmt: skip
+                    progress=lambda i: bar.update(completed=i))  # fmt: skip
     else:
         produce(bootstrap, opts.topic, records, rate=opts.rate)
     seconds = time.monotonic() - t0

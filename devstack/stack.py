@@ -319,6 +319,45 @@ class Stack:
         state = self.load_state()
         new_state: dict[str, ServiceState] = {}
         started: list[str] = []
+        try:
+            self._start_missing(state, new_state, started, progress)
+            for name in SERVICES:
+                self._wait(name, new_state[name])
+                if name in started:
+                    progress(f"{name}: started (pid {new_state[name].pid}) at {new_state[name].url}")
+            self.save_state(new_state)
+            self.write_env(new_state)
+            created = kafka_io.ensure_topics(
+                new_state["kafka"].url,
+                {f"{self.topic_prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()},
+                partitions=self.settings.topic_partitions,
+            )
+        except KeyboardInterrupt:
+            # Ctrl-C: what this run started goes again (what was already running stays)
+            for name in reversed(started):
+                svc = new_state[name]
+                if svc.pid:
+                    progress(f"{name}: interrupted, stopping pid {svc.pid}")
+                    stop_pid(svc.pid, svc.marker)
+                    svc.pid = None
+            self.save_state({**state, **new_state})
+            raise
+        except BaseException:
+            self.save_state({**state, **new_state})
+            raise
+        if created:
+            progress(f"kafka: created topics {', '.join(created)}")
+        return new_state
+
+    def _start_missing(
+        self,
+        state: dict[str, ServiceState],
+        new_state: dict[str, ServiceState],
+        started: list[str],
+        progress: Callable[[str], None],
+    ) -> None:
+        """Fill ``new_state`` with every service: external, already running, or started now (appended to
+        ``started``)."""
         for name in SERVICES:
             ext = self.external_url(name, state)
             if ext:
@@ -333,24 +372,6 @@ class Stack:
             new_state[name] = getattr(self, f"_start_{name}")(prev if prev and not prev.external else None)
             started.append(name)
             self.save_state({**state, **new_state})
-        try:
-            for name in SERVICES:
-                self._wait(name, new_state[name])
-                if name in started:
-                    progress(f"{name}: started (pid {new_state[name].pid}) at {new_state[name].url}")
-        except BaseException:
-            self.save_state({**state, **new_state})
-            raise
-        self.save_state(new_state)
-        self.write_env(new_state)
-        created = kafka_io.ensure_topics(
-            new_state["kafka"].url,
-            {f"{self.topic_prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()},
-            partitions=self.settings.topic_partitions,
-        )
-        if created:
-            progress(f"kafka: created topics {', '.join(created)}")
-        return new_state
 
     def _wait(self, name: str, svc: ServiceState) -> None:
         deadline = time.monotonic() + self.settings.startup_timeout_ms / 1000

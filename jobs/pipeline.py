@@ -29,7 +29,7 @@ from connectors.flink import (
     job_options,
     with_event_time,
 )
-from connectors.runtime import setup_logging
+from connectors.runtime import exit_status, setup_logging
 from connectors.settings import Connections, ConsumerSettings, compose, environment
 from jobs import ingest as ingest_job
 from jobs import sessionize as sessionize_job
@@ -109,8 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     part = s.triggers_part()
     file_rules = triggers_job.load_file_rules(part)
-    if file_rules is None:
-        return 2
     config = triggers_job.function_config(part, file_rules)
     # one source feeds both keyed parts: a partition may only count as idle after the longer of their idle
     # timeouts (marked idle too early, it lets the watermark run ahead and its events turn late)
@@ -141,4 +139,4 @@ if __name__ == "__main__":
     # run the imported module's main, so the keyed functions are pickled by reference
     from jobs import pipeline
 
-    sys.exit(pipeline.main())
+    sys.exit(exit_status(pipeline.main))

@@ -65,7 +65,7 @@ from connectors.flink import (
     sql_string,
     string_value_state,
 )
-from connectors.runtime import setup_logging, stop_on_signals
+from connectors.runtime import CliError, exit_status, setup_logging, stop_on_signals
 from connectors.settings import (
     Connections,
     ConsumerSettings,
@@ -630,13 +630,13 @@ def run_with_dispatch(
     return 1 if outcome == "failed" else 0
 
 
-def load_file_rules(s: TriggersJobSettings) -> list[Rule] | None:
-    """The ``--rules`` file's rules (``None`` after logging why the file is refused)."""
+def load_file_rules(s: TriggersJobSettings) -> list[Rule]:
+    """The ``--rules`` file's rules, validated before any job starts; raises :class:`CliError` (exit
+    status 2) saying why a file is refused."""
     try:
         return s.dispatch.file_rules()
     except (RuleError, OSError) as exc:
-        log.error("rules file: %s", exc)
-        return None
+        raise CliError(f"rules file: {exc}", exit_code=2) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -644,8 +644,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     s = compose(TriggersJobSettings, environment(), job_options(JOB, argv, add_triggers_args))
     file_rules = load_file_rules(s)
-    if file_rules is None:
-        return 2
     config = function_config(s, file_rules)
     _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=flink_options(s))
     create_sources(t_env, s)
@@ -661,4 +659,4 @@ if __name__ == "__main__":
     # reference (module globals such as the state descriptors hold JVM handles and cannot be pickled).
     from jobs import triggers
 
-    sys.exit(triggers.main())
+    sys.exit(exit_status(triggers.main))
