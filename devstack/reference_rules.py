@@ -104,10 +104,10 @@ class ExpectedFire:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-def reference_action_id(rule_id: str, user_key: str, group: str, message_id: str) -> str:
-    """``sha256(rule_id ␟ user_key ␟ group ␟ message_id)``, hex (ADR 002 §4)."""
+def reference_action_id(rule_id: str, group: str, message_id: str) -> str:
+    """``sha256(rule_id ␟ group ␟ message_id)``, hex (ADR 002 §4)."""
     unit_separator = chr(0x1F)
-    text = unit_separator.join([rule_id, user_key, group, message_id])
+    text = unit_separator.join([rule_id, group, message_id])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -270,7 +270,7 @@ def _count(rule: Rule, when: CountWhen, h: _History, cleanup: Cleanup) -> list[E
         paths = [".".join(p) for p in when.group_by]
         out.append(
             ExpectedFire(
-                action_id=reference_action_id(rule.id, h.user_key, group, e.message_id),
+                action_id=reference_action_id(rule.id, group, e.message_id),
                 rule_id=rule.id,
                 user_key=h.user_key,
                 group=group,
@@ -327,7 +327,7 @@ def _sequence(rule: Rule, when: SequenceWhen, h: _History, cleanup: Cleanup) -> 
         fire_times.append(deadline)
         out.append(
             ExpectedFire(
-                action_id=reference_action_id(rule.id, h.user_key, "", first.message_id),
+                action_id=reference_action_id(rule.id, "", first.message_id),
                 rule_id=rule.id,
                 user_key=h.user_key,
                 group="",
@@ -374,7 +374,7 @@ def _returning(rule: Rule, when: ReturningWhen, h: _History, cleanup: Cleanup) -
         fire_times.append(e.ts_ms)
         out.append(
             ExpectedFire(
-                action_id=reference_action_id(rule.id, h.user_key, "", e.message_id),
+                action_id=reference_action_id(rule.id, "", e.message_id),
                 rule_id=rule.id,
                 user_key=h.user_key,
                 group="",

@@ -279,7 +279,7 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
         assert promo_latency_s < 5.0, f"promo delivered {promo_latency_s:.2f}s after the 4th view"
         action = promo[0].action
         group_key = orjson.dumps(["LAS-DEC"]).decode()
-        assert action["action_id"] == action_id_for("deal_promo", "bob", group_key, bob[-1]["message_id"])
+        assert action["action_id"] == action_id_for("deal_promo", group_key, bob[-1]["message_id"])
         assert action["user_key"] == "bob" and action["rule_id"] == "deal_promo"
         assert [e["message_id"] for e in action["events"]] == [e["message_id"] for e in bob]
         assert action["details"]["group"] == {"properties.deal_id": "LAS-DEC"}

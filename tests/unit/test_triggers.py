@@ -468,9 +468,27 @@ def test_action_ids_are_deterministic_across_replay_and_restore() -> None:
     assert play(None) == first
     assert play(2) == first
     other_user = Run(DEAL)
-    other_user.events([view(T0 + i * MIN, msg=f"v{i}", user="u2") for i in range(4)])
+    other_user.events([view(T0 + i * MIN, msg=f"w{i}", user="u2") for i in range(4)])
     assert other_user.fires[0].action_id != first[0]
     assert all(len(a) == 64 for a in first)
+
+
+def test_action_ids_do_not_depend_on_the_user_key_an_event_was_resolved_to() -> None:
+    """A replay that resolves the same events to another user_key (an identity lookup that failed open
+    during the first run and succeeds on the replay) fires with the same ids, so receivers deduplicate."""
+
+    def play(user: str) -> list[Fire]:
+        run = Run(DEAL, CART, BACK)
+        run.events([view(T0 + i * MIN, msg=f"v{i}", user=user) for i in range(4)])
+        run.events([ev("Product Added", T0 + 5 * MIN, msg="a1", user=user)])
+        run.events([ev("Page", T0 + 20 * DAY, msg="p1", user=user)])
+        run.watermark(T0 + 40 * DAY)
+        return run.fires
+
+    fell_back, resolved = play("anon-7"), play("user-7")
+    assert [f.rule_id for f in fell_back] == [f.rule_id for f in resolved] and len(resolved) == 3
+    assert [f.action_id for f in fell_back] == [f.action_id for f in resolved]
+    assert {f.user_key for f in fell_back} == {"anon-7"} and {f.user_key for f in resolved} == {"user-7"}
 
 
 def test_event_from_record_validation() -> None:

@@ -128,9 +128,13 @@ class Fire:
         }
 
 
-def action_id_for(rule_id: str, user_key: str, group_key: str, message_id: str) -> str:
-    """Deterministic action id: sha256 over rule, user, group and the triggering message id."""
-    material = "\x1f".join((rule_id, user_key, group_key, message_id)).encode("utf-8")
+def action_id_for(rule_id: str, group_key: str, message_id: str) -> str:
+    """Deterministic action id: sha256 over rule, group and the triggering message id.
+
+    Not over the user: an event's ``message_id`` already names one user's event, and the ``user_key`` it is
+    evaluated under can differ between a run and its replay when an identity lookup failed open (ADR 002 §4).
+    """
+    material = "\x1f".join((rule_id, group_key, message_id)).encode("utf-8")
     return hashlib.sha256(material).hexdigest()
 
 
@@ -342,7 +346,7 @@ def _count_step(
         fields.update(_matcher_fields(when.match))
         fires.append(
             Fire(
-                action_id=action_id_for(rule.id, user_key, group_key, ev.message_id),
+                action_id=action_id_for(rule.id, group_key, ev.message_id),
                 rule_id=rule.id,
                 user_key=user_key,
                 fired_at_ms=now_ms,
@@ -452,7 +456,7 @@ def _sequence_expire(
             else:
                 fires.append(
                     Fire(
-                        action_id=action_id_for(rule.id, user_key, "", st.pending_message_id),
+                        action_id=action_id_for(rule.id, "", st.pending_message_id),
                         rule_id=rule.id,
                         user_key=user_key,
                         fired_at_ms=now_ms,
@@ -512,7 +516,7 @@ def _returning_step(
     if last is not None and returned and not held:
         fires.append(
             Fire(
-                action_id=action_id_for(rule.id, user_key, "", ev.message_id),
+                action_id=action_id_for(rule.id, "", ev.message_id),
                 rule_id=rule.id,
                 user_key=user_key,
                 fired_at_ms=now_ms,
