@@ -123,16 +123,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    """``clickpulse query "<SQL>"``: run SQL (or a saved query file) and print the result."""
+    """``clickpulse query "<SQL>"``: run SQL or a saved query (``--param`` values), print the result."""
     from connectors.clickhouse import client_from_url
-    from connectors.query import render_result, resolve_sql
+    from connectors.query import QueryParamError, parse_param_args, render_result, resolve_query
     from connectors.settings import load_connections
 
     conn = load_connections()
-    sql = resolve_sql(args.sql)
-    client = client_from_url(conn.clickhouse_url.get_secret_value(), database=args.database)
     try:
-        result = client.query(sql)
+        query, saved = resolve_query(args.sql)
+        params = query.bind(parse_param_args(args.param or []))
+    except QueryParamError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    # saved queries name their tables without a database: they run in the configured one
+    database = args.database or (conn.clickhouse_database if saved else None)
+    client = client_from_url(conn.clickhouse_url.get_secret_value(), database=database)
+    try:
+        result = client.query(query.sql, parameters=params or None)
     except Exception as e:  # clickhouse-connect raises DatabaseError / OperationalError
         console.print(f"[red]error:[/] {e}")
         return 1
@@ -251,7 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="run SQL or a saved query (sql/queries/NAME) against ClickHouse")
     q.add_argument("sql", help="SQL text, a path to a .sql file, or the name of a saved query")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
-    q.add_argument("--database", default=None, help="default database (default: the server's)")
+    q.add_argument(
+        "--database",
+        default=None,
+        help="default database (default: CLICKPULSE_CLICKHOUSE_DATABASE for saved queries, else server's)",
+    )
+    q.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="value of a query parameter {NAME:Type} (repeatable; saved queries list theirs and their "
+        "defaults in their header)",
+    )
     q.set_defaults(func=cmd_query)
 
     d = sub.add_parser(
