@@ -158,6 +158,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(opts, console)
 
 
+# --------------------------------------------------------------------------- dashboard
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``clickpulse dashboard``: serve the live dashboard until Ctrl-C."""
+    from connectors.dashboard.server import run
+
+    return run({"host": args.host, "port": args.port})
+
+
 # --------------------------------------------------------------------------- migrate
 
 
@@ -271,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults in their header)",
     )
     q.set_defaults(func=cmd_query)
+
+    from connectors.dashboard.settings import add_dashboard_args
+
+    db = sub.add_parser("dashboard", help="serve the live dashboard (read-only ClickHouse user) until Ctrl-C")
+    add_dashboard_args(db)
+    db.set_defaults(func=cmd_dashboard)
 
     d = sub.add_parser(
         "demo",
