@@ -9,6 +9,7 @@ BIN := $(VENV)/bin
 JARS_DIR := .clickpulse/jars
 POM := connectors/maven/pom.xml
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help venv sysdeps jars demo test test-unit chaos lint docs vendor stack-up stack-down stack-status bench clean
 
@@ -44,8 +45,8 @@ $(JARS_DIR)/.resolved: $(POM) | sysdeps
 
 jars: $(JARS_DIR)/.resolved ## resolve the pinned Kafka broker and Flink connector jars with Maven (no-op when done)
 
-demo: venv sysdeps jars ## run the demo on the embedded stack
-	$(BIN)/clickpulse demo
+demo: venv sysdeps jars ## run the demo on the embedded stack, then serve its dashboard until Ctrl-C (DEMO_ARGS=--exit: end after the summary)
+	$(BIN)/clickpulse demo $(DEMO_ARGS)
 
 test: venv sysdeps jars ## run every test tier (unit, job, integration)
 	$(BIN)/pytest $(PYTEST_ARGS)

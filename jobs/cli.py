@@ -154,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``clickpulse demo``: stack up, simulated traffic, a summary of what arrived."""
     from devstack.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, keep_running=args.keep_running)
+    opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, exit=args.exit)
     return run_demo(opts, console)
 
 
@@ -302,10 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many records per second (default 0: as fast as the ingest job keeps up)",
     )
     d.add_argument(
-        "--keep-running",
+        "--exit",
         action="store_true",
-        help="leave the stack, the demo topics and the database clickpulse_demo up for `clickpulse query`",
+        help="end after the summary and stop the stack the demo started (default: serve the dashboard on "
+        "clickpulse_demo, stack and topics up, until Ctrl-C)",
     )
+    d.add_argument("--keep-running", action="store_true", help=argparse.SUPPRESS)  # the default now
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -5,13 +5,17 @@ the stack's own dashboard answers; the loader loads ``actions`` and ``actions.dl
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
+import signal
 import threading
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,6 +23,7 @@ import pytest
 from aiohttp import web
 from clickhouse_connect.driver.exceptions import DatabaseError
 from kafka import KafkaProducer
+from rich.console import Console
 
 from connectors.clickhouse import client_from_url
 from connectors.dashboard.app import create_app
@@ -388,7 +393,7 @@ def test_loader_loads_actions_and_dead_letters_exactly_once(
     db = f"cp_act_{uuid.uuid4().hex[:10]}"
     client = client_from_url(connections.clickhouse_url.get_secret_value())
     migrate(client, db)
-    fired = [
+    fired: list[dict[str, Any]] = [
         {"action_id": f"a{i}", "rule_id": "deal_promo" if i % 2 else "cart_abandoned", "user_key": f"u{i}",
          "fired_at": "2026-11-22T20:00:00.000Z", "event_time": "2026-11-22T19:59:00.000Z",
          "events": [{"message_id": f"m{i}"}], "details": {}}
@@ -426,11 +431,13 @@ def test_loader_loads_actions_and_dead_letters_exactly_once(
     again = run(f"g2-{uuid.uuid4().hex[:6]}")  # a new group from the beginning: nothing loads twice
     assert again.rows["actions"] == 0 and again.skipped_loaded == len(fired) + len(dead) + 1
 
-    def counts() -> list[tuple[Any, ...]]:
-        return client.query(
-            f"SELECT status, count(), uniqExact(action_id), sum(attempts) FROM {db}.actions "
-            "GROUP BY status ORDER BY status"
-        ).result_rows
+    def counts() -> list[Any]:
+        return list(
+            client.query(
+                f"SELECT status, count(), uniqExact(action_id), sum(attempts) FROM {db}.actions "
+                "GROUP BY status ORDER BY status"
+            ).result_rows
+        )
 
     until(
         lambda: counts() == [("dead_lettered", 6, 6, 30), ("fired", 40, 40, 0)], 30, "actions in ClickHouse"
@@ -444,3 +451,26 @@ def test_loader_loads_actions_and_dead_letters_exactly_once(
     in_db.close()
     client.command(f"DROP DATABASE IF EXISTS {db}")
     client.close()
+
+
+def test_demo_dashboard_serves_until_interrupted(stack: Stack, tmp_path: Path) -> None:
+    """What ``clickpulse demo`` ends with: its dashboard on the demo database, served until Ctrl-C."""
+    from devstack.demo import DATABASE, DemoDashboard, serve_until_interrupted
+
+    dashboard = DemoDashboard(stack, tmp_path / "dashboard.log")
+    try:
+        with urllib.request.urlopen(dashboard.url + "/api/config", timeout=30) as resp:
+            assert json.loads(resp.read())["database"] == DATABASE
+        buf = io.StringIO()
+        out = Console(file=buf, width=200)
+
+        def interrupt() -> None:
+            until(lambda: "dashboard: http://127.0.0.1:" in buf.getvalue(), 30, "the URL printed")
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        serve_until_interrupted(dashboard, out)
+        assert dashboard.alive()  # serving stops on Ctrl-C; the demo's finally stops the process
+    finally:
+        dashboard.stop()
+    assert not dashboard.alive()
