@@ -9,7 +9,8 @@ and cannot tell the difference, so pointing ``CLICKHOUSE_URL`` at a real server 
 Run it as::
 
     python -m devstack.chserver --host 127.0.0.1 --port 8123 --data-dir DIR \\
-        [--log-file FILE] [--user U --password-env VAR] [--port-file FILE] [limits, see --help]
+        [--log-file FILE] [--user U --password-env VAR] [--readonly-user U --readonly-password-env VAR] \\
+        [--port-file FILE] [limits, see --help]
 
 What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does not):
 
