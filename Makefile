@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 JARS_DIR := .clickpulse/jars
 POM := connectors/maven/pom.xml
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: help venv sysdeps jars demo test test-unit chaos lint docs stack-up stack-down stack-status bench clean
+.PHONY: help venv sysdeps jars demo test test-unit chaos lint docs vendor stack-up stack-down stack-status bench clean
 
 help: ## list every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,8 +45,8 @@ $(JARS_DIR)/.resolved: $(POM) | sysdeps
 
 jars: $(JARS_DIR)/.resolved ## resolve the pinned Kafka broker and Flink connector jars with Maven (no-op when done)
 
-demo: venv sysdeps jars ## run the demo on the embedded stack
-	$(BIN)/clickpulse demo
+demo: venv sysdeps jars ## run the demo on the embedded stack, then serve its dashboard until Ctrl-C (DEMO_ARGS=--exit: end after the summary)
+	$(BIN)/clickpulse demo $(DEMO_ARGS)
 
 test: venv sysdeps jars ## run every test tier (unit, job, integration)
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -66,6 +67,9 @@ lint: venv ## ruff, mypy and the README configuration reference check
 
 docs: venv ## regenerate README's configuration reference from the settings classes
 	$(BIN)/python -m devstack.configdoc --write
+
+vendor: ## refresh the dashboard's vendored uPlot (pinned in connectors/dashboard/static/vendor/VERSIONS; needs npm)
+	devstack/vendor.sh $(UPLOT_VERSION)
 
 stack-up: venv sysdeps jars ## start the local stack (Kafka, Redis, ClickHouse endpoint)
 	$(BIN)/clickpulse stack up

@@ -1,5 +1,8 @@
 """Kafka -> ClickHouse loader: ``events.enriched`` -> ``events``, ``sessions`` -> ``sessions``, exactly once.
 
+When configured (the load job does), ``actions`` and ``actions.dlq`` -> ``actions`` too, with ``status``
+``fired`` or ``dead_lettered`` (sql/0010_actions.sql), by the same scheme.
+
 A consumer-group job (kafka-python, ``read_committed``), not a Flink operator: PyFlink gives a Python sink
 no checkpoint hooks, and exactly-once into ClickHouse needs *deterministic* insert boundaries. The scheme
 (``docs/adr/003-loader-exactly-once.md``):
@@ -281,6 +284,28 @@ SESSION_COLUMNS: tuple[Column, ...] = (
     Column("retracted", pa.uint8(), lambda v: int(_flag(v))),
 )
 
+
+def _list_length(v: Any) -> int:
+    if v is None:
+        return 0
+    if not isinstance(v, list):
+        raise ConversionError(f"expected a list, got {type(v).__name__}")
+    return len(v)
+
+
+#: ``actions`` columns filled from an ``actions`` or ``actions.dlq`` record (``status`` is the topic's, see
+#: :data:`ACTIONS` and :data:`ACTIONS_DLQ`); ``events`` is the number of events the action carries.
+ACTION_COLUMNS: tuple[Column, ...] = (
+    Column("action_id", _S, _required_text),
+    Column("rule_id", _S, _required_text),
+    Column("user_key", _S, _text),
+    Column("fired_at", _TS, _ts),
+    Column("event_time", _TS, _ts),
+    Column("events", pa.uint32(), _list_length),
+    Column("attempts", pa.uint32(), _count),
+    Column("last_error", _S, _text),
+)
+
 _LINEAGE: tuple[Column, ...] = (
     Column("kafka_partition", pa.uint32(), int),
     Column("kafka_offset", pa.uint64(), int),
@@ -303,15 +328,26 @@ class TableSpec:
 
     table: str
     columns: tuple[Column, ...]
+    fixed: tuple[tuple[str, pa.DataType, Any], ...] = ()
+    """Columns with the same value in every row of this source: ``(name, arrow type, value)``."""
 
     @property
     def schema(self) -> pa.Schema:
-        """Arrow schema of an insert (the loaded columns plus Kafka lineage)."""
-        return pa.schema([pa.field(c.name, c.arrow_type) for c in (*self.columns, *_LINEAGE)])
+        """Arrow schema of an insert (the loaded columns, the fixed ones, then Kafka lineage)."""
+        fixed = [pa.field(name, arrow_type) for name, arrow_type, _ in self.fixed]
+        return pa.schema(
+            [pa.field(c.name, c.arrow_type) for c in self.columns]
+            + fixed
+            + [pa.field(c.name, c.arrow_type) for c in _LINEAGE]
+        )
 
 
 EVENTS = TableSpec("events", EVENT_COLUMNS)
 SESSIONS = TableSpec("sessions", SESSION_COLUMNS)
+#: ``actions`` rows from the ``actions`` topic: what the triggers fired.
+ACTIONS = TableSpec("actions", ACTION_COLUMNS, fixed=(("status", _S, "fired"),))
+#: ``actions`` rows from ``actions.dlq``: what dispatch gave up on (``attempts``, ``last_error``).
+ACTIONS_DLQ = TableSpec("actions", ACTION_COLUMNS, fixed=(("status", _S, "dead_lettered"),))
 
 
 @dataclass
@@ -371,6 +407,7 @@ def convert(spec: TableSpec, msgs: Iterable[Msg]) -> Converted:
                     out.append(None)
                     bad.setdefault(i, f"{col.name}: {exc}")
             columns.append(out)
+    columns.extend([value] * len(good) for _, _, value in spec.fixed)
     columns.append([m.partition for m in good])
     columns.append([m.offset for m in good])
     if bad:
@@ -378,8 +415,8 @@ def convert(spec: TableSpec, msgs: Iterable[Msg]) -> Converted:
         keep = [i for i in range(len(good)) if i not in bad]
         columns = [[c[i] for i in keep] for c in columns]
         good = [good[i] for i in keep]
-    cols = (*spec.columns, *_LINEAGE)
-    arrays = [pa.array(values, type=c.arrow_type) for values, c in zip(columns, cols, strict=True)]
+    types = [f.type for f in spec.schema]
+    arrays = [pa.array(values, type=t) for values, t in zip(columns, types, strict=True)]
     return Converted(pa.Table.from_arrays(arrays, schema=spec.schema), rejected, good)
 
 
@@ -656,6 +693,10 @@ class LoaderConfig:
     events_topic: str = "events.enriched"
     sessions_topic: str = "sessions"
     dlq_topic: str = "events.dlq"
+    actions_topic: str = ""
+    """``actions`` -> ``actions`` with status ``fired`` ('' = not loaded)."""
+    actions_dlq_topic: str = ""
+    """``actions.dlq`` -> ``actions`` with status ``dead_lettered`` ('' = not loaded)."""
     group_id: str = "clickpulse-load"
     starting_offsets: StartingOffsets = StartingOffsets.COMMITTED
     batch_max_rows: int = 20_000
@@ -677,9 +718,23 @@ class LoaderConfig:
     kafka_security: Mapping[str, Any] = field(default_factory=dict)
     """TLS/SASL options of every Kafka client of the loader (``Connections.kafka_security_options``)."""
 
+    def spec_of(self) -> dict[str, TableSpec]:
+        """Source topic -> how its records become rows of which table."""
+        specs = {self.events_topic: EVENTS, self.sessions_topic: SESSIONS}
+        if self.actions_topic:
+            specs[self.actions_topic] = ACTIONS
+        if self.actions_dlq_topic:
+            specs[self.actions_dlq_topic] = ACTIONS_DLQ
+        return specs
+
     def table_of(self) -> dict[str, str]:
         """Topic -> target table."""
-        return {self.events_topic: EVENTS.table, self.sessions_topic: SESSIONS.table}
+        return {topic: spec.table for topic, spec in self.spec_of().items()}
+
+    @property
+    def topics(self) -> list[str]:
+        """Every source topic."""
+        return list(self.spec_of())
 
 
 @dataclass
@@ -735,7 +790,8 @@ class Loader:
         self.buffer = BatchBuffer()
         self._stop = threading.Event()
         self._table_of = config.table_of()
-        self._specs = {EVENTS.table: EVENTS, SESSIONS.table: SESSIONS}
+        self._spec_of = config.spec_of()
+        self.counters.rows = {table: 0 for table in self._table_of.values()}
         self._hwm: dict[tuple[str, int], int] = {}
         self._topic_ids: dict[str, str] = {}
         self._assigned: set[TopicPartition] = set()
@@ -764,8 +820,8 @@ class Loader:
         """Consume, load and commit until stopped; returns the counters."""
         cfg = self.cfg
         log.info(
-            "loader starting: %s -> %s.%s, %s -> %s.%s, group %s, ClickHouse %s",
-            cfg.events_topic, self.db, EVENTS.table, cfg.sessions_topic, self.db, SESSIONS.table,
+            "loader starting: %s, group %s, ClickHouse %s",
+            ", ".join(f"{t} -> {self.db}.{table}" for t, table in self._table_of.items()),
             cfg.group_id, redact_url(cfg.clickhouse_url),
         )  # fmt: skip
         consumer = KafkaConsumer(
@@ -797,7 +853,7 @@ class Loader:
                 loader._on_assigned(assigned)
 
         try:
-            consumer.subscribe([cfg.events_topic, cfg.sessions_topic], listener=_Listener())
+            consumer.subscribe(cfg.topics, listener=_Listener())
             self._loop()
             self.counters.lag = self._lag()
         finally:
@@ -1075,7 +1131,7 @@ class Loader:
                 msgs.extend(keep)
             if not msgs:
                 continue
-            spec = self._specs[unit.table]
+            spec = self._spec_of[unit.topic]
             converted = convert(spec, msgs)
             dlq.extend((m, LOAD_ERROR, detail) for m, detail in converted.rejected)
             if converted.table.num_rows:
@@ -1180,7 +1236,7 @@ class Loader:
         consumer = self._require_consumer()
         tps = [
             TopicPartition(t, p)
-            for t in (self.cfg.events_topic, self.cfg.sessions_topic)
+            for t in self.cfg.topics
             for p in sorted(consumer.partitions_for_topic(t) or ())
         ]
         return dict(consumer.end_offsets(tps)) if tps else {}
@@ -1189,7 +1245,7 @@ class Loader:
         """Kafka's id of each source topic (KIP-516), '' where the broker does not tell."""
         from connectors.kafka import topic_ids
 
-        names = [self.cfg.events_topic, self.cfg.sessions_topic]
+        names = self.cfg.topics
         self._topic_ids = {
             t: i
             for t, i in topic_ids(self.cfg.bootstrap_servers, names, **self.cfg.kafka_security).items()
@@ -1203,7 +1259,7 @@ class Loader:
             .query(
                 f"SELECT topic, topic_id, partition, max(end_offset) FROM {self.db}.loader_offsets "
                 "WHERE topic IN {topics:Array(String)} GROUP BY topic, topic_id, partition",
-                parameters={"topics": [self.cfg.events_topic, self.cfg.sessions_topic]},
+                parameters={"topics": self.cfg.topics},
             )
             .result_rows
         )
@@ -1211,7 +1267,7 @@ class Loader:
         for t, tid, p, e in rows:
             marks.setdefault(str(t), {}).setdefault(str(tid), {})[int(p)] = int(e)
         hwm: dict[tuple[str, int], int] = {}
-        for topic in (self.cfg.events_topic, self.cfg.sessions_topic):
+        for topic in self.cfg.topics:
             current = self._topic_ids.get(topic, "")
             topic_ends = {tp.partition: e for tp, e in ends.items() if tp.topic == topic}
             chosen, verdict = choose_marks(marks.get(topic, {}), current, topic_ends)

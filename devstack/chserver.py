@@ -9,7 +9,8 @@ and cannot tell the difference, so pointing ``CLICKHOUSE_URL`` at a real server 
 Run it as::
 
     python -m devstack.chserver --host 127.0.0.1 --port 8123 --data-dir DIR \\
-        [--log-file FILE] [--user U --password-env VAR] [--port-file FILE] [limits, see --help]
+        [--log-file FILE] [--user U --password-env VAR] [--readonly-user U --readonly-password-env VAR] \\
+        [--port-file FILE] [limits, see --help]
 
 What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does not):
 
@@ -29,6 +30,9 @@ What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does
   ``X-ClickHouse-Exception-Code`` header, ``Code: N. DB::Exception: ... (NAME) (version V)`` body.
 * Optional authentication (HTTP basic, ``X-ClickHouse-User``/``X-ClickHouse-Key``, ``user``/``password``
   parameters); ``AUTHENTICATION_FAILED`` (516) -> 403, no credentials -> 401 ``REQUIRED_PASSWORD``.
+* An optional read-only user (``--readonly-user U --readonly-password-env VAR``): every request that
+  authenticates as that user runs as ClickHouse's ``readonly=1`` on GET and POST alike (reads only, no
+  ``SET``, no file or network table functions), whatever settings it sends; a wrong password is 516.
 * Limits of a server (:class:`ChServerSettings`): request body and decompressed size caps (413), no
   ambiguous framing (400), server-side defaults and maxima of ``max_execution_time`` and
   ``max_result_bytes``, at most ``max_connections`` connections, keep-alive and receive timeouts
@@ -1223,10 +1227,17 @@ def _summary(
 # ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Credentials:
-    """The one user this endpoint accepts (ClickHouse's ``default`` user, typically)."""
+    """A user this endpoint accepts: the one with full rights (ClickHouse's ``default`` user, typically)
+    or the read-only one."""
 
     user: str
     password: str
+
+    def matches(self, user: str, password: str) -> bool:
+        """True when ``user``/``password`` are these (compared in constant time)."""
+        ok_user = hmac.compare_digest(user.encode(), self.user.encode())
+        ok_pass = hmac.compare_digest(password.encode(), self.password.encode())
+        return ok_user and ok_pass
 
 
 def _truthy(value: str | None) -> bool:
@@ -1477,10 +1488,12 @@ class _Handler(BaseHTTPRequestHandler):
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # ------------------------------------------------------------------ auth
-    def _authenticate(self, params: Mapping[str, str]) -> None:
+    def _authenticate(self, params: Mapping[str, str]) -> bool:
+        """Check the request's credentials; True when it runs as the read-only user."""
         expected = self.server.credentials
-        if expected is None:
-            return
+        readonly = self.server.readonly_credentials
+        if expected is None and readonly is None:
+            return False
         hdr_user = self.headers.get("X-ClickHouse-User", "")
         hdr_key = self.headers.get("X-ClickHouse-Key", "")
         auth = self.headers.get("Authorization", "")
@@ -1514,19 +1527,24 @@ class _Handler(BaseHTTPRequestHandler):
                 ) from None
         elif in_params:
             user, password = params.get("user", "default"), params.get("password", "")
+        elif expected is None:
+            return False  # no credentials sent, and only the read-only user needs them
         else:
             raise ClickHouseError(
                 REQUIRED_PASSWORD,
                 "Authentication required: send a user and password (HTTP basic auth, X-ClickHouse-User/"
                 "X-ClickHouse-Key headers or user/password parameters)",
             )
-        ok_user = hmac.compare_digest(user.encode(), expected.user.encode())
-        ok_pass = hmac.compare_digest(password.encode(), expected.password.encode())
-        if not (ok_user and ok_pass):
+        if readonly is not None and hmac.compare_digest(user.encode(), readonly.user.encode()):
+            ok, as_readonly = readonly.matches(user, password), True
+        else:  # without credentials of its own, the endpoint takes any other user as the full one
+            ok, as_readonly = expected is None or expected.matches(user, password), False
+        if not ok:
             raise ClickHouseError(
                 AUTHENTICATION_FAILED,
                 f"{user}: Authentication failed: password is incorrect, or there is no user with such name.",
             )
+        return as_readonly
 
     # ------------------------------------------------------------------ requests
     def _dispatch(self) -> None:
@@ -1562,11 +1580,11 @@ class _Handler(BaseHTTPRequestHandler):
         ids = {"X-ClickHouse-Query-Id": query_id, "X-ClickHouse-Timezone": self.server.engine.timezone}
         try:
             try:
-                self._authenticate(params)
+                as_readonly = self._authenticate(params)
             except ClickHouseError:
                 self.close_connection = True  # the body was not read
                 raise
-            result, encoding = self._query(params, length)
+            result, encoding = self._query(params, length, readonly=as_readonly)
         except ClickHouseError as err:
             logger.info("query %s failed: %s", query_id, err.text(self.server.engine.version))
             self._send_error(err, ids)
@@ -1599,8 +1617,10 @@ class _Handler(BaseHTTPRequestHandler):
             (time.perf_counter() - started) * 1000,
         )
 
-    def _query(self, params: dict[str, str], length: int | None) -> tuple[QueryResult, str | None]:
-        req = QueryRequest(readonly=self.command in ("GET", "HEAD"))
+    def _query(
+        self, params: dict[str, str], length: int | None, *, readonly: bool = False
+    ) -> tuple[QueryResult, str | None]:
+        req = QueryRequest(readonly=readonly or self.command in ("GET", "HEAD"))
         t0 = time.perf_counter()
         body = self._read_body(length) if self.command == "POST" else b""
         self._timing = f"read {len(body)} B in {(time.perf_counter() - t0) * 1000:.1f} ms"
@@ -1701,9 +1721,11 @@ class _HTTPServer(ThreadingHTTPServer):
         credentials: Credentials | None,
         display_name: str,
         options: ChServerSettings,
+        readonly_credentials: Credentials | None = None,
     ) -> None:
         self.engine = engine
         self.credentials = credentials
+        self.readonly_credentials = readonly_credentials
         self.display_name = display_name
         self.options = options
         self.allowed_hosts = Allowlist.parse(options.allowed_hosts.split(","))
@@ -1767,12 +1789,21 @@ class ChServer:
         credentials: Credentials | None = None,
         display_name: str | None = None,
         options: ChServerSettings | None = None,
+        readonly_credentials: Credentials | None = None,
     ) -> None:
         options = options or ChServerSettings()
+        if credentials is not None and readonly_credentials is not None:
+            if credentials.user == readonly_credentials.user:
+                raise ValueError("the read-only user must not be the user with full rights")
         self.engine = ChdbEngine(data_dir, limits=QueryLimits.from_settings(options))
         try:
             self.httpd = _HTTPServer(
-                (host, port), self.engine, credentials, display_name or socket.gethostname(), options
+                (host, port),
+                self.engine,
+                credentials,
+                display_name or socket.gethostname(),
+                options,
+                readonly_credentials,
             )
         except BaseException:
             self.engine.close()
@@ -1829,17 +1860,25 @@ def serve(
     password: str | None = None,
     display_name: str | None = None,
     options: ChServerSettings | None = None,
+    readonly: Credentials | None = None,
 ) -> ChServer:
     """Start the endpoint in a background thread of this process and return it (call ``.stop()``).
 
     ``user``/``password``: when either is given, requests must authenticate as that user (``user``
-    defaults to ``default``, ``password`` to empty). ``options``: limits (default: the defaults).
+    defaults to ``default``, ``password`` to empty). ``readonly``: a user whose requests are read-only.
+    ``options``: limits (default: the defaults).
     """
     creds = None
     if user is not None or password is not None:
         creds = Credentials(user or "default", password or "")
     return ChServer(
-        host, port, data_dir, credentials=creds, display_name=display_name, options=options
+        host,
+        port,
+        data_dir,
+        credentials=creds,
+        display_name=display_name,
+        options=options,
+        readonly_credentials=readonly,
     ).start()
 
 
@@ -1858,6 +1897,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument("--user", help="require this user (default: no authentication)")
     p.add_argument("--password-env", help="name of the environment variable holding the password")
+    p.add_argument("--readonly-user", help="a user whose requests are read-only (default: none)")
+    p.add_argument(
+        "--readonly-password-env",
+        help="name of the environment variable holding the read-only user's password",
+    )
     p.add_argument("--port-file", help="write the bound port to this file once listening")
     p.add_argument("--display-name", help="X-ClickHouse-Server-Display-Name (default: host name)")
     limits = p.add_argument_group("limits (default: the CLICKPULSE_CHSERVER_* variable, else as documented)")
@@ -1904,6 +1948,15 @@ def main(argv: list[str] | None = None) -> int:
         creds = Credentials(args.user or "default", password)
     elif args.user:
         creds = Credentials(args.user, "")
+    readonly: Credentials | None = None
+    if args.readonly_user:
+        ro_password = os.environ.get(args.readonly_password_env) if args.readonly_password_env else ""
+        if ro_password is None:
+            logger.error(
+                "environment variable %s (--readonly-password-env) is not set", args.readonly_password_env
+            )
+            return 2
+        readonly = Credentials(args.readonly_user, ro_password)
     try:
         options = ChServerSettings.from_env(process_environment(), vars(args))
     except ValueError as exc:
@@ -1917,8 +1970,9 @@ def main(argv: list[str] | None = None) -> int:
             credentials=creds,
             display_name=args.display_name,
             options=options,
+            readonly_credentials=readonly,
         )
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
     stop = threading.Event()

@@ -18,7 +18,11 @@
    latencies; the truth (``truth.json``) and every webhook received (``webhooks.jsonl``) are written to
    ``.clickpulse/demo/``, next to the jobs' logs.
 
-``--keep-running`` leaves the stack (and the demo's topics and database) up for ``clickpulse query``.
+7. the dashboard (:mod:`connectors.dashboard`, started in step 1 on the demo's database, so the live
+   panels follow the run) keeps serving: the demo prints its URL and waits for Ctrl-C, then stops the
+   dashboard and the stack it started. ``--exit`` ends right after the summary instead (scripts, tests).
+
+The final summary goes to stdout, progress to stderr.
 
 :class:`Pipeline` (start, wait until running, kill -9, restart from the last checkpoint, drain) and the
 waiting helpers are shared with ``tests/integration/test_e2e.py`` and ``bench/bench_e2e.py``.
@@ -66,6 +70,7 @@ from connectors.settings import (
     child_environment,
     load_connections,
     process_environment,
+    read_env_file,
 )
 from devstack.receiver import Receipt, WebhookReceiver, describe_action
 from devstack.simulate import Produced, SimulateOptions, produce, sim_config
@@ -110,7 +115,9 @@ class DemoOptions:
     events: int = 200_000
     seed: int = 7
     rate: float = 0.0
-    keep_running: bool = False
+    exit: bool = False
+    """End after the summary (and stop the stack the demo started) instead of serving the dashboard until
+    Ctrl-C."""
     checkpoint_interval_ms: int = 1000
     #: Most raw records ingest may have left to read before the producer waits (0: no limit).
     backlog: int = 500
@@ -927,13 +934,92 @@ def _live_view(p: Progress, pipeline: Pipeline, t0: float) -> Table:
     return t
 
 
-def run_demo(opts: DemoOptions, console: Console) -> int:
-    """Run the demo; returns the process exit code (0: every number matches the truth)."""
+class DemoDashboard:
+    """The dashboard on the demo's database: a process of its own (own process group) on a free port."""
+
+    def __init__(self, stack: Stack, log_file: Path) -> None:
+        """Start it against the stack's ClickHouse as the stack's read-only user."""
+        from devstack.stack import READONLY_PASSWORD_VAR, READONLY_USER_VAR, free_port
+
+        conn = load_connections(stack.root)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKPULSE_")}
+        env.update(
+            CLICKHOUSE_URL=conn.clickhouse_url.get_secret_value(), CLICKPULSE_CLICKHOUSE_DATABASE=DATABASE
+        )
+        stack_env = read_env_file(stack.env_file) if stack.env_file.is_file() else {}
+        for key in (READONLY_USER_VAR, READONLY_PASSWORD_VAR):
+            if key in stack_env:
+                env[key] = stack_env[key]
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("ab") as out:
+            self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                [
+                    sys.executable,
+                    "-m",
+                    "connectors.dashboard",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while not Stack.healthy("dashboard", self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise DemoError(f"the dashboard did not start; see {log_file}")
+            time.sleep(0.2)
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def serve_until_interrupted(dashboard: DemoDashboard, stdout: Console) -> None:
+    """Keep the demo's dashboard up until Ctrl-C / SIGTERM (or until it dies)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stdout.print(f"dashboard: {dashboard.url}  (Ctrl-C to stop)")
+        while not stop.wait(0.5):
+            if not dashboard.alive():
+                stdout.print("[red]the dashboard stopped[/]")
+                return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(opts: DemoOptions, console: Console, stdout: Console | None = None) -> int:
+    """Run the demo; returns the process exit code (0: every number matches the truth).
+
+    Progress goes to ``console`` (stderr), the final summary to ``stdout`` (default: stdout).
+    """
+    stdout = stdout or Console()
     t_start = time.monotonic()
     env = process_environment()
     stack = Stack(StackSettings.from_env(env), environ=env)
     pipeline: Pipeline | None = None
     receiver: WebhookReceiver | None = None
+    dashboard: DemoDashboard | None = None
     was_up = all(row["healthy"] for row in stack.status())
     try:
         console.rule("[bold]clickpulse demo")
@@ -956,6 +1042,8 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
 
             shutil.rmtree(workdir)
         workdir.mkdir(parents=True)
+        dashboard = DemoDashboard(stack, workdir / "logs" / "dashboard.log")
+        console.print(f"[green]•[/] dashboard on {DATABASE} at {dashboard.url}")
         secret = secrets.token_hex(16)
         progress = Progress(total=opts.events)
 
@@ -1080,10 +1168,10 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
                 receiver=receiver,
                 rules=rules,
             )
-        console.print(receiver.table(last=5))
+        stdout.print(receiver.table(last=5))
         total = time.monotonic() - t_start
         render_results(
-            console,
+            stdout,
             res,
             title=f"clickpulse demo: {truth.records:,} raw records, every job running at once, "
             f"{total:,.0f}s in all (jobs up {t_ready - t0:.0f}s, events loaded {t_loaded - t_ready:.0f}s, "
@@ -1096,17 +1184,18 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
                     orjson.dumps({"at": r.at, "path": r.path, "status": r.status, "action": r.action}) + b"\n"
                 )
         if res.ok:
-            console.print("[green]demo ok: every number matches the simulator's truth[/]")
+            stdout.print("[green]demo ok: every number matches the simulator's truth[/]")
         else:
-            console.print(
-                f"[red]demo: numbers differ from the truth (✗ above); logs in {workdir / 'logs'}[/]"
+            stdout.print(f"[red]demo: numbers differ from the truth (✗ above); logs in {workdir / 'logs'}[/]")
+        stdout.print(f"truth file {workdir / 'truth.json'}, webhooks received {workdir / 'webhooks.jsonl'}")
+        if not opts.exit:
+            if pipeline is not None:
+                pipeline.stop_all()  # the jobs are done; the dashboard and the stack stay
+            stdout.print(
+                f'explore: clickpulse query --database {DATABASE} "SELECT event, count() FROM events '
+                'GROUP BY event ORDER BY 2 DESC"'
             )
-        console.print(f"truth file {workdir / 'truth.json'}, webhooks received {workdir / 'webhooks.jsonl'}")
-        if opts.keep_running:
-            console.print(
-                f'explore: clickpulse query "SELECT event, count() FROM {DATABASE}.events GROUP BY event '
-                'ORDER BY 2 DESC"'
-            )
+            serve_until_interrupted(dashboard, stdout)
         return 0 if res.ok else 1
     except (StackError, DemoError) as e:
         console.print(f"[red]error:[/] {e}")
@@ -1116,9 +1205,11 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
             pipeline.stop_all()
         if receiver is not None:
             receiver.close()
+        if dashboard is not None:
+            dashboard.stop()
         if was_up:
             console.print("[cyan]•[/] the stack was already up before the demo: left running")
-        elif not opts.keep_running:
+        else:
             stack.down(progress=lambda m: console.print(f"[cyan]•[/] {m}"))
 
 

@@ -1,4 +1,4 @@
-"""The local stack: a real Kafka broker (KRaft), Redis and the embedded ClickHouse endpoint.
+"""The local stack: a real Kafka broker (KRaft), Redis, the embedded ClickHouse endpoint and the dashboard.
 
 ``clickpulse stack up`` starts whatever is not configured externally, waits until each service is
 healthy, creates the contract topics and writes ``<home>/stack.env``. ``down`` stops exactly the
@@ -6,7 +6,8 @@ processes ``up`` started (by PID, verified against the command line it recorded)
 health. Everything binds to loopback and lives under ``<home>`` (default ``./.clickpulse``):
 
     <home>/stack.json      what up started: pid, ports, command marker per service
-    <home>/stack.env       KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, CLICKHOUSE_URL
+    <home>/stack.env       KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, CLICKHOUSE_URL, CLICKPULSE_DASHBOARD_URL,
+                           the read-only ClickHouse user (CLICKPULSE_CLICKHOUSE_READONLY_USER/_PASSWORD)
     <home>/logs/*.log      one log per service
     <home>/kafka/          server.properties, log4j2.properties, data/ (formatted on first start)
     <home>/redis/          appendonly data
@@ -20,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,8 +51,18 @@ from connectors.settings import (
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("kafka", "redis", "clickhouse")
-ENV_VARS = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "redis": "REDIS_URL", "clickhouse": "CLICKHOUSE_URL"}
+SERVICES = ("kafka", "redis", "clickhouse", "dashboard")
+ENV_VARS = {
+    "kafka": "KAFKA_BOOTSTRAP_SERVERS",
+    "redis": "REDIS_URL",
+    "clickhouse": "CLICKHOUSE_URL",
+    "dashboard": "CLICKPULSE_DASHBOARD_URL",
+}
+#: The read-only ClickHouse user of the embedded endpoint (BI, the dashboard): its name, and the variables
+#: that carry it in stack.env (the dashboard's settings read them).
+READONLY_USER = "clickpulse_readonly"
+READONLY_USER_VAR = "CLICKPULSE_CLICKHOUSE_READONLY_USER"
+READONLY_PASSWORD_VAR = "CLICKPULSE_CLICKHOUSE_READONLY_PASSWORD"  # noqa: S105 - a variable name
 
 
 def _kafka_cluster_id() -> str:
@@ -83,6 +95,9 @@ class StackSettings(Settings):
     """``CLICKPULSE_REDIS_PORT``: Redis port (default: last used, else a free port)."""
     clickhouse_port: int | None = Field(None, alias="CLICKPULSE_CLICKHOUSE_PORT")
     """``CLICKPULSE_CLICKHOUSE_PORT``: ClickHouse HTTP port (default: last used, else a free port)."""
+    dashboard_port: int | None = Field(None, alias="CLICKPULSE_STACK_DASHBOARD_PORT")
+    """``CLICKPULSE_STACK_DASHBOARD_PORT``: port of the dashboard ``up`` starts (default: last used, else a
+    free port)."""
     kafka_heap: str = Field("768m", alias="CLICKPULSE_KAFKA_HEAP")
     """``CLICKPULSE_KAFKA_HEAP``: broker JVM heap (default ``768m``)."""
     topic_partitions: int = Field(4, alias="CLICKPULSE_TOPIC_PARTITIONS", gt=0)
@@ -111,6 +126,8 @@ class ServiceState:
     pid: int | None = None
     ports: dict[str, int] = field(default_factory=dict)
     marker: str = ""
+    secrets: dict[str, str] = field(default_factory=dict)
+    """Credentials the service was started with (the embedded endpoint's read-only user)."""
 
     def to_json(self) -> dict[str, object]:
         """Plain dict for stack.json."""
@@ -120,6 +137,7 @@ class ServiceState:
             "pid": self.pid,
             "ports": self.ports,
             "marker": self.marker,
+            "secrets": self.secrets,
         }
 
 
@@ -205,7 +223,7 @@ def stop_pid(pid: int, marker: str, *, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def _spawn(cmd: list[str], log_file: Path, cwd: Path) -> int:
+def _spawn(cmd: list[str], log_file: Path, cwd: Path, env: Mapping[str, str] | None = None) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv built here
@@ -215,6 +233,7 @@ def _spawn(cmd: list[str], log_file: Path, cwd: Path) -> int:
             stdin=subprocess.DEVNULL,
             cwd=cwd,
             start_new_session=True,
+            env=None if env is None else dict(env),
         )
     return proc.pid
 
@@ -252,6 +271,7 @@ class Stack:
                 pid=item.get("pid"),
                 ports={k: int(v) for k, v in item.get("ports", {}).items()},
                 marker=str(item.get("marker", "")),
+                secrets={str(k): str(v) for k, v in (item.get("secrets") or {}).items()},
             )
         return out
 
@@ -264,9 +284,22 @@ class Stack:
     def write_env(self, state: dict[str, ServiceState]) -> None:
         """Write stack.env with one line per service, readable by the owner only (it may hold passwords)."""
         lines = [f"{ENV_VARS[name]}={state[name].url}" for name in SERVICES if name in state]
+        readonly = self.readonly_credentials(state.get("clickhouse"))
+        if readonly:
+            lines += [f"{READONLY_USER_VAR}={readonly[0]}", f"{READONLY_PASSWORD_VAR}={readonly[1]}"]
         if self.topic_prefix:
             lines.append(f"CLICKPULSE_TOPIC_PREFIX={self.topic_prefix}")
         write_private(self.env_file, "\n".join(lines) + "\n")
+
+    def readonly_credentials(self, clickhouse: ServiceState | None) -> tuple[str, str] | None:
+        """The read-only ClickHouse user and password: the environment's when both are set, else those the
+        embedded endpoint was started with (None for an external server without them)."""
+        user, password = self.environ.get(READONLY_USER_VAR), self.environ.get(READONLY_PASSWORD_VAR)
+        if user and password is not None:
+            return user, password
+        if clickhouse is not None and not clickhouse.external and clickhouse.secrets.get("readonly_user"):
+            return clickhouse.secrets["readonly_user"], clickhouse.secrets.get("readonly_password", "")
+        return None
 
     def external_url(self, name: str, state: dict[str, ServiceState]) -> str | None:
         """The URL of an externally configured service, or None when we should run it ourselves."""
@@ -290,6 +323,12 @@ class Stack:
             try:
                 return bool(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping())
             except redis.RedisError:
+                return False
+        if name == "dashboard":
+            try:
+                with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=2) as r:  # noqa: S310
+                    return bool(r.status == 200)
+            except (OSError, urllib.error.URLError, ValueError):
                 return False
         try:
             base = url.split("@", 1)[-1] if "@" in url else url.split("://", 1)[-1]
@@ -318,6 +357,7 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         state = self.load_state()
         new_state: dict[str, ServiceState] = {}
+        self._starting = new_state  # what the dashboard reads ClickHouse's URL and read-only user from
         started: list[str] = []
         try:
             self._start_missing(state, new_state, started, progress)
@@ -467,17 +507,51 @@ class Stack:
         port = self._port("clickhouse", "clickhouse", self.settings.clickhouse_port, prev)
         data = self.root / "clickhouse"
         data.mkdir(parents=True, exist_ok=True)
+        # the read-only user: the environment's, else the one of the last start, else a new one
+        kept = prev.secrets if prev and prev.secrets.get("readonly_user") else {}
+        user, password = self.readonly_credentials(None) or (
+            kept.get("readonly_user", READONLY_USER),
+            kept.get("readonly_password") or secrets.token_urlsafe(24),
+        )
         cmd = [
             sys.executable, "-m", "devstack.chserver", "--host", "127.0.0.1", "--port", str(port),
             "--data-dir", str(data), "--log-file", str(self.logs / "clickhouse.log"),
+            "--readonly-user", user, "--readonly-password-env", READONLY_PASSWORD_VAR,
         ]  # fmt: skip
-        pid = _spawn(cmd, self.logs / "clickhouse.stdout.log", REPO_ROOT)
+        env = {**os.environ, READONLY_PASSWORD_VAR: password}  # the password never goes on a command line
+        pid = _spawn(cmd, self.logs / "clickhouse.stdout.log", REPO_ROOT, env)
         return ServiceState(
             name="clickhouse",
             url=f"http://127.0.0.1:{port}",
             pid=pid,
             ports={"clickhouse": port},
             marker="devstack.chserver",
+            secrets={"readonly_user": user, "readonly_password": password},
+        )
+
+    def _start_dashboard(self, prev: ServiceState | None) -> ServiceState:
+        port = self._port("dashboard", "stack_dashboard", self.settings.dashboard_port, prev)
+        state = getattr(self, "_starting", None) or self.load_state()
+        clickhouse = state.get("clickhouse")
+        if clickhouse is None:
+            raise StackError("dashboard: no ClickHouse to read from; run `clickpulse stack up`")
+        # the dashboard's configuration, explicit: stack.env is written only once every service is up
+        env = {k: v for k, v in os.environ.items() if k not in (READONLY_USER_VAR, READONLY_PASSWORD_VAR)}
+        env["CLICKHOUSE_URL"] = clickhouse.url
+        for key in ("CLICKPULSE_CLICKHOUSE_DATABASE", "CLICKPULSE_DASHBOARD_REFRESH_MS"):
+            if key in self.environ:
+                env[key] = self.environ[key]
+        readonly = self.readonly_credentials(clickhouse)
+        if readonly:
+            env[READONLY_USER_VAR], env[READONLY_PASSWORD_VAR] = readonly
+        cmd = [sys.executable, "-m", "connectors.dashboard", "--host", "127.0.0.1", "--port", str(port)]
+        pid = _spawn(cmd, self.logs / "dashboard.log", REPO_ROOT, env)
+        return ServiceState(
+            name="dashboard",
+            url=f"http://127.0.0.1:{port}",
+            pid=pid,
+            ports={"stack_dashboard": port},
+            marker=f"connectors.dashboard --host 127.0.0.1 --port {port}",
         )
 
     # restart ------------------------------------------------------------------------------------

@@ -157,19 +157,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    """``clickpulse query "<SQL>"``: run SQL (or a saved query file) and print the result."""
+    """``clickpulse query "<SQL>"``: run SQL or a saved query (``--param`` values), print the result."""
     from connectors.clickhouse import client_from_url
-    from connectors.query import UnknownQuery, render_result, resolve_sql, result_document
+    from connectors.query import (
+        QueryParamError,
+        parse_param_args,
+        render_result,
+        resolve_query,
+        result_document,
+    )
     from connectors.settings import load_connections
 
     conn = load_connections()
     try:
-        sql = resolve_sql(args.sql)
-    except UnknownQuery as e:
+        query, saved = resolve_query(args.sql)
+        params = query.bind(parse_param_args(args.param or []))
+    except QueryParamError as e:
         raise CliError(str(e), exit_code=2) from e
-    client = client_from_url(conn.clickhouse_url.get_secret_value(), database=args.database)
+    # saved queries name their tables without a database: they run in the configured one
+    database = args.database or (conn.clickhouse_database if saved else None)
+    client = client_from_url(conn.clickhouse_url.get_secret_value(), database=database)
     try:
-        result = client.query(sql)
+        result = client.query(query.sql, parameters=params or None)
     finally:
         client.close()
     if args.json:
@@ -191,8 +200,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``clickpulse demo``: stack up, simulated traffic, a summary of what arrived."""
     from devstack.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, keep_running=args.keep_running)
+    opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, exit=args.exit)
     return run_demo(opts, console)
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``clickpulse dashboard``: serve the live dashboard until Ctrl-C."""
+    from connectors.dashboard.server import run
+
+    return run({"host": args.host, "port": args.port})
 
 
 # --------------------------------------------------------------------------- migrate
@@ -499,7 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="run SQL or a saved query (sql/queries/NAME) against ClickHouse")
     q.add_argument("sql", help="SQL text, a path to a .sql file, or the name of a saved query")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
-    q.add_argument("--database", default=None, help="default database (default: the server's)")
+    q.add_argument(
+        "--database",
+        default=None,
+        help="default database (default: CLICKPULSE_CLICKHOUSE_DATABASE for saved queries, else server's)",
+    )
+    q.add_argument(
+        "--param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="value of a query parameter {NAME:Type} (repeatable; saved queries list theirs and their "
+        "defaults in their header)",
+    )
     q.add_argument(
         "--json", action="store_true", help="one JSON document {columns, rows, row_count} on stdout"
     )
@@ -511,6 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--json", action="store_true", help="one JSON document on stdout")
     st.set_defaults(func=cmd_status)
+
+    from connectors.dashboard.settings import add_dashboard_args
+
+    db = sub.add_parser("dashboard", help="serve the live dashboard (read-only ClickHouse user) until Ctrl-C")
+    add_dashboard_args(db)
+    db.set_defaults(func=cmd_dashboard)
 
     d = sub.add_parser(
         "demo",
@@ -526,10 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many records per second (default 0: as fast as the ingest job keeps up)",
     )
     d.add_argument(
-        "--keep-running",
+        "--exit",
         action="store_true",
-        help="leave the stack, the demo topics and the database clickpulse_demo up for `clickpulse query`",
+        help="end after the summary and stop the stack the demo started (default: serve the dashboard on "
+        "clickpulse_demo, stack and topics up, until Ctrl-C)",
     )
+    d.add_argument("--keep-running", action="store_true", help=argparse.SUPPRESS)  # the default now
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -1,4 +1,7 @@
-"""Load job: ``events.enriched`` -> ClickHouse ``events``, ``sessions`` -> ``sessions``, effectively once.
+"""Load job: Kafka -> ClickHouse ``events``, ``sessions`` and ``actions``, effectively once.
+
+``events.enriched`` -> ``events``, ``sessions`` -> ``sessions``, ``actions`` and ``actions.dlq`` ->
+``actions`` (status ``fired`` / ``dead_lettered``).
 
 Run it as ``python -m jobs.load [options]`` or ``clickpulse run load``. A Kafka consumer-group job, not a
 Flink job (see ``docs/adr/003-loader-exactly-once.md``); the work is in :mod:`connectors.loader`. Settings
@@ -84,6 +87,8 @@ class LoadJobSettings:
             events_topic=conn.topic("events.enriched"),
             sessions_topic=conn.topic("sessions"),
             dlq_topic=conn.topic("events.dlq"),
+            actions_topic=conn.topic("actions"),
+            actions_dlq_topic=conn.topic("actions.dlq"),
             group_id=self.consumer.group(JOB),
             starting_offsets=self.consumer.starting_offsets,
             batch_max_rows=load.batch_max_rows,

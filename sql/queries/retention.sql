@@ -1,11 +1,14 @@
 -- Weekly retention cohorts: users (user_key, bots excluded) grouped by the week (Monday, UTC) of their
--- first event; for each later week, how many of them were active again.
--- Run: clickpulse query retention
+-- first event, for the cohorts that start in [date_from, date_to]; for each later week, how many of
+-- them were active again (week_offset 0 is the cohort itself).
+-- Run: clickpulse query retention [--param date_from=2026-10-01 --param date_to=2026-11-30]
+-- param date_from = today-56
+-- param date_to = today
 WITH
     activity AS
     (
         SELECT DISTINCT user_key, toMonday(timestamp) AS week
-        FROM clickpulse.events
+        FROM events
         WHERE NOT is_bot
     ),
     cohorts AS
@@ -13,6 +16,7 @@ WITH
         SELECT user_key, min(week) AS cohort_week
         FROM activity
         GROUP BY user_key
+        HAVING cohort_week >= toMonday({date_from:Date}) AND cohort_week <= {date_to:Date}
     ),
     sizes AS
     (

@@ -67,6 +67,13 @@ def test_saved_queries_run(stack: Stack) -> None:
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines(), name  # at least the header
     assert client_from_url(url).query("SELECT 1").result_rows == [(1,)]
+    steps = cli(stack, "query", "funnel", "--param", "steps=Product Viewed,Order Completed",
+                "--param", "date_from=today-7", "--format", "csv")  # fmt: skip
+    assert steps.returncode == 0, steps.stderr
+    bad = cli(stack, "query", "funnel", "--param", "nope=1")
+    assert bad.returncode == 2 and "unknown parameter nope" in bad.stderr
+    typed = cli(stack, "query", "SELECT {n:UInt8} + 1 AS n", "--param", "n=41", "--format", "csv")
+    assert typed.stdout.splitlines() == ["n", "42"], typed.stderr
 
 
 def test_simulate_writes_truth(stack: Stack, tmp_path: Path, topic_factory) -> None:

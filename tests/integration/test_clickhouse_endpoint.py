@@ -44,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret:with@odd/chars"
+RO_PASSWORD = "r3ad-only"
 
 
 @dataclass
@@ -127,7 +128,11 @@ def auth_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint
         "loader",
         "--password-env",
         "CHSERVER_TEST_PASSWORD",
-        env={"CHSERVER_TEST_PASSWORD": PASSWORD},
+        "--readonly-user",
+        "bi",
+        "--readonly-password-env",
+        "CHSERVER_TEST_RO_PASSWORD",
+        env={"CHSERVER_TEST_PASSWORD": PASSWORD, "CHSERVER_TEST_RO_PASSWORD": RO_PASSWORD},
     )
     yield ep
     _stop(ep)
@@ -447,6 +452,36 @@ def test_auth_on(auth_endpoint: Endpoint) -> None:
     assert client_from_url(url).command("SELECT 4") == 4
     with pytest.raises(DatabaseError, match="516"):
         client_from_url(f"http://loader:nope@127.0.0.1:{ep.port}")
+
+
+def test_readonly_user_reads_only_on_get_and_post(auth_endpoint: Endpoint) -> None:
+    ep = auth_endpoint
+    full = client_from_url(f"http://loader:{urllib.parse.quote(PASSWORD, safe='')}@127.0.0.1:{ep.port}")
+    full.command("CREATE DATABASE IF NOT EXISTS ro_test")
+    full.command("CREATE TABLE IF NOT EXISTS ro_test.t (n UInt8) ENGINE = MergeTree ORDER BY n")
+    full.command("INSERT INTO ro_test.t VALUES (1)")
+    ro = client_from_url(f"http://bi:{RO_PASSWORD}@127.0.0.1:{ep.port}/ro_test")
+    assert ro.query("SELECT sum(n) FROM t WHERE n = {n:UInt8}", parameters={"n": 1}).result_rows == [(1,)]
+    for sql in (
+        "INSERT INTO t VALUES (2)",
+        "CREATE TABLE t2 (n UInt8) ENGINE = Memory",
+        "DROP TABLE t",
+        "TRUNCATE TABLE t",
+        "ALTER TABLE t DELETE WHERE 1",
+        "SET max_block_size = 1",
+        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+    ):
+        with pytest.raises(DatabaseError, match="164|READONLY"):
+            ro.command(sql)
+        # a POST with readonly=0 in the URL is still read-only
+        status, headers, _ = _http(f"{ep.url}/?readonly=0&user=bi&password={RO_PASSWORD}", data=sql.encode())
+        assert headers.get("X-ClickHouse-Exception-Code") == "164", sql
+    with pytest.raises(DatabaseError, match="164|READONLY"):
+        ro.insert("t", [[3]], column_names=["n"])
+    status, headers, _ = _http(_q(ep, "SELECT 1", user="bi", password="wrong"))
+    assert status == 403 and headers["X-ClickHouse-Exception-Code"] == "516"
+    assert full.command("SELECT sum(n) FROM ro_test.t") == 1
+    full.command("DROP DATABASE ro_test")
 
 
 # ------------------------------------------------------------------------------------------- lifecycle

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from connectors.status import flink_jobs
-from devstack.stack import free_port
+from devstack.stack import SERVICES, free_port
 from tests.support import REPO
 
 pytestmark = pytest.mark.unit
@@ -114,7 +114,7 @@ def test_status_says_what_is_unavailable(no_services: dict[str, str]) -> None:
     assert "CLICKPULSE_FLINK_REST_URL" in res.stdout
 
     doc = json.loads(cli(no_services, "status", "--json").stdout)
-    assert [s["service"] for s in doc["services"]["services"]] == ["kafka", "redis", "clickhouse"]
+    assert [s["service"] for s in doc["services"]["services"]] == list(SERVICES)
     assert not any(s["healthy"] for s in doc["services"]["services"])
     for part in ("flink", "consumer_lag", "dlq"):
         assert doc[part]["available"] is False and doc[part]["reason"]

@@ -129,7 +129,10 @@ def test_renamed_variables_are_listed() -> None:
 
 
 #: Fields validated beyond their type, by variable: a valid value that differs from the default.
-VALID_PROBES = {"CLICKPULSE_WEBHOOK_SECRET_ENV": "CLICKPULSE_WEBHOOK_SECRET_PROBE"}
+VALID_PROBES: dict[str, Any] = {
+    "CLICKPULSE_WEBHOOK_SECRET_ENV": "CLICKPULSE_WEBHOOK_SECRET_PROBE",
+    "CLICKPULSE_DASHBOARD_REFRESH_MS": 1500,  # at most 2000: the live panels refresh at least every 2 s
+}
 
 
 def read(cls: type[BaseSettings], state_dir: Path) -> Settings:
@@ -140,7 +143,7 @@ def read(cls: type[BaseSettings], state_dir: Path) -> Settings:
 def _probe(info: FieldInfo, default: Any) -> tuple[str, Any]:
     """An environment value for a field that differs from its default, and the value it must parse to."""
     if info.alias in VALID_PROBES:
-        return VALID_PROBES[info.alias], VALID_PROBES[info.alias]
+        return str(VALID_PROBES[info.alias]), VALID_PROBES[info.alias]
     annotation = info.annotation
     if get_origin(annotation) in (Union, types.UnionType):
         annotation = next(a for a in get_args(annotation) if a is not type(None))

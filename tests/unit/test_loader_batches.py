@@ -12,6 +12,8 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from connectors.loader import (
+    ACTIONS,
+    ACTIONS_DLQ,
     EVENTS,
     INTENT_PREFIX,
     SESSIONS,
@@ -223,6 +225,53 @@ def test_convert_sessions() -> None:
     assert rows[0]["revenue"] == Decimal("129.9900") and rows[1]["revenue"] == Decimal("10.5000")
     assert rows[0]["end"] == datetime(2026, 11, 22, 20, 10, tzinfo=UTC)
     assert rows[0]["utm_source"] == "" and rows[0]["duration_s"] == 600.0
+
+
+ACTION: dict[str, Any] = {
+    "action_id": "a" * 64,
+    "rule_id": "deal_promo",
+    "user_key": "u-1",
+    "fired_at": "2026-11-22T20:00:05.000Z",
+    "event_time": "2026-11-22T20:00:00.000Z",
+    "events": [{"message_id": "m-1"}, {"message_id": "m-2"}],
+    "details": {"count": 4},
+}
+
+
+def test_convert_actions_and_dead_letters() -> None:
+    fired = convert(
+        ACTIONS, [msg(ACTION, 0), msg({**ACTION, "rule_id": ""}, 1), msg({**ACTION, "events": 3}, 2)]
+    )
+    assert [(m.offset, why.split(":")[0]) for m, why in fired.rejected] == [(1, "rule_id"), (2, "events")]
+    assert fired.table.schema == ACTIONS.schema
+    (row,) = fired.table.to_pylist()
+    assert (
+        row["status"] == "fired" and row["events"] == 2 and row["attempts"] == 0 and row["last_error"] == ""
+    )
+    assert row["fired_at"] == datetime(2026, 11, 22, 20, 0, 5, tzinfo=UTC)
+    dead = convert(ACTIONS_DLQ, [msg({**ACTION, "attempts": 5, "last_error": "HTTP 500"}, 7)])
+    (row,) = dead.table.to_pylist()
+    assert (row["status"], row["attempts"], row["last_error"], row["kafka_offset"]) == (
+        "dead_lettered",
+        5,
+        "HTTP 500",
+        7,
+    )
+
+
+def test_loader_config_loads_actions_only_when_configured() -> None:
+    from connectors.loader import LoaderConfig
+
+    plain = LoaderConfig(bootstrap_servers="k:1", clickhouse_url="http://c:1")
+    assert plain.table_of() == {"events.enriched": "events", "sessions": "sessions"}
+    full = LoaderConfig(
+        bootstrap_servers="k:1",
+        clickhouse_url="http://c:1",
+        actions_topic="actions",
+        actions_dlq_topic="actions.dlq",
+    )
+    assert full.table_of()["actions"] == full.table_of()["actions.dlq"] == "actions"
+    assert full.spec_of()["actions.dlq"] is ACTIONS_DLQ and full.topics[-2:] == ["actions", "actions.dlq"]
 
 
 def test_convert_empty_batch() -> None:
