@@ -18,7 +18,7 @@ from kafka.structs import OffsetAndMetadata
 
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
-from devstack.stack import Stack, StackSettings, pid_alive
+from devstack.stack import SERVICES, Stack, StackSettings, pid_alive
 from tests.support import REPO, run_job, until
 
 pytestmark = pytest.mark.integration
@@ -178,9 +178,12 @@ def test_status_json_reports_services_lag_and_dlq(stack: Stack, job_env: dict[st
     consumer.commit({TopicPartition(f"{prefix}events.enriched", 1): OffsetAndMetadata(3, "", -1)})
     consumer.close()
 
+    # the session stack's services (the dashboard, the collector) as external ones, beside the job's topics
+    stack_env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+    env = {**job_env, **{k: v for k, v in stack_env.items() if k.endswith("_URL") and k not in job_env}}
     res = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "status", "--json"],
-        env=job_env,
+        env=env,
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -190,14 +193,14 @@ def test_status_json_reports_services_lag_and_dlq(stack: Stack, job_env: dict[st
     doc = json.loads(res.stdout)  # stdout holds the one document and nothing else
     assert doc["topic_prefix"] == prefix
     services = {s["service"]: s for s in doc["services"]["services"]}
-    assert set(services) == {"kafka", "redis", "clickhouse"} and all(s["healthy"] for s in services.values())
+    assert set(services) == set(SERVICES) and all(s["healthy"] for s in services.values()), services
     assert doc["flink"]["available"] is False  # no CLICKPULSE_FLINK_REST_URL
     lag = doc["consumer_lag"]["groups"][group]
     assert lag == {"lag": 4, "topics": {f"{prefix}events.enriched": {"committed": 3, "end": 7, "lag": 4}}}
     assert doc["dlq"] == {"available": True, "topics": {f"{prefix}events.dlq": 5, f"{prefix}actions.dlq": 2}}
 
     text = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "status"], env=job_env, cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "jobs.cli", "status"], env=env, cwd=REPO, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert text.returncode == 0 and "Traceback" not in text.stderr
