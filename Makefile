@@ -25,10 +25,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv and install clickpulse with dev tools (idempotent)
 
-sysdeps: ## install redis-server, java and maven with apt when missing (needs root)
+sysdeps: ## install redis-server, a Java 17 JDK and maven with apt when missing (needs root)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
-	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v javac >/dev/null || missing="$$missing openjdk-17-jdk-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -39,11 +39,11 @@ sysdeps: ## install redis-server, java and maven with apt when missing (needs ro
 	  fi; \
 	fi
 
-$(JARS_DIR)/.resolved: $(POM) | sysdeps
+$(JARS_DIR)/.resolved: $(POM) connectors/jvm/pom.xml $(shell find connectors/jvm/src -name '*.java') | sysdeps
 	mvn -q -B -f $(POM) package -Djars.dir=$(abspath $(JARS_DIR))
 	@touch $@
 
-jars: $(JARS_DIR)/.resolved ## resolve the pinned Kafka broker and Flink connector jars with Maven (no-op when done)
+jars: $(JARS_DIR)/.resolved ## resolve the pinned Kafka broker and Flink connector jars and build the JVM operators with Maven (no-op when done)
 
 demo: venv sysdeps jars ## run the demo on the embedded stack, then serve its dashboard until Ctrl-C (DEMO_ARGS=--exit: end after the summary)
 	$(BIN)/clickpulse demo $(DEMO_ARGS)
