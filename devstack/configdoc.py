@@ -61,6 +61,7 @@ SETTINGS_CLASSES: tuple[str, ...] = (
     "jobs.triggers:TriggersSettings",
     "connectors.dispatch:DispatchSettings",
     "jobs.load:LoadSettings",
+    "connectors.collector.settings:CollectorSettings",
     "devstack.stack:StackSettings",
     "devstack.chserver:ChServerSettings",
 )

@@ -194,6 +194,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return int(module.main(args.job_args))
 
 
+# --------------------------------------------------------------------------- collector
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    """``clickpulse collector``: the Segment-compatible HTTP collector in the foreground."""
+    from connectors.collector.main import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -273,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the stack, the demo topics and the database clickpulse_demo up for `clickpulse query`",
     )
     d.set_defaults(func=cmd_demo)
+
+    from connectors.collector.settings import add_collector_args
+
+    c = sub.add_parser("collector", help="the Segment-compatible HTTP collector (/v1/track ... /v1/batch)")
+    add_collector_args(c)
+    c.set_defaults(func=cmd_collector)
     return p
 
 

@@ -129,7 +129,10 @@ def test_renamed_variables_are_listed() -> None:
 
 
 #: Fields validated beyond their type, by variable: a valid value that differs from the default.
-VALID_PROBES = {"CLICKPULSE_WEBHOOK_SECRET_ENV": "CLICKPULSE_WEBHOOK_SECRET_PROBE"}
+VALID_PROBES = {
+    "CLICKPULSE_WEBHOOK_SECRET_ENV": "CLICKPULSE_WEBHOOK_SECRET_PROBE",
+    "CLICKPULSE_COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/8",
+}
 
 
 def read(cls: type[BaseSettings], state_dir: Path) -> Settings:
