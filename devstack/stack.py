@@ -1,4 +1,4 @@
-"""The local stack: a real Kafka broker (KRaft), Redis and the embedded ClickHouse endpoint.
+"""The local stack: a real Kafka broker (KRaft), Redis, the embedded ClickHouse endpoint and the collector.
 
 ``clickpulse stack up`` starts whatever is not configured externally, waits until each service is
 healthy, creates the contract topics and writes ``<home>/stack.env``. ``down`` stops exactly the
@@ -6,11 +6,13 @@ processes ``up`` started (by PID, verified against the command line it recorded)
 health. Everything binds to loopback and lives under ``<home>`` (default ``./.clickpulse``):
 
     <home>/stack.json      what up started: pid, ports, command marker per service
-    <home>/stack.env       KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, CLICKHOUSE_URL
+    <home>/stack.env       KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, CLICKHOUSE_URL, CLICKPULSE_COLLECTOR_URL,
+                           CLICKPULSE_WRITE_KEY
     <home>/logs/*.log      one log per service
     <home>/kafka/          server.properties, log4j2.properties, data/ (formatted on first start)
     <home>/redis/          appendonly data
     <home>/clickhouse/     the chDB data directory (owned by the endpoint process only)
+    <home>/collector/      write_key: the local write key (0600, generated on first start)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -49,8 +52,15 @@ from connectors.settings import (
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("kafka", "redis", "clickhouse")
-ENV_VARS = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "redis": "REDIS_URL", "clickhouse": "CLICKHOUSE_URL"}
+SERVICES = ("kafka", "redis", "clickhouse", "collector")
+ENV_VARS = {
+    "kafka": "KAFKA_BOOTSTRAP_SERVERS",
+    "redis": "REDIS_URL",
+    "clickhouse": "CLICKHOUSE_URL",
+    "collector": "CLICKPULSE_COLLECTOR_URL",
+}
+#: stack.env's line with the collector's write key (a secret: never printed).
+WRITE_KEY_VAR = "CLICKPULSE_WRITE_KEY"
 
 
 def _kafka_cluster_id() -> str:
@@ -205,11 +215,12 @@ def stop_pid(pid: int, marker: str, *, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def _spawn(cmd: list[str], log_file: Path, cwd: Path) -> int:
+def _spawn(cmd: list[str], log_file: Path, cwd: Path, env: Mapping[str, str] | None = None) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv built here
             cmd,
+            env=None if env is None else dict(env),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -234,6 +245,7 @@ class Stack:
         self.root = settings.root
         self.logs = self.root / "logs"
         self.state_file = self.root / "stack.json"
+        self._services: dict[str, ServiceState] = {}
         self.env_file = self.root / "stack.env"
 
     # state ------------------------------------------------------------------------------------
@@ -264,9 +276,26 @@ class Stack:
     def write_env(self, state: dict[str, ServiceState]) -> None:
         """Write stack.env with one line per service, readable by the owner only (it may hold passwords)."""
         lines = [f"{ENV_VARS[name]}={state[name].url}" for name in SERVICES if name in state]
+        key = self.write_key(state)
+        if key:
+            lines.append(f"{WRITE_KEY_VAR}={key}")
         if self.topic_prefix:
             lines.append(f"CLICKPULSE_TOPIC_PREFIX={self.topic_prefix}")
         write_private(self.env_file, "\n".join(lines) + "\n")
+
+    def write_key(self, state: Mapping[str, ServiceState]) -> str:
+        """The collector's write key: the environment's for an external collector, else the local one
+        (generated once into ``<home>/collector/write_key``, mode 0600)."""
+        svc = state.get("collector")
+        if svc is None:
+            return ""
+        if svc.external:
+            return self.environ.get(WRITE_KEY_VAR, "")
+        path = self.root / "collector" / "write_key"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_private(path, "wk_" + secrets.token_urlsafe(24))
+        return path.read_text().strip()
 
     def external_url(self, name: str, state: dict[str, ServiceState]) -> str | None:
         """The URL of an externally configured service, or None when we should run it ourselves."""
@@ -318,6 +347,7 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         state = self.load_state()
         new_state: dict[str, ServiceState] = {}
+        self._services = new_state  # the collector starts after Kafka and needs its address
         started: list[str] = []
         for name in SERVICES:
             ext = self.external_url(name, state)
@@ -457,6 +487,34 @@ class Stack:
             pid=pid,
             ports={"clickhouse": port},
             marker="devstack.chserver",
+        )
+
+    def _start_collector(self, prev: ServiceState | None) -> ServiceState:
+        kafka = self._services.get("kafka") or self.load_state().get("kafka")
+        if kafka is None:
+            raise StackError("collector: Kafka is not known yet; run `clickpulse stack up`")
+        port = self._port("collector", "collector", None, prev)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("CLICKPULSE_") and k not in ENV_VARS.values()
+        }
+        env.update({k: v for k, v in self.environ.items() if k.startswith("CLICKPULSE_KAFKA_")})  # TLS/SASL
+        env.update(
+            KAFKA_BOOTSTRAP_SERVERS=kafka.url,
+            CLICKPULSE_TOPIC_PREFIX=self.topic_prefix,
+            CLICKPULSE_STATE_DIR=str(self.root),
+            **{WRITE_KEY_VAR: self.write_key({"collector": ServiceState("collector", "")})},
+        )
+        marker = f"connectors.collector --host 127.0.0.1 --port {port}"
+        cmd = [sys.executable, "-m", *marker.split()]
+        pid = _spawn(cmd, self.logs / "collector.log", REPO_ROOT, env)
+        return ServiceState(
+            name="collector",
+            url=f"http://127.0.0.1:{port}",
+            pid=pid,
+            ports={"collector": port},
+            marker=marker,
         )
 
     # restart ------------------------------------------------------------------------------------
