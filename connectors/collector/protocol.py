@@ -250,6 +250,12 @@ def to_raw(
         if value is not None and not isinstance(value, dict):
             raise bad(f"{where}.{name} must be an object, got {type(value).__name__}", "bad_field")
         rec[name] = value or {}
+    if "anonymous_id" not in rec and "user_id" not in rec:
+        raise bad(f"{where} needs anonymousId or userId", "missing_field")
+    if kind == "track" and not rec.get("event"):
+        raise bad(f"{where}: a track event needs 'event'", "missing_field")
+    if kind == "alias" and ("previous_id" not in rec or "user_id" not in rec):
+        raise bad(f"{where}: an alias needs previousId and userId", "missing_field")
     received_at = format_ms(received_at_ms)
     timestamp = item.get("timestamp")
     sent_at = item.get("sentAt", item.get("sent_at", batch_sent_at))
