@@ -87,6 +87,9 @@ class KafkaSink:
         self._factory = producer_factory
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
+        # True once a send was acknowledged: the producer then knows the topic's partitions, and send() only
+        # appends to its buffer (the sender thread does the I/O), so it is called on the event loop directly
+        self._warm = False
         # blocking producer calls (connect, metadata, a full buffer) wait here, not on the event loop
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="collector-kafka")
 
@@ -117,14 +120,20 @@ class KafkaSink:
         acks = _Acks(loop, len(records))
         deadline = loop.time() + self.ack_timeout_s
         try:
-            await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._send, records, timestamp_ms, acks),
-                self.ack_timeout_s,
-            )
+            if self._warm:
+                self._send(records, timestamp_ms, acks)
+            else:  # connecting and the first metadata fetch block: in a thread
+                await asyncio.wait_for(
+                    loop.run_in_executor(self._executor, self._send, records, timestamp_ms, acks),
+                    self.ack_timeout_s,
+                )
             await asyncio.wait_for(acks.future, max(0.0, deadline - loop.time()))
+            self._warm = True
         except TimeoutError:
+            self._warm = False
             raise Unavailable(f"kafka did not acknowledge within {self.ack_timeout_s:g}s") from None
         except KafkaError as e:
+            self._warm = False
             raise Unavailable(f"kafka: {type(e).__name__}") from None
         finally:
             if not acks.future.done():
