@@ -2,11 +2,13 @@
 
 Routes: ``POST /v1/track|page|identify|alias|batch`` (see :mod:`connectors.collector.protocol`),
 ``OPTIONS`` on each (CORS preflight), ``GET /v1/clickpulse.js`` (the first-party tracking script),
-``GET /ping`` (liveness: 200 while the process serves) and ``GET /health`` (JSON: Kafka connected, and
-the request counters). Answers: 200 ``{"success": true}`` once Kafka acknowledged every event of the
-request; 400 invalid input, 401 bad or missing write key, 413 over a size limit, 415 unknown
-``Content-Encoding``, 503 with ``Retry-After`` when Kafka did not acknowledge in time. Every refusal has
-a JSON body ``{"success": false, "code": ..., "message": ...}`` and is counted by its code.
+``GET /ping`` (liveness and readiness: 200 while the process serves) and ``GET /health`` (503 while Kafka
+does not acknowledge, for monitoring; JSON with the request counters).
+
+Answers: 200 ``{"success": true}`` once Kafka acknowledged every event of the request; 400 invalid
+input, 401 bad or missing write key, 413 over a size limit, 415 unknown ``Content-Encoding``, 503 with
+``Retry-After`` when Kafka did not acknowledge in time. Every refusal has a JSON body
+``{"success": false, "code": ..., "message": ...}`` and is counted by its code.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ class Collector:
         return web.Response(text="Ok.\n")
 
     async def health(self, request: web.Request) -> web.Response:
-        """``GET /health``: 200 when Kafka is connected (503 otherwise) and the counters."""
+        """``GET /health``: 503 from a request Kafka did not acknowledge until one it did, else 200; the
+        counters. Not a readiness probe: a replica taken out of service would never see Kafka recover."""
         ok = self.sink.connected()
         body = {"kafka": ok, "pending": self.pending, "counters": dict(self.counters)}
         return web.Response(

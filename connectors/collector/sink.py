@@ -90,6 +90,7 @@ class KafkaSink:
         # True once a send was acknowledged: the producer then knows the topic's partitions, and send() only
         # appends to its buffer (the sender thread does the I/O), so it is called on the event loop directly
         self._warm = False
+        self._ok = True  # False from a publish that was not acknowledged until one is (see connected())
         # blocking producer calls (connect, metadata, a full buffer) wait here, not on the event loop
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="collector-kafka")
 
@@ -128,24 +129,24 @@ class KafkaSink:
                     self.ack_timeout_s,
                 )
             await asyncio.wait_for(acks.future, max(0.0, deadline - loop.time()))
-            self._warm = True
+            self._warm = self._ok = True
         except TimeoutError:
-            self._warm = False
+            self._warm = self._ok = False
             raise Unavailable(f"kafka did not acknowledge within {self.ack_timeout_s:g}s") from None
         except KafkaError as e:
-            self._warm = False
+            self._warm = self._ok = False
             raise Unavailable(f"kafka: {type(e).__name__}") from None
+        except Unavailable:
+            self._ok = False
+            raise
         finally:
             if not acks.future.done():
                 acks.future.cancel()  # late callbacks find it done and do nothing
 
     def connected(self) -> bool:
-        """True when the producer exists and is connected to a broker (for ``/health``)."""
-        producer = self._producer
-        try:
-            return producer is not None and bool(producer.bootstrap_connected())
-        except Exception:  # noqa: BLE001 - a health probe never raises
-            return False
+        """False from a request Kafka did not acknowledge until the next one it did (for ``/health``);
+        True before the first request."""
+        return self._ok
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush what is buffered (up to ``timeout_s``) and close."""
