@@ -24,6 +24,7 @@ BENCHES = (
     "bench_sessionize",
     "bench_triggers",
     "bench_pipeline",
+    "bench_collector",
 )
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

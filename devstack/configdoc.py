@@ -62,6 +62,7 @@ SETTINGS_CLASSES: tuple[str, ...] = (
     "connectors.dispatch:DispatchSettings",
     "jobs.load:LoadSettings",
     "connectors.dashboard.settings:DashboardSettings",
+    "connectors.collector.settings:CollectorSettings",
     "devstack.stack:StackSettings",
     "devstack.chserver:ChServerSettings",
 )

@@ -1,4 +1,5 @@
-"""The local stack: a real Kafka broker (KRaft), Redis, the embedded ClickHouse endpoint and the dashboard.
+"""The local stack: a real Kafka broker (KRaft), Redis, the embedded ClickHouse endpoint, the collector
+and the dashboard.
 
 ``clickpulse stack up`` starts whatever is not configured externally, waits until each service is
 healthy, creates the contract topics and writes ``<home>/stack.env``. ``down`` stops exactly the
@@ -7,11 +8,13 @@ health. Everything binds to loopback and lives under ``<home>`` (default ``./.cl
 
     <home>/stack.json      what up started: pid, ports, command marker per service
     <home>/stack.env       KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, CLICKHOUSE_URL, CLICKPULSE_DASHBOARD_URL,
-                           the read-only ClickHouse user (CLICKPULSE_CLICKHOUSE_READONLY_USER/_PASSWORD)
+                           the read-only ClickHouse user (CLICKPULSE_CLICKHOUSE_READONLY_USER/_PASSWORD),
+                           CLICKPULSE_COLLECTOR_URL, CLICKPULSE_WRITE_KEY
     <home>/logs/*.log      one log per service
     <home>/kafka/          server.properties, log4j2.properties, data/ (formatted on first start)
     <home>/redis/          appendonly data
     <home>/clickhouse/     the chDB data directory (owned by the endpoint process only)
+    <home>/collector/      write_key: the local write key (0600, generated on first start)
 """
 
 from __future__ import annotations
@@ -51,18 +54,21 @@ from connectors.settings import (
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("kafka", "redis", "clickhouse", "dashboard")
+SERVICES = ("kafka", "redis", "clickhouse", "collector", "dashboard")
 ENV_VARS = {
     "kafka": "KAFKA_BOOTSTRAP_SERVERS",
     "redis": "REDIS_URL",
     "clickhouse": "CLICKHOUSE_URL",
     "dashboard": "CLICKPULSE_DASHBOARD_URL",
+    "collector": "CLICKPULSE_COLLECTOR_URL",
 }
 #: The read-only ClickHouse user of the embedded endpoint (BI, the dashboard): its name, and the variables
 #: that carry it in stack.env (the dashboard's settings read them).
 READONLY_USER = "clickpulse_readonly"
 READONLY_USER_VAR = "CLICKPULSE_CLICKHOUSE_READONLY_USER"
 READONLY_PASSWORD_VAR = "CLICKPULSE_CLICKHOUSE_READONLY_PASSWORD"  # noqa: S105 - a variable name
+#: stack.env's line with the collector's write key (a secret: never printed).
+WRITE_KEY_VAR = "CLICKPULSE_WRITE_KEY"
 
 
 def _kafka_cluster_id() -> str:
@@ -228,12 +234,12 @@ def _spawn(cmd: list[str], log_file: Path, cwd: Path, env: Mapping[str, str] | N
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv built here
             cmd,
+            env=None if env is None else dict(env),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
             start_new_session=True,
-            env=None if env is None else dict(env),
         )
     return proc.pid
 
@@ -253,6 +259,7 @@ class Stack:
         self.root = settings.root
         self.logs = self.root / "logs"
         self.state_file = self.root / "stack.json"
+        self._services: dict[str, ServiceState] = {}
         self.env_file = self.root / "stack.env"
 
     # state ------------------------------------------------------------------------------------
@@ -287,6 +294,9 @@ class Stack:
         readonly = self.readonly_credentials(state.get("clickhouse"))
         if readonly:
             lines += [f"{READONLY_USER_VAR}={readonly[0]}", f"{READONLY_PASSWORD_VAR}={readonly[1]}"]
+        key = self.write_key(state)
+        if key:
+            lines.append(f"{WRITE_KEY_VAR}={key}")
         if self.topic_prefix:
             lines.append(f"CLICKPULSE_TOPIC_PREFIX={self.topic_prefix}")
         write_private(self.env_file, "\n".join(lines) + "\n")
@@ -300,6 +310,20 @@ class Stack:
         if clickhouse is not None and not clickhouse.external and clickhouse.secrets.get("readonly_user"):
             return clickhouse.secrets["readonly_user"], clickhouse.secrets.get("readonly_password", "")
         return None
+
+    def write_key(self, state: Mapping[str, ServiceState]) -> str:
+        """The collector's write key: the environment's for an external collector, else the local one
+        (generated once into ``<home>/collector/write_key``, mode 0600)."""
+        svc = state.get("collector")
+        if svc is None:
+            return ""
+        if svc.external:
+            return self.environ.get(WRITE_KEY_VAR, "")
+        path = self.root / "collector" / "write_key"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_private(path, "wk_" + secrets.token_urlsafe(24))
+        return path.read_text().strip()
 
     def external_url(self, name: str, state: dict[str, ServiceState]) -> str | None:
         """The URL of an externally configured service, or None when we should run it ourselves."""
@@ -357,7 +381,7 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         state = self.load_state()
         new_state: dict[str, ServiceState] = {}
-        self._starting = new_state  # what the dashboard reads ClickHouse's URL and read-only user from
+        self._services = new_state  # later services read the earlier ones' addresses from it
         started: list[str] = []
         try:
             self._start_missing(state, new_state, started, progress)
@@ -531,7 +555,7 @@ class Stack:
 
     def _start_dashboard(self, prev: ServiceState | None) -> ServiceState:
         port = self._port("dashboard", "stack_dashboard", self.settings.dashboard_port, prev)
-        state = getattr(self, "_starting", None) or self.load_state()
+        state = self._services or self.load_state()
         clickhouse = state.get("clickhouse")
         if clickhouse is None:
             raise StackError("dashboard: no ClickHouse to read from; run `clickpulse stack up`")
@@ -552,6 +576,34 @@ class Stack:
             pid=pid,
             ports={"stack_dashboard": port},
             marker=f"connectors.dashboard --host 127.0.0.1 --port {port}",
+        )
+
+    def _start_collector(self, prev: ServiceState | None) -> ServiceState:
+        kafka = self._services.get("kafka") or self.load_state().get("kafka")
+        if kafka is None:
+            raise StackError("collector: Kafka is not known yet; run `clickpulse stack up`")
+        port = self._port("collector", "collector", None, prev)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("CLICKPULSE_") and k not in ENV_VARS.values()
+        }
+        env.update({k: v for k, v in self.environ.items() if k.startswith("CLICKPULSE_KAFKA_")})  # TLS/SASL
+        env.update(
+            KAFKA_BOOTSTRAP_SERVERS=kafka.url,
+            CLICKPULSE_TOPIC_PREFIX=self.topic_prefix,
+            CLICKPULSE_STATE_DIR=str(self.root),
+            **{WRITE_KEY_VAR: self.write_key({"collector": ServiceState("collector", "")})},
+        )
+        marker = f"connectors.collector --host 127.0.0.1 --port {port}"
+        cmd = [sys.executable, "-m", *marker.split()]
+        pid = _spawn(cmd, self.logs / "collector.log", REPO_ROOT, env)
+        return ServiceState(
+            name="collector",
+            url=f"http://127.0.0.1:{port}",
+            pid=pid,
+            ports={"collector": port},
+            marker=marker,
         )
 
     # restart ------------------------------------------------------------------------------------

@@ -459,6 +459,16 @@ def package_version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
+# --------------------------------------------------------------------------- collector
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    """``clickpulse collector``: the Segment-compatible HTTP collector in the foreground."""
+    from connectors.collector.main import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -569,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--keep-running", action="store_true", help=argparse.SUPPRESS)  # the default now
     d.set_defaults(func=cmd_demo)
+
+    from connectors.collector.settings import add_collector_args
+
+    c = sub.add_parser("collector", help="the Segment-compatible HTTP collector (/v1/track ... /v1/batch)")
+    add_collector_args(c)
+    c.set_defaults(func=cmd_collector)
     return p
 
 

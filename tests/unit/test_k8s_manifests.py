@@ -557,6 +557,8 @@ def test_secret_keys_are_settings_webhook_secrets_or_s3_credentials(setting_env_
                 assert all(re.fullmatch(r"[A-Z_][A-Z0-9_]*", k) for k in keys), keys
             elif gen["name"] == "clickpulse-s3":
                 assert keys == S3_CREDENTIAL_VARS
+            elif gen["name"] == "clickpulse-collector-keys":
+                assert keys == {"CLICKPULSE_WRITE_KEY"}
             else:
                 assert gen["name"] == "clickpulse-servers", f"unexpected Secret {gen['name']}"
                 assert keys == clickhouse_password_vars() | {"REDIS_PASSWORD"}

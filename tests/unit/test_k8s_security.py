@@ -116,18 +116,23 @@ def user_acls(user: dict[str, Any]) -> Acls:
     return acls
 
 
+#: Kafka workloads that are no job of ``clickpulse run``: the command after ``clickpulse``.
+SERVICES = ("collector",)
+
+
 def kafka_workloads() -> dict[str, dict[str, Any]]:
-    """Workloads running a clickpulse job (every job reads Kafka), by the KafkaUser they log in as."""
+    """Workloads running a clickpulse job (every job reads Kafka) or the collector, by the KafkaUser they
+    log in as."""
     found = {}
     for doc in workloads():
-        if job_of(doc) not in JOBS:
+        if job_of(doc) not in (*JOBS, *SERVICES):
             continue
         user = pod_env(doc).get("CLICKPULSE_KAFKA_SASL_USERNAME")
         assert user, f"{doc['metadata']['name']}: no CLICKPULSE_KAFKA_SASL_USERNAME"
         assert user not in found, f"{user} shared by two workloads"
         found[user] = doc
     # every job of the code is deployed (the one-graph `pipeline` job, where it exists, not yet)
-    assert {job_of(d) for d in found.values()} == set(JOBS) - {"pipeline"}
+    assert {job_of(d) for d in found.values()} == set(JOBS) - {"pipeline"} | set(SERVICES)
     return found
 
 
@@ -206,9 +211,13 @@ def flink_job_needs(job: str, env: Mapping[str, str], monkeypatch: pytest.Monkey
 
 
 def consumer_needs(job: str, env: Mapping[str, str]) -> Need:
-    """The topics of the loader's and the dispatch loop's configs, built from ``env`` as their main() does."""
-    module = importlib.import_module(f"jobs.{job}")
+    """The topics of the loader's and the dispatch loop's configs (and the collector's sink), built from
+    ``env`` as their main() does."""
     need = Need()
+    if job == "collector":  # the topic its Kafka sink writes (connectors.collector.main)
+        need.write(Connections.from_env(env).topic("events.raw"))
+        return need
+    module = importlib.import_module(f"jobs.{job}")
     if job == "load":
         cfg = compose(module.LoadJobSettings, env).loader_config()
         need.read(cfg.events_topic, cfg.group_id)
@@ -232,6 +241,8 @@ def job_of(doc: dict[str, Any]) -> str:
         args = doc["spec"]["job"]["args"]
         return Path(args[args.index("-py") + 1]).stem
     command = main_container(doc).get("command") or []
+    if command[:2] == ["clickpulse", "collector"]:
+        return "collector"
     return str(command[2]) if command[:2] == ["clickpulse", "run"] else ""
 
 
@@ -664,6 +675,9 @@ def test_network_policies_allow_exactly_the_flows_of_the_pipeline() -> None:
         (p["clickpulse-migrate"], clickhouse, 8123),
         (Pod("bi", {"app.kubernetes.io/component": "bi"}), clickhouse, 8123),
         (p["clickpulse-dispatch"], INTERNET, 443),
+        (p["clickpulse-collector"], BROKER, kafka_port),
+        (INTERNET, p["clickpulse-collector"], 8088),
+        (Pod("ingress-controller", {}, namespace="ingress-nginx"), p["clickpulse-collector"], 8088),
         (operator_ns, p["clickpulse-triggers/jobmanager"], 8081),
     ]
     for job in flink_jobs:
@@ -693,6 +707,10 @@ def test_network_policies_allow_exactly_the_flows_of_the_pipeline() -> None:
         (redis, INTERNET, 443),
         (Pod("stranger", {}, namespace="elsewhere"), p["clickpulse-ingest/jobmanager"], 8081),
         (p["clickpulse-load"], p["clickpulse-ingest/jobmanager"], 6123),
+        (p["clickpulse-collector"], clickhouse, 8123),
+        (p["clickpulse-collector"], redis, 6379),
+        (p["clickpulse-collector"], INTERNET, 443),
+        (INTERNET, p["clickpulse-collector"], 22),
     ]
     for src, dst, port in must_not:
         assert not flows_allowed(policies, src, dst, port), f"{src.name} -> {dst.name}:{port} is open"

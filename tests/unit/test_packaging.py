@@ -55,6 +55,7 @@ def test_the_production_image_has_neither_the_local_stack_nor_its_dependencies()
         "connectors",
         "sql",
         "connectors/maven/pom.xml",
+        "connectors/jvm",  # the JVM operators, built in the Maven stage
     }
     # the dependencies are installed from pyproject.toml without extras
     installs = [line for line in dockerfile.splitlines() if "pip install" in line]
