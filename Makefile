@@ -24,11 +24,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv and install clickpulse with dev tools (idempotent)
 
-sysdeps: ## install redis-server, java and maven with apt when missing (needs root)
+sysdeps: ## install redis-server, java, maven and chromium (browser test) with apt when missing (needs root)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
