@@ -25,11 +25,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv and install clickpulse with dev tools (idempotent)
 
-sysdeps: ## install redis-server, a Java 17 JDK and maven with apt when missing (needs root)
+sysdeps: ## install redis-server, a Java 17 JDK, maven and chromium (browser test) with apt when missing (needs root)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v javac >/dev/null || missing="$$missing openjdk-17-jdk-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
