@@ -265,28 +265,40 @@ def create_raw_source(
     )
 
 
-def build(t_env: Any, raw: Any, s: IngestJobSettings) -> tuple[Any, Any]:
+def build(t_env: Any, raw: Any, s: IngestJobSettings, propagate_watermarks: bool = False) -> tuple[Any, Any]:
     """The ingest part of the graph: ``raw`` (a table shaped like :func:`create_raw_source`'s) ->
     ``(enriched, dlq)``, two ``(k STRING, v BYTES)`` tables: unique valid events keyed by user_key, and
-    DLQ records keyed by the original key."""
+    DLQ records keyed by the original key.
+
+    ``propagate_watermarks`` (``raw`` must then have the rowtime ``received_at``, see
+    :func:`create_raw_source`'s ``watermark_delay_ms``): the source's watermarks travel on through the
+    stage and the dedup to ``enriched``, for keyed parts in the same graph. A table made from a
+    ``DataStream`` only passes on the watermarks it declares (``SOURCE_WATERMARK()``); without that the
+    parts downstream saw no watermark but the final one of a bounded run."""
     from pyflink.table import Schema
 
     t_env.create_temporary_view("ingest_raw", raw)
     t_env.create_temporary_function(
         "ingest_stage", udf(IngestStageUdf(StageConfig.of(s)), result_type=STAGE_ROW, func_type="pandas")
     )
+    # with propagate_watermarks, received_at (the rowtime) rides along: it becomes the stream records'
+    # timestamps, which the watermarks declared below refer to
+    rowtime = ", received_at" if propagate_watermarks else ""
     staged = t_env.sql_query(
-        "SELECT r.kind AS kind, r.message_id AS message_id, r.user_key AS user_key, r.payload AS payload "
-        "FROM (SELECT ingest_stage(k, v, CAST(received_at AS TIMESTAMP(3)), `partition`, `offset`) AS r "
-        "FROM ingest_raw)"
+        "SELECT r.kind AS kind, r.message_id AS message_id, r.user_key AS user_key, r.payload AS payload"
+        f"{rowtime} FROM (SELECT ingest_stage(k, v, CAST(received_at AS TIMESTAMP(3)), `partition`, "
+        f"`offset`) AS r{rowtime} FROM ingest_raw)"
     )
     # Materialize the stage once: both outputs read this stream, so the Python UDF runs once per record.
     stream = t_env.to_data_stream(staged)
+    schema = Schema.new_builder()
+    if propagate_watermarks:
+        schema = schema.column_by_metadata("rowtime", "TIMESTAMP_LTZ(3)").watermark(
+            "rowtime", "SOURCE_WATERMARK()"
+        )
     t_env.create_temporary_view(
         "ingest_staged",
-        t_env.from_data_stream(
-            stream, Schema.new_builder().column_by_expression("proc", "PROCTIME()").build()
-        ),
+        t_env.from_data_stream(stream, schema.column_by_expression("proc", "PROCTIME()").build()),
     )
     t_env.get_config().set("table.exec.state.ttl", f"{s.ingest.dedup_window_ms} ms")
     dlq = t_env.sql_query("SELECT user_key AS k, payload AS v FROM ingest_staged WHERE kind = 'dlq'")

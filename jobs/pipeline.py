@@ -87,10 +87,18 @@ def build(t_env: Any, s: PipelineJobSettings, config: triggers_job.FunctionConfi
         t_env, "raw_events", s.ingest_part(), job=JOB, watermark_delay_ms=s.triggers.out_of_orderness_ms
     )
     rules = triggers_job.create_rules_source(t_env, s.triggers_part(), job=JOB)
-    enriched, dlq = ingest_job.build(t_env, t_env.from_path("raw_events"), s.ingest_part())
+    enriched, dlq = ingest_job.build(
+        t_env, t_env.from_path("raw_events"), s.ingest_part(), propagate_watermarks=True
+    )
     # materialize the deduplicated stream once: the sink and both keyed parts read this one stream
     enriched_stream = t_env.to_data_stream(enriched)
-    sessions, late = sessionize_job.build(t_env, with_event_time(t_env, enriched_stream), s.sessionize_part())
+    # The sessions see the receive-time watermark, consistent across partitions; the per-key bound
+    # (newest event time of the key minus the out-of-orderness) is off: one user's events come from
+    # several events.raw partitions (devices, then identity), read at different paces in a backlog, so
+    # their event times would make events of the slower partition late by chance.
+    sessions, late = sessionize_job.build(
+        t_env, with_event_time(t_env, enriched_stream), s.sessionize_part(), per_key_bound=False
+    )
     actions = triggers_job.build(t_env, with_event_time(t_env, enriched_stream), rules, config)
     return {
         "enriched_sink": t_env.from_data_stream(enriched_stream),

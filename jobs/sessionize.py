@@ -31,6 +31,7 @@ Kafka sink is the same ``KafkaSink`` (``DeliveryGuarantee.EXACTLY_ONCE``, transa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -308,18 +309,24 @@ class SessionizeFunction(KeyedProcessFunction):
 # ---------------------------------------------------------------------------------------- wiring
 
 
-def build(t_env: Any, events: Any, s: SessionizeJobSettings) -> tuple[Any, Any]:
+def build(t_env: Any, events: Any, s: SessionizeJobSettings, per_key_bound: bool = True) -> tuple[Any, Any]:
     """The sessionize part of the graph: ``events`` (``k`` user_key, ``v`` the enriched event's JSON, with
     an event-time attribute and watermarks, see :func:`connectors.flink.create_enriched_source`) ->
     ``(sessions, late)``, two ``(k STRING, v BYTES)`` tables: session records keyed by session_id and
-    too-late events keyed by user_key."""
+    too-late events keyed by user_key.
+
+    ``per_key_bound=False``: lateness is judged by Flink's watermark alone (:data:`udfs.sessions.
+    NO_KEY_BOUND_MS`), for watermarks that do not follow event time (the pipeline's receive time)."""
+    config = FunctionConfig.of(s)
+    if not per_key_bound:
+        config = dataclasses.replace(config, out_of_orderness_ms=reducer.NO_KEY_BOUND_MS)
     t_env.create_temporary_view("sessionize_events", events)
     keyed_rows = t_env.sql_query(
         f"SELECT k, ROW(k, v) FROM (SELECT {ENRICHED_USER_KEY_SQL} AS k, v FROM sessionize_events)"
     )
     sessions = (
         key_by_first_field(t_env, keyed_rows, EVENT_TYPE)
-        .process(SessionizeFunction(FunctionConfig.of(s)), output_type=OUT_TYPE)
+        .process(SessionizeFunction(config), output_type=OUT_TYPE)
         .uid(UID_SESSIONS)
         .name("sessionize")
     )

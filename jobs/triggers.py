@@ -496,6 +496,9 @@ def create_rules_source(t_env: Any, s: TriggersJobSettings, job: str = JOB) -> A
             # the whole compacted topic every time: replayed records are older than the driver's
             # snapshot or the broadcast state and change nothing ("newest offset wins")
             "scan.startup.mode": "earliest-offset",
+            # its own idle timeout: in the pipeline the job-wide one is the sessions' (a minute), and
+            # until this rarely written source counts as idle it holds event time at the epoch
+            "scan.watermark.idle-timeout": f"{s.triggers.idle_timeout_ms} ms",
             **LOW_LATENCY_FETCH,
         },
     )

@@ -49,6 +49,7 @@ __all__ = [
     "Event",
     "EventError",
     "KeyState",
+    "NO_KEY_BOUND_MS",
     "LateEvent",
     "Session",
     "SessionConfig",
@@ -72,6 +73,12 @@ _MICROS = 1_000_000
 MIXED_CURRENCY = "MIXED"
 
 
+#: An out-of-orderness bound that turns the per-key lateness bound off: the newest event time of a key
+#: minus this lies before every watermark, so Flink's watermark alone decides what is too late (for
+#: watermarks that follow receive time, not event time, see ``jobs.pipeline``).
+NO_KEY_BOUND_MS = 1 << 62
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     """Time rules of sessionization, all in milliseconds."""
@@ -83,7 +90,8 @@ class SessionConfig:
     allowed_lateness_ms: int = 3_600_000
     """How far behind the watermark an event may be and still update its session."""
     out_of_orderness_ms: int = 60_000
-    """The watermark strategy's out-of-orderness bound (per key: newest event time minus this)."""
+    """The watermark strategy's out-of-orderness bound (per key: newest event time minus this);
+    :data:`NO_KEY_BOUND_MS` turns the per-key bound off (Flink's watermark alone decides)."""
 
     def __post_init__(self) -> None:
         """Reject a non-positive gap or maximum and a negative lateness or out-of-orderness bound."""

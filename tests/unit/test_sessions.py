@@ -14,6 +14,7 @@ import pytest
 from devstack.simulator import expected_sessions
 from udfs.sessions import (
     MIXED_CURRENCY,
+    NO_KEY_BOUND_MS,
     Event,
     EventError,
     KeyState,
@@ -292,6 +293,19 @@ def test_per_key_bound_makes_lateness_independent_of_watermark_timing() -> None:
     assert res.emits == (LateEvent("old", "u1", T0, T0 + 3 * H - MIN - 1),) and res.counts.late == 1
     res = step(state, ev(T0 + 3 * H - MIN - 1 - H + 1, "ok"), NO_WM, CFG)
     assert res.counts.late == 0 and res.counts.opened == 1
+
+
+def test_no_key_bound_leaves_lateness_to_the_watermark() -> None:
+    # the pipeline's watermark follows receive time: a key's newest event time must not make the
+    # key's older events (from a partition read more slowly) late
+    cfg = SessionConfig(
+        gap_ms=30 * MIN, max_ms=24 * H, allowed_lateness_ms=H, out_of_orderness_ms=NO_KEY_BOUND_MS
+    )
+    state = step(KeyState(), ev(T0 + 3 * H, "new"), NO_WM, cfg).state
+    res = step(state, ev(T0, "old"), NO_WM, cfg)
+    assert res.counts.late == 0 and res.counts.opened == 1
+    res = step(state, ev(T0, "old"), T0 + H, cfg)  # the watermark itself still decides
+    assert res.emits == (LateEvent("old", "u1", T0, T0 + H),) and res.counts.late == 1
 
 
 def test_state_is_purged_after_end_plus_gap_plus_lateness() -> None:
