@@ -101,6 +101,12 @@ FLINK_JOBS = ("ingest", "sessionize", "triggers")
 PIPELINE_JOB = "pipeline"
 _FLINK = (*FLINK_JOBS, PIPELINE_JOB)
 ALL_JOBS = ("ingest", "sessionize", "triggers", "dispatch", "load")
+#: What ``clickpulse demo --jobs`` runs: the pipeline job (the default: ingest, sessions and triggers in
+#: one Flink graph, so no Kafka commit stands between an event and its action) or the single jobs.
+JOB_SETS: dict[str, tuple[str, ...]] = {
+    "pipeline": (PIPELINE_JOB, "dispatch", "load"),
+    "separate": ALL_JOBS,
+}
 _REST_RE = re.compile(r"REST API[^\n]*? at (http://[\w.\-\[\]:]+)")
 
 
@@ -121,6 +127,8 @@ class DemoOptions:
     checkpoint_interval_ms: int = 1000
     #: Most raw records ingest may have left to read before the producer waits (0: no limit).
     backlog: int = 500
+    #: Which jobs run: a key of :data:`JOB_SETS`.
+    jobs: str = "pipeline"
 
 
 # ================================================================================================
@@ -926,7 +934,9 @@ def _live_view(p: Progress, pipeline: Pipeline, t0: float) -> Table:
     t.add_row("sessions in ClickHouse", f"{p.sessions:,}")
     t.add_row("webhooks received", f"{p.webhooks:,}")
     jobs = "  ".join(
-        f"{j} [green]●[/]" if pipeline.alive(j) else f"{j} [dim]○[/]" for j in ALL_JOBS if j in pipeline.jobs
+        f"{j} [green]●[/]" if pipeline.alive(j) else f"{j} [dim]○[/]"
+        for j in (*ALL_JOBS, PIPELINE_JOB)
+        if j in pipeline.jobs
     )
     t.add_row("jobs", jobs)
     for line in p.last_webhooks[-3:]:
@@ -1094,8 +1104,8 @@ def run_demo(opts: DemoOptions, console: Console, stdout: Console | None = None)
                 live.update(_live_view(progress, pipeline, t0))
 
             progress.phase = "starting every job"
-            pipeline.start_all()
-            pipeline.wait_running(ALL_JOBS, timeout_s=900, tick=tick)
+            pipeline.start_all(JOB_SETS[opts.jobs])
+            pipeline.wait_running(JOB_SETS[opts.jobs], timeout_s=900, tick=tick)
             progress.phase = "waiting for the triggers job's event time to start"
             pipeline.wait_event_time(tick=tick)
             t_ready = time.monotonic()

@@ -200,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``clickpulse demo``: stack up, simulated traffic, a summary of what arrived."""
     from devstack.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, exit=args.exit)
+    opts = DemoOptions(events=args.events, seed=args.seed, rate=args.rate, exit=args.exit, jobs=args.jobs)
     return run_demo(opts, console)
 
 
@@ -576,6 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="end after the summary and stop the stack the demo started (default: serve the dashboard on "
         "clickpulse_demo, stack and topics up, until Ctrl-C)",
+    )
+    d.add_argument(
+        "--jobs",
+        choices=("pipeline", "separate"),
+        default="pipeline",
+        help="pipeline: the pipeline job (ingest, sessions and triggers in one Flink graph) with dispatch "
+        "and load (default); separate: the single jobs ingest, sessionize, triggers, dispatch, load",
     )
     d.add_argument("--keep-running", action="store_true", help=argparse.SUPPRESS)  # the default now
     d.set_defaults(func=cmd_demo)
