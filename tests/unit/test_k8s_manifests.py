@@ -2,10 +2,13 @@
 
 Pure Python (PyYAML): every YAML file parses and every object has ``apiVersion``/``kind``/``metadata.name``;
 every path a kustomization names exists; the ``FlinkDeployment`` set equals the code's Flink jobs, each
-with savepoint upgrades, S3 checkpoint/savepoint storage and a ``-py`` file of ``jobs/``; the ``KafkaTopic``
-set equals ``connectors.settings.CONTRACT_TOPICS`` with the same topic configs; every variable given to a
-clickpulse container is a field of a settings class; secrets only arrive by reference. When ``kubectl`` is
-installed, the base and every overlay are also rendered with ``kubectl kustomize`` and checked as output.
+with savepoint upgrades, S3 checkpoint/savepoint storage and a ``-py`` file of ``jobs/``; the base
+deploys the ``pipeline`` job and the ``single-jobs`` component swaps in ingest, sessionize and triggers;
+the ``KafkaTopic`` set equals ``connectors.settings.CONTRACT_TOPICS`` with the same topic configs; every
+variable given to a clickpulse container is a field of a settings class; secrets only arrive by
+reference. When ``kubectl`` is
+installed, the base and every overlay are also rendered with ``kubectl kustomize`` and checked as output,
+each also with the single-jobs component the way k8s/README.md tells.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
@@ -43,6 +47,11 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 KUSTOMIZATION = "kustomization.yaml"
+#: The kustomize component that runs the single Flink jobs instead of the pipeline.
+SINGLE_JOBS = K8S / "components" / "single-jobs"
+#: The FlinkDeployments of the default set (the base) and of the single-jobs component.
+PIPELINE_DEPLOYMENTS = {"clickpulse-pipeline"}
+SINGLE_JOB_DEPLOYMENTS = {"clickpulse-ingest", "clickpulse-sessionize", "clickpulse-triggers"}
 #: The one image every clickpulse workload runs (kustomize `images:` sets its registry and tag).
 IMAGE = "clickpulse"
 #: Where the image puts the repository (k8s/Dockerfile).
@@ -162,6 +171,36 @@ def by_name(kind: str) -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in of_kind(kind)}
 
 
+def deleted_by(kust: dict[str, Any]) -> set[tuple[str, str]]:
+    """``(kind, name)`` of the objects the inline ``$patch: delete`` patches of a kustomization remove."""
+    found = set()
+    for patch in kust.get("patches") or []:
+        doc = yaml.safe_load(patch["patch"]) if "patch" in patch else None
+        if isinstance(doc, dict) and doc.get("$patch") == "delete":
+            found.add((doc["kind"], doc["metadata"]["name"]))
+    return found
+
+
+def names_rendered(directory: Path, kind: str) -> set[str]:
+    """Names of the ``kind`` objects the kustomization in ``directory`` renders, read without kustomize:
+    its resources (files and directories), then each component's (whose deletions apply to everything
+    before them), less its own deletions."""
+    kust = kustomization(directory)
+
+    def add(rel: str) -> set[str]:
+        path = directory / rel
+        if path.is_file():
+            return {d["metadata"]["name"] for d in load_docs(path) if d["kind"] == kind}
+        return names_rendered(path, kind)
+
+    names: set[str] = set()
+    for rel in kust.get("resources") or []:
+        names |= add(rel)
+    for rel in kust.get("components") or []:
+        names = (names | add(rel)) - {n for k, n in deleted_by(kustomization(directory / rel)) if k == kind}
+    return names - {n for k, n in deleted_by(kust) if k == kind}
+
+
 def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The pod specs of a workload (a FlinkDeployment's shared and per-role pod templates included)."""
     spec = doc.get("spec") or {}
@@ -271,8 +310,19 @@ def setting_env_names() -> set[str]:
 
 
 def runs_keyed_python_operators(job: str) -> bool:
-    """Whether the job's keyed operators run in Python (it sets the execution mode of FlinkSettings)."""
-    return "python_operator_options(" in inspect.getsource(importlib.import_module(f"jobs.{job}"))
+    """Whether the job's keyed operators run in Python: it sets the execution mode of FlinkSettings, or
+    takes the Flink options of a job that does (the pipeline takes the triggers job's)."""
+    module = importlib.import_module(f"jobs.{job}")
+    source = inspect.getsource(module)
+    if "python_operator_options(" in source:
+        return True
+    return any(
+        isinstance(part, ModuleType)
+        and part.__name__.startswith("jobs.")
+        and f"{alias}.flink_options(" in source
+        and runs_keyed_python_operators(part.__name__.removeprefix("jobs."))
+        for alias, part in vars(module).items()
+    )
 
 
 def flink_version() -> str:
@@ -296,12 +346,18 @@ def test_every_yaml_file_parses_and_every_object_is_complete() -> None:
     assert files
     kustomizations = {(d / KUSTOMIZATION).resolve() for d in kustomization_dirs()}
     data = data_files()
+    patches = patch_files()
     for path in files:
         docs = load_docs(path)  # raises on invalid YAML
         assert docs, f"{path.relative_to(REPO)} is empty"
         if path.resolve() in kustomizations | data:
             continue
         for doc in docs:
+            if isinstance(doc, list) and path.resolve() in patches:  # a JSON patch (RFC 6902)
+                for op in doc:
+                    assert op["op"] in ("add", "remove", "replace", "test"), path.relative_to(REPO)
+                    assert str(op["path"]).startswith("/"), path.relative_to(REPO)
+                continue
             where = f"{path.relative_to(REPO)}: {doc.get('kind')}"
             assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], where
             assert isinstance(doc.get("kind"), str) and doc["kind"], where
@@ -341,9 +397,9 @@ def test_every_manifest_file_is_used_by_a_kustomization() -> None:
 
 
 def test_flink_deployments_are_exactly_the_flink_jobs_of_the_code() -> None:
-    # the one-graph pipeline job is not deployed yet: k8s still runs the single jobs
-    flink_jobs = flink_jobs_in_code() - {"pipeline"}
-    assert flink_jobs == {"ingest", "sessionize", "triggers"}
+    """One FlinkDeployment per Flink job: the pipeline in the base, the single jobs in the component."""
+    flink_jobs = flink_jobs_in_code()
+    assert flink_jobs == {"pipeline", "ingest", "sessionize", "triggers"}
     scripts = set()
     for doc in of_kind("FlinkDeployment"):
         args = doc["spec"]["job"]["args"]
@@ -354,6 +410,42 @@ def test_flink_deployments_are_exactly_the_flink_jobs_of_the_code() -> None:
         scripts.add(Path(script).stem)
     assert scripts == flink_jobs
     assert len(of_kind("FlinkDeployment")) == len(flink_jobs)
+
+
+def test_the_default_set_is_the_pipeline_and_the_component_swaps_in_the_single_jobs() -> None:
+    base = K8S / "base"
+    assert names_rendered(base, "FlinkDeployment") == PIPELINE_DEPLOYMENTS
+    assert names_rendered(SINGLE_JOBS, "FlinkDeployment") == SINGLE_JOB_DEPLOYMENTS
+    assert kustomization(SINGLE_JOBS)["kind"] == "Component"
+    # the component removes the pipeline and its Kafka identity: never both sets at once
+    assert deleted_by(kustomization(SINGLE_JOBS)) >= {
+        ("FlinkDeployment", "clickpulse-pipeline"),
+        ("KafkaUser", "clickpulse-pipeline"),
+    }
+    for d in kustomization_dirs():
+        if (d / "..").resolve() == (K8S / "overlays").resolve():
+            flink = names_rendered(d, "FlinkDeployment")
+            assert flink in (PIPELINE_DEPLOYMENTS, SINGLE_JOB_DEPLOYMENTS), f"{d.relative_to(REPO)}: {flink}"
+
+
+def test_the_pipeline_deployment_runs_jobs_pipeline_with_the_rules_file_and_no_delivery() -> None:
+    (pipeline,) = [d for d in of_kind("FlinkDeployment") if d["metadata"]["name"] == "clickpulse-pipeline"]
+    spec = pipeline["spec"]
+    assert spec["job"]["args"] == ["-py", f"{IMAGE_REPO}/jobs/pipeline.py"]
+    assert pipeline["metadata"]["labels"]["app.kubernetes.io/component"] == "pipeline"
+    assert spec["podTemplate"]["metadata"]["labels"]["app.kubernetes.io/component"] == "pipeline"
+    main = flink_main_container(pipeline)
+    # the rules file of ConfigMap clickpulse-rules, mounted where CLICKPULSE_RULES_FILE points
+    rules_file = Path(env_value(main, "CLICKPULSE_RULES_FILE"))
+    (mount,) = [m for m in main["volumeMounts"] if Path(m["mountPath"]) == rules_file.parent]
+    (volume,) = [v for v in spec["podTemplate"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == "clickpulse-rules" and mount.get("readOnly") is True
+    (gen,) = [g for g in kustomization(K8S / "base")["configMapGenerator"] if g["name"] == "clickpulse-rules"]
+    assert rules_file.name in {rel.split("=", 1)[0].rsplit("/", 1)[-1] for rel in gen["files"]}
+    # identity stitching (the ingest part) reads Redis, from the Secret
+    (redis,) = [e for e in main["env"] if e["name"] == "REDIS_URL"]
+    assert redis["valueFrom"]["secretKeyRef"] == {"name": "clickpulse-connections", "key": "REDIS_URL"}
+    assert env_value(main, "CLICKPULSE_FLINK_RESTORE") == "none"
 
 
 def test_every_flink_deployment_upgrades_with_savepoints_on_s3() -> None:
@@ -400,9 +492,9 @@ def test_every_flink_job_runs_at_the_parallelism_of_its_spec() -> None:
 
 
 def test_every_kustomization_that_changes_parallelism_keeps_the_env_in_step() -> None:
-    names = set(by_name("FlinkDeployment"))
     for d in kustomization_dirs():
         kust = kustomization(d)
+        names = names_rendered(d, "FlinkDeployment")
         changes = any(
             "parallelism" in (d / p["path"]).read_text("utf-8")
             if "path" in p
@@ -436,16 +528,20 @@ def test_python_execution_mode_matches_the_job_settings() -> None:
 
 
 def test_triggers_leave_webhook_delivery_to_the_dispatch_deployment() -> None:
-    (triggers,) = [
+    """The jobs with trigger operators (pipeline, triggers) deliver nothing: the dispatch Deployment does."""
+    firing = [
         d
         for d in of_kind("FlinkDeployment")
-        if any(a.endswith("jobs/triggers.py") for a in d["spec"]["job"]["args"])
+        if any(a.endswith(("jobs/triggers.py", "jobs/pipeline.py")) for a in d["spec"]["job"]["args"])
     ]
-    main = flink_main_container(triggers)
-    assert env_value(main, "CLICKPULSE_TRIGGERS_DISPATCH") == "false"
-    assert not any("webhooks" in str(ref) for ref in main.get("envFrom") or []), (
-        "webhook secrets in Flink pods"
-    )
+    assert len(firing) == 2
+    for doc in firing:
+        main = flink_main_container(doc)
+        assert env_value(main, "CLICKPULSE_TRIGGERS_DISPATCH") == "false", doc["metadata"]["name"]
+        assert not any("webhooks" in str(ref) for ref in main.get("envFrom") or []), (
+            "webhook secrets in Flink pods"
+        )
+        assert not any("webhooks" in str(e.get("valueFrom")) for e in main.get("env") or [])
 
 
 # ------------------------------------------------------------------------------ plain consumers
@@ -622,7 +718,7 @@ def test_no_secret_is_written_into_a_manifest() -> None:
     for path in sorted(K8S.rglob("*.yaml")):
         for doc in load_docs(path):
             where = path.relative_to(REPO)
-            if doc.get("kind") == "Secret":
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
                 assert not doc.get("data") and not doc.get("stringData"), (
                     f"{where}: Secret with inline values"
                 )
@@ -701,15 +797,65 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
         real = example.with_name(example.name.removesuffix(".example"))
         if not real.exists():
             shutil.copyfile(example, real)
+    # the single-jobs component the way k8s/README.md tells: on the base, and in the local overlay, whose
+    # replacements then name the single jobs (the component's) instead of the pipeline
+    component = SINGLE_JOBS.relative_to(K8S).as_posix()
+    variants = {"base+single-jobs": tree / "variants" / "base-single-jobs"}
+    variants["base+single-jobs"].mkdir(parents=True)
+    (variants["base+single-jobs"] / KUSTOMIZATION).write_text(
+        yaml.safe_dump({"resources": ["../../base"], "components": [f"../../{component}"]}), "utf-8"
+    )
+    local = tree / "overlays" / "local-single-jobs"
+    shutil.copytree(tree / "overlays" / "local", local)
+    kust = kustomization(local)
+    kust["components"] = [f"../../{component}"]
+    kust["replacements"] = [
+        r
+        for r in kustomization(SINGLE_JOBS)["replacements"]
+        if r["source"]["fieldPath"] == "spec.job.parallelism"
+    ]
+    (local / KUSTOMIZATION).write_text(yaml.safe_dump(kust), "utf-8")
+    variants["overlays/local+single-jobs"] = local
+    targets = {
+        d.relative_to(K8S).as_posix(): tree / d.relative_to(K8S)
+        for d in kustomization_dirs()
+        if kustomization(d).get("kind") != "Component"  # rendered as part of the variants
+    }
     out: dict[str, list[dict[str, Any]]] = {}
-    for d in kustomization_dirs():
-        rel = d.relative_to(K8S).as_posix()
+    for rel, path in {**targets, **variants}.items():
         proc = subprocess.run(
-            [kubectl, "kustomize", str(tree / rel)], capture_output=True, text=True, timeout=120, check=False
+            [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=False
         )
         assert proc.returncode == 0, f"kubectl kustomize k8s/{rel}: {proc.stderr}"
         out[rel] = [d for d in yaml.safe_load_all(proc.stdout) if d]
     return out
+
+
+def test_rendered_sets_are_the_pipeline_or_the_single_jobs(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The default renders the pipeline with its KafkaUser; the component the single jobs with theirs and no
+    trace of the pipeline's identity; the Kafka listener admits the pods of the rendered jobs."""
+    assert {"base", "overlays/local", "base+single-jobs", "overlays/local+single-jobs"} <= set(rendered)
+    for rel, docs in rendered.items():
+        flink = {d["metadata"]["name"]: d for d in docs if d["kind"] == "FlinkDeployment"}
+        users = {d["metadata"]["name"] for d in docs if d["kind"] == "KafkaUser"}
+        expected = SINGLE_JOB_DEPLOYMENTS if rel.endswith("+single-jobs") else PIPELINE_DEPLOYMENTS
+        assert set(flink) == expected, rel
+        assert users & (PIPELINE_DEPLOYMENTS | SINGLE_JOB_DEPLOYMENTS) == expected, rel
+        (kafka,) = [d for d in docs if d["kind"] == "Kafka"]
+        peers = {
+            value
+            for listener in kafka["spec"]["kafka"]["listeners"]
+            for peer in listener.get("networkPolicyPeers") or []
+            for expr in peer["podSelector"]["matchExpressions"]
+            for value in expr["values"]
+        }
+        for doc in flink.values():
+            assert doc["spec"]["podTemplate"]["metadata"]["labels"]["app.kubernetes.io/component"] in peers, (
+                rel
+            )
+            assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "clickpulse", rel
 
 
 def test_rendered_flink_jobs_keep_parallelism_and_env_equal(

@@ -6,18 +6,22 @@ gives it (``jobs.<job>.main`` with the table environment, the graph and the subm
 recorders for the Flink jobs; the loader's and the dispatch loop's configs for the consumers), and the
 Kafka tables and configs it makes name the topics, groups and transactional ids. NetworkPolicies are
 checked by evaluating them for the pods the manifests make (labels of the pod templates, plus those Flink
-and Strimzi add). Pure Python, no JVM.
+and Strimzi add). Every check runs for both sets of Flink jobs: the base's (the ``pipeline`` job) and the
+base with the ``single-jobs`` component (ingest, sessionize, triggers), composed here without kustomize.
+Pure Python, no JVM.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
+import inspect
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
@@ -28,9 +32,11 @@ from connectors.settings import CONTRACT_TOPICS, Connections, KafkaSecurityProto
 from jobs.cli import JOBS
 from tests.unit.test_k8s_manifests import (
     K8S,
+    SINGLE_JOBS,
     clickhouse_users,
     config_data,
     containers,
+    deleted_by,
     env_source,
     flink_main_container,
     generator_sources,
@@ -46,6 +52,11 @@ pytestmark = [
 ]
 
 BASE = K8S / "base"
+#: The sets of Flink jobs a deployment can have: the base's default, and the base with the component.
+PIPELINE, SINGLE = "pipeline", "single-jobs"
+VARIANTS = (PIPELINE, SINGLE)
+#: Kafka workloads of each set besides the Flink jobs: the consumers and the collector.
+FLINK_JOBS = {PIPELINE: {"pipeline"}, SINGLE: {"ingest", "sessionize", "triggers"}}
 #: Identities with no workload in the base: producers of events.raw and the writer of rules.
 PRODUCER, OPERATOR = "clickpulse-producer", "clickpulse-operator"
 #: Labels Flink's native Kubernetes mode puts on the pods of a FlinkDeployment.
@@ -59,19 +70,61 @@ Acls = dict[tuple[str, str, str], set[str]]
 # ------------------------------------------------------------------------------------------ the base
 
 
+def json_patch(doc: Any, ops: Any) -> None:
+    """Apply the RFC 6902 operations kustomize patches use here (test, add, replace, remove) in place."""
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key: Any = last if isinstance(node, dict) else (len(node) if last == "-" else int(last))
+        if op["op"] == "test":
+            assert node[key] == op["value"], op
+        elif op["op"] == "add" and isinstance(node, list):
+            node.insert(key, copy.deepcopy(op["value"]))
+        elif op["op"] in ("add", "replace"):
+            node[key] = copy.deepcopy(op["value"])
+        else:
+            assert op["op"] == "remove", op
+            del node[key]
+
+
 @functools.cache
-def base_objects() -> list[dict[str, Any]]:
-    """Every object of a resource file of the base kustomization (parsed once: do not modify them)."""
-    return [doc for rel in kustomization(BASE)["resources"] for doc in load_docs(BASE / rel)]
+def base_objects(variant: str = PIPELINE) -> list[dict[str, Any]]:
+    """Every object of a resource file of the base kustomization (parsed once: do not modify them); for
+    ``single-jobs`` with the component applied: its resources added, its deletions and JSON patches done."""
+    objects = [doc for rel in kustomization(BASE)["resources"] for doc in load_docs(BASE / rel)]
+    if variant == PIPELINE:
+        return objects
+    assert variant == SINGLE, variant
+    kust = kustomization(SINGLE_JOBS)
+    deleted = deleted_by(kust)
+    objects = [copy.deepcopy(d) for d in objects if (d["kind"], d["metadata"]["name"]) not in deleted]
+    objects += [doc for rel in kust["resources"] for doc in load_docs(SINGLE_JOBS / rel)]
+    for patch in kust.get("patches") or []:
+        if "path" not in patch:
+            continue
+        (ops,) = load_docs(SINGLE_JOBS / patch["path"])  # a list of operations
+        target = patch["target"]
+        matched = [
+            d
+            for d in objects
+            if d["kind"] == target["kind"]
+            and d["metadata"]["name"] == target.get("name", d["metadata"]["name"])
+        ]
+        assert matched, f"{patch['path']}: no target"
+        for doc in matched:
+            json_patch(doc, ops)
+    return objects
 
 
-def base_of_kind(kind: str) -> list[dict[str, Any]]:
-    return [d for d in base_objects() if d["kind"] == kind]
+def base_of_kind(kind: str, variant: str = PIPELINE) -> list[dict[str, Any]]:
+    return [d for d in base_objects(variant) if d["kind"] == kind]
 
 
-def workloads() -> list[dict[str, Any]]:
+def workloads(variant: str = PIPELINE) -> list[dict[str, Any]]:
     kinds = {"Deployment", "StatefulSet", "Job", "FlinkDeployment"}
-    return [d for d in base_objects() if d["kind"] in kinds]
+    return [d for d in base_objects(variant) if d["kind"] in kinds]
 
 
 def component(doc: dict[str, Any]) -> str:
@@ -97,13 +150,13 @@ def pod_env(doc: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def kafka_cluster() -> dict[str, Any]:
-    (kafka,) = base_of_kind("Kafka")
+def kafka_cluster(variant: str = PIPELINE) -> dict[str, Any]:
+    (kafka,) = base_of_kind("Kafka", variant)
     return kafka
 
 
-def kafka_users() -> dict[str, dict[str, Any]]:
-    return {u["metadata"]["name"]: u for u in base_of_kind("KafkaUser")}
+def kafka_users(variant: str = PIPELINE) -> dict[str, dict[str, Any]]:
+    return {u["metadata"]["name"]: u for u in base_of_kind("KafkaUser", variant)}
 
 
 def user_acls(user: dict[str, Any]) -> Acls:
@@ -120,19 +173,21 @@ def user_acls(user: dict[str, Any]) -> Acls:
 SERVICES = ("collector",)
 
 
-def kafka_workloads() -> dict[str, dict[str, Any]]:
+def kafka_workloads(variant: str = PIPELINE) -> dict[str, dict[str, Any]]:
     """Workloads running a clickpulse job (every job reads Kafka) or the collector, by the KafkaUser they
     log in as."""
     found = {}
-    for doc in workloads():
+    for doc in workloads(variant):
         if job_of(doc) not in (*JOBS, *SERVICES):
             continue
         user = pod_env(doc).get("CLICKPULSE_KAFKA_SASL_USERNAME")
         assert user, f"{doc['metadata']['name']}: no CLICKPULSE_KAFKA_SASL_USERNAME"
         assert user not in found, f"{user} shared by two workloads"
         found[user] = doc
-    # every job of the code is deployed (the one-graph `pipeline` job, where it exists, not yet)
-    assert {job_of(d) for d in found.values()} == set(JOBS) - {"pipeline"} | set(SERVICES)
+    # every job of the code is deployed: the consumers always, the Flink jobs of the variant's set
+    flink_jobs = set().union(*FLINK_JOBS.values())
+    assert set(JOBS) >= flink_jobs
+    assert {job_of(d) for d in found.values()} == set(JOBS) - flink_jobs | FLINK_JOBS[variant] | set(SERVICES)
     return found
 
 
@@ -171,6 +226,12 @@ class RecordingTableEnv:
     def create_statement_set(self) -> Any:
         return SimpleNamespace(add_insert=lambda *_: None)
 
+    def to_data_stream(self, table: Any) -> Any:
+        return table
+
+    def from_data_stream(self, stream: Any, *_: Any) -> Any:
+        return stream
+
 
 def flink_job_needs(job: str, env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Need:
     """Run ``jobs.<job>.main`` with ``env``, recording the Kafka tables it creates."""
@@ -192,11 +253,23 @@ def flink_job_needs(job: str, env: Mapping[str, str], monkeypatch: pytest.Monkey
         # the graph and the rules snapshot are not the point: only the Kafka tables are
         "build": lambda *args, **__: ("enriched", "dlq") if len(args) == 3 else "actions",
         "function_config": lambda *_, **__: None,
+        "with_event_time": lambda _t_env, stream, *_, **__: stream,
     }
     monkeypatch.setattr(flink, "create_table", create_table)
-    for name, value in replaced.items():
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, value)
+    # a job composed of other jobs' parts (the pipeline) runs its own build over their stand-ins, and
+    # its parts create their sources and sinks as they do in it
+    source = inspect.getsource(module)
+    parts = [
+        m
+        for alias, m in vars(module).items()
+        if isinstance(m, ModuleType) and m.__name__.startswith("jobs.") and f"{alias}.build(" in source
+    ]
+    for target in (module, *parts):
+        for name, value in replaced.items():
+            if name == "build" and target is module and parts:
+                continue
+            if hasattr(target, name):
+                monkeypatch.setattr(target, name, value)
     assert module.main([]) == 0
     assert tables, f"{job}: no Kafka table recorded"
     need = Need()
@@ -269,11 +342,12 @@ def test_the_kafka_listeners_use_tls_scram_and_acls() -> None:
     assert "userOperator" in kafka["entityOperator"], "KafkaUsers need the User Operator"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_every_kafka_workload_has_exactly_the_acls_its_job_wiring_needs(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    variant: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    users = kafka_users()
-    workloads_by_user = kafka_workloads()
+    users = kafka_users(variant)
+    workloads_by_user = kafka_workloads(variant)
     for user_name, doc in workloads_by_user.items():
         assert user_name in users, f"{doc['metadata']['name']}: no KafkaUser {user_name}"
         user = users[user_name]
@@ -290,24 +364,46 @@ def test_the_identities_without_a_workload_touch_only_their_topic() -> None:
     assert user_acls(users[OPERATOR]) == {("topic", "rules", "literal"): {"Describe", "Read", "Write"}}
 
 
-def writers(topic: str) -> set[str]:
+def writers(topic: str, variant: str = PIPELINE) -> set[str]:
     return {
         name
-        for name, user in kafka_users().items()
+        for name, user in kafka_users(variant).items()
         for (kind, res, pattern), ops in user_acls(user).items()
         if kind == "topic" and ops & {"Write", "All"} and (res == topic or pattern != "literal" or res == "*")
     }
 
 
-def test_only_the_operator_writes_rules_and_only_triggers_writes_actions() -> None:
-    assert writers("rules") == {OPERATOR}
-    assert writers("actions") == {"clickpulse-triggers"}
-    assert all(writers(t) for t in CONTRACT_TOPICS), "a contract topic nobody may write"
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_the_operator_writes_rules_and_only_the_trigger_job_writes_actions(variant: str) -> None:
+    assert writers("rules", variant) == {OPERATOR}
+    firing = "clickpulse-pipeline" if variant == PIPELINE else "clickpulse-triggers"
+    assert writers("actions", variant) == {firing}
+    assert all(writers(t, variant) for t in CONTRACT_TOPICS), "a contract topic nobody may write"
 
 
-def test_no_acl_is_a_wildcard_or_reaches_the_cluster() -> None:
-    for name, user in kafka_users().items():
-        assert user["metadata"]["labels"]["strimzi.io/cluster"] == kafka_cluster()["metadata"]["name"]
+def test_the_pipeline_user_may_use_every_topic_of_the_job_and_nothing_else() -> None:
+    """What the pipeline reads and writes (the topics of the architecture's data flow), with its group and
+    its exactly-once sinks' transactional ids; actions at-least-once, without transactions."""
+    acls = user_acls(kafka_users()["clickpulse-pipeline"])
+    topics = {name: ops for (kind, name, _), ops in acls.items() if kind == "topic"}
+    assert topics == {
+        "events.raw": {"Describe", "Read"},
+        "rules": {"Describe", "Read"},
+        **{t: {"Describe", "Write"} for t in ("events.enriched", "events.dlq", "sessions", "events.late")},
+        "actions": {"Describe", "Write"},
+    }
+    groups = {name for (kind, name, _) in acls if kind == "group"}
+    assert groups == {"clickpulse-pipeline", "clickpulse-pipeline-rules"}
+    transactional = {name for (kind, name, _) in acls if kind == "transactionalId"}
+    assert transactional == {
+        f"clickpulse-pipeline-{t}" for t in ("events.enriched", "events.dlq", "sessions", "events.late")
+    }
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_acl_is_a_wildcard_or_reaches_the_cluster(variant: str) -> None:
+    for name, user in kafka_users(variant).items():
+        assert user["metadata"]["labels"]["strimzi.io/cluster"] == kafka_cluster(variant)["metadata"]["name"]
         assert user["spec"]["authentication"]["type"] == "scram-sha-512", name
         assert user["spec"]["authorization"]["type"] == "simple", name
         for (kind, res, pattern), ops in user_acls(user).items():
@@ -316,11 +412,12 @@ def test_no_acl_is_a_wildcard_or_reaches_the_cluster() -> None:
             assert pattern == ("prefix" if kind == "transactionalId" else "literal"), f"{name}: {res}"
 
 
-def test_every_kafka_workload_logs_in_with_its_own_user_over_tls() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_kafka_workload_logs_in_with_its_own_user_over_tls(variant: str) -> None:
     """Protocol, mechanism, user, password from the user's Secret and the mounted cluster CA; the
     settings model turns them into the client properties of Flink's sources and sinks."""
-    ca_secret = f"{kafka_cluster()['metadata']['name']}-cluster-ca-cert"
-    for user_name, doc in kafka_workloads().items():
+    ca_secret = f"{kafka_cluster(variant)['metadata']['name']}-cluster-ca-cert"
+    for user_name, doc in kafka_workloads(variant).items():
         name = doc["metadata"]["name"]
         env = pod_env(doc)
         assert env["CLICKPULSE_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL", name
@@ -450,8 +547,9 @@ def test_the_clickhouse_server_creates_no_user_of_its_own() -> None:
 # ------------------------------------------------------------------------------------- hardened pods
 
 
-def test_every_workload_runs_non_root_read_only_without_capabilities() -> None:
-    for doc in workloads():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_workload_runs_non_root_read_only_without_capabilities(variant: str) -> None:
+    for doc in workloads(variant):
         for ps in pod_specs(doc):
             pod = ps.get("securityContext") or {}
             for container in (ps.get("containers") or []) + (ps.get("initContainers") or []):
@@ -477,8 +575,9 @@ WRITABLE = {
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
-def test_flink_and_clickhouse_write_only_to_their_volumes() -> None:
-    for doc in workloads():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flink_and_clickhouse_write_only_to_their_volumes(variant: str) -> None:
+    for doc in workloads(variant):
         key = doc["kind"] if doc["kind"] == "FlinkDeployment" else doc["metadata"]["name"]
         if key not in WRITABLE:
             continue
@@ -499,8 +598,9 @@ def probe_port(probe: dict[str, Any]) -> int:
     return int(action["port"])
 
 
-def test_flink_pods_are_probed_on_their_configured_ports() -> None:
-    for doc in base_of_kind("FlinkDeployment"):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flink_pods_are_probed_on_their_configured_ports(variant: str) -> None:
+    for doc in base_of_kind("FlinkDeployment", variant):
         conf = doc["spec"]["flinkConfiguration"]
         expected = {
             "jobManager": {int(conf["rest.port"]), int(conf["jobmanager.rpc.port"])},
@@ -596,9 +696,9 @@ def allowed(policies: list[dict[str, Any]], direction: str, pod: Pod, peer: Pod,
     return False
 
 
-def strimzi_listener_policies() -> list[dict[str, Any]]:
+def strimzi_listener_policies(variant: str = PIPELINE) -> list[dict[str, Any]]:
     """The listener NetworkPolicy Strimzi makes from ``networkPolicyPeers`` (ingress to the brokers)."""
-    kafka = kafka_cluster()
+    kafka = kafka_cluster(variant)
     return [
         {
             "spec": {
@@ -613,11 +713,14 @@ def strimzi_listener_policies() -> list[dict[str, Any]]:
     ]
 
 
-def flows_allowed(policies: list[dict[str, Any]], src: Pod, dst: Pod, port: int) -> bool:
-    ingress = policies + (strimzi_listener_policies() if dst is BROKER else [])
+def flows_allowed(
+    policies: list[dict[str, Any]], src: Pod, dst: Pod, port: int, variant: str = PIPELINE
+) -> bool:
+    ingress = policies + (strimzi_listener_policies(variant) if dst is BROKER else [])
     return allowed(policies, "Egress", src, dst, port) and allowed(ingress, "Ingress", dst, src, port)
 
 
+BROKER_SELECTOR = {"strimzi.io/cluster": "clickpulse", "strimzi.io/broker-role": "true"}
 BROKER = Pod(
     "kafka-broker",
     {"strimzi.io/cluster": "clickpulse", "strimzi.io/kind": "Kafka", "strimzi.io/broker-role": "true"},
@@ -625,10 +728,10 @@ BROKER = Pod(
 INTERNET = Pod("webhook receiver", {}, ip="203.0.113.10")
 
 
-def pods() -> dict[str, Pod]:
+def pods(variant: str = PIPELINE) -> dict[str, Pod]:
     """The pods of the base by name (a FlinkDeployment's as ``<name>/jobmanager`` and ``/taskmanager``)."""
     found: dict[str, Pod] = {}
-    for doc in workloads():
+    for doc in workloads(variant):
         name = doc["metadata"]["name"]
         if doc["kind"] == "FlinkDeployment":
             labels = doc["spec"]["podTemplate"]["metadata"]["labels"]
@@ -641,8 +744,8 @@ def pods() -> dict[str, Pod]:
     return found
 
 
-def network_policies() -> list[dict[str, Any]]:
-    return base_of_kind("NetworkPolicy")
+def network_policies(variant: str = PIPELINE) -> list[dict[str, Any]]:
+    return base_of_kind("NetworkPolicy", variant)
 
 
 def test_the_namespace_denies_everything_not_allowed() -> None:
@@ -654,11 +757,18 @@ def test_the_namespace_denies_everything_not_allowed() -> None:
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
 
-def test_network_policies_allow_exactly_the_flows_of_the_pipeline() -> None:
-    policies = network_policies()
-    p = pods()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_network_policies_allow_exactly_the_flows_of_the_pipeline(variant: str) -> None:
+    policies = network_policies(variant)
+    p = pods(variant)
     flink_jobs = [n.split("/")[0] for n in p if n.endswith("/jobmanager")]
-    kafka_port = kafka_cluster()["spec"]["kafka"]["listeners"][0]["port"]
+    # the job that stitches identities (Redis) and the one that fires actions; another of the set
+    identity, firing = (
+        ("clickpulse-pipeline", "clickpulse-pipeline")
+        if variant == PIPELINE
+        else ("clickpulse-ingest", "clickpulse-triggers")
+    )
+    kafka_port = kafka_cluster(variant)["spec"]["kafka"]["listeners"][0]["port"]
     clickhouse = Pod("clickhouse", {"app.kubernetes.io/name": "clickhouse"})
     redis = Pod("redis", {"app.kubernetes.io/name": "redis"})
     operator_ns = Pod("flink-operator", {}, namespace="flink-operator")
@@ -670,7 +780,7 @@ def test_network_policies_allow_exactly_the_flows_of_the_pipeline() -> None:
         ],
         (p["clickpulse-load"], BROKER, kafka_port),
         (p["clickpulse-dispatch"], BROKER, kafka_port),
-        (p["clickpulse-ingest/taskmanager"], redis, 6379),
+        (p[f"{identity}/taskmanager"], redis, 6379),
         (p["clickpulse-load"], clickhouse, 8123),
         (p["clickpulse-migrate"], clickhouse, 8123),
         (Pod("bi", {"app.kubernetes.io/component": "bi"}), clickhouse, 8123),
@@ -678,25 +788,25 @@ def test_network_policies_allow_exactly_the_flows_of_the_pipeline() -> None:
         (p["clickpulse-collector"], BROKER, kafka_port),
         (INTERNET, p["clickpulse-collector"], 8088),
         (Pod("ingress-controller", {}, namespace="ingress-nginx"), p["clickpulse-collector"], 8088),
-        (operator_ns, p["clickpulse-triggers/jobmanager"], 8081),
+        (operator_ns, p[f"{firing}/jobmanager"], 8081),
     ]
     for job in flink_jobs:
-        conf = next(d for d in base_of_kind("FlinkDeployment") if d["metadata"]["name"] == job)["spec"][
-            "flinkConfiguration"
-        ]
+        conf = next(d for d in base_of_kind("FlinkDeployment", variant) if d["metadata"]["name"] == job)[
+            "spec"
+        ]["flinkConfiguration"]
         jm, tm = p[f"{job}/jobmanager"], p[f"{job}/taskmanager"]
         must += [(tm, jm, int(conf["jobmanager.rpc.port"])), (tm, jm, int(conf["blob.server.port"]))]
         must += [(jm, tm, int(conf["taskmanager.rpc.port"])), (tm, tm, int(conf["taskmanager.data.port"]))]
     for src, dst, port in must:
-        assert flows_allowed(policies, src, dst, port), f"{src.name} -> {dst.name}:{port} is blocked"
+        assert flows_allowed(policies, src, dst, port, variant), f"{src.name} -> {dst.name}:{port} is blocked"
     must_not = [
         (p["clickpulse-migrate"], BROKER, kafka_port),
         (clickhouse, BROKER, kafka_port),
         (p["clickpulse-load"], redis, 6379),
-        (p["clickpulse-sessionize/taskmanager"], redis, 6379),
-        (p["clickpulse-ingest/jobmanager"], redis, 6379),
+        (p[f"{firing}/jobmanager"], redis, 6379),
+        (p[f"{identity}/jobmanager"], redis, 6379),
         (p["clickpulse-dispatch"], clickhouse, 8123),
-        (p["clickpulse-ingest/taskmanager"], clickhouse, 8123),
+        (p[f"{identity}/taskmanager"], clickhouse, 8123),
         (Pod("stranger", {}), clickhouse, 8123),
         (Pod("stranger", {}), BROKER, kafka_port),
         (Pod("stranger", {}), redis, 6379),
@@ -705,25 +815,45 @@ def test_network_policies_allow_exactly_the_flows_of_the_pipeline() -> None:
         (p["clickpulse-migrate"], INTERNET, 443),
         (clickhouse, INTERNET, 443),
         (redis, INTERNET, 443),
-        (Pod("stranger", {}, namespace="elsewhere"), p["clickpulse-ingest/jobmanager"], 8081),
-        (p["clickpulse-load"], p["clickpulse-ingest/jobmanager"], 6123),
+        (Pod("stranger", {}, namespace="elsewhere"), p[f"{identity}/jobmanager"], 8081),
+        (p["clickpulse-load"], p[f"{identity}/jobmanager"], 6123),
         (p["clickpulse-collector"], clickhouse, 8123),
         (p["clickpulse-collector"], redis, 6379),
         (p["clickpulse-collector"], INTERNET, 443),
         (INTERNET, p["clickpulse-collector"], 22),
     ]
+    if variant == SINGLE:  # only ingest of the single jobs reaches Redis
+        must_not += [(p["clickpulse-sessionize/taskmanager"], redis, 6379)]
+        must_not += [(p["clickpulse-triggers/taskmanager"], redis, 6379)]
     for src, dst, port in must_not:
-        assert not flows_allowed(policies, src, dst, port), f"{src.name} -> {dst.name}:{port} is open"
+        assert not flows_allowed(policies, src, dst, port, variant), (
+            f"{src.name} -> {dst.name}:{port} is open"
+        )
 
 
-def test_the_kafka_peers_are_the_identities() -> None:
-    """Listener peers, the egress policy to the brokers and the KafkaUsers name the same components."""
-    components = {component(u) for u in kafka_users().values()}
-    (listener,) = kafka_cluster()["spec"]["kafka"]["listeners"]
-    (peer,) = listener["networkPolicyPeers"]
-    (expr,) = peer["podSelector"]["matchExpressions"]
-    assert expr["key"] == "app.kubernetes.io/component" and set(expr["values"]) == components
-    (egress,) = [p for p in network_policies() if p["metadata"]["name"] == "kafka-clients"]
-    (expr,) = egress["spec"]["podSelector"]["matchExpressions"]
-    assert set(expr["values"]) == components
-    assert {component(d) for d in kafka_workloads().values()} <= components
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_kafka_peers_are_the_identities(variant: str) -> None:
+    """Listener peers, the egress policies to the brokers and the KafkaUsers name the same components (the
+    component adds a peer and a policy for its jobs; the base's name the pipeline, whose pods it removes)."""
+    components = {component(u) for u in kafka_users(variant).values()}
+    (listener,) = kafka_cluster(variant)["spec"]["kafka"]["listeners"]
+    peers = {v for peer in listener["networkPolicyPeers"] for expr in peer["podSelector"]["matchExpressions"]
+             for v in expr["values"] if expr["key"] == "app.kubernetes.io/component"}  # fmt: skip
+    egress = {
+        v
+        for p in network_policies(variant)
+        if any(
+            e.get("to") == [{"podSelector": {"matchLabels": BROKER_SELECTOR}}]
+            for e in p["spec"].get("egress") or []
+        )
+        for expr in p["spec"]["podSelector"].get("matchExpressions") or []
+        for v in expr["values"]
+    }
+    stale = {"pipeline"} if variant == SINGLE else set()
+    assert peers - stale == components and egress - stale == components
+    assert {component(d) for d in kafka_workloads(variant).values()} <= components
+    if variant == PIPELINE:  # the base alone names exactly its identities, in one peer and one policy
+        (peer,) = listener["networkPolicyPeers"]
+        (egress_policy,) = [p for p in network_policies() if p["metadata"]["name"] == "kafka-clients"]
+        (expr,) = egress_policy["spec"]["podSelector"]["matchExpressions"]
+        assert set(expr["values"]) == components
