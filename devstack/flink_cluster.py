@@ -493,6 +493,11 @@ class FlinkCluster:
         data = self._get(f"/jobs/{job_id}") or {}
         return str(data.get("state", "UNKNOWN"))
 
+    def vertices(self, job_id: str) -> list[dict[str, Any]]:
+        """The job graph's vertices (``name``, ``parallelism``, ``status``, …) from ``/jobs/<id>``."""
+        data = self._get(f"/jobs/{job_id}") or {}
+        return list(data.get("vertices", []))
+
     def wait_for_state(self, job_id: str, states: Iterable[str], *, timeout_s: float = 180.0) -> str:
         """Wait until the job is in one of ``states``; raise when it ends in another one."""
         wanted = set(states)
