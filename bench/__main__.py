@@ -25,6 +25,7 @@ BENCHES = (
     "bench_triggers",
     "bench_pipeline",
     "bench_collector",
+    "bench_live",
 )
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         REDIS_URL=state["redis"].url,
         CLICKHOUSE_URL=state["clickhouse"].url,
     )
+    # the bench stack's read-only ClickHouse user, for the dashboard bench_live runs (not the one of a
+    # stack.env elsewhere, whose password this endpoint does not know)
+    for line in stack.env_file.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name.startswith("CLICKPULSE_CLICKHOUSE_READONLY_"):
+            env[name] = value
     rows: list[str] = []
     try:
         for name in wanted:

@@ -700,7 +700,7 @@ class LoaderConfig:
     group_id: str = "clickpulse-load"
     starting_offsets: StartingOffsets = StartingOffsets.COMMITTED
     batch_max_rows: int = 20_000
-    batch_max_seconds: float = 1.0
+    batch_max_seconds: float = 0.25
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     insert_timeout_s: float = 120.0

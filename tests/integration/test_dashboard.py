@@ -39,6 +39,7 @@ pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 11, 22, 20, 0, 0, tzinfo=UTC)
 WEEK_AGO = datetime(2026, 11, 15, 10, 0, 0, tzinfo=UTC)
+OFFLINE = datetime(2026, 11, 2, 20, 0, 0, tzinfo=UTC)  # before RANGE
 RANGE = "from=2026-11-15&to=2026-11-22"
 
 
@@ -79,6 +80,9 @@ EVENTS = [
     _event("e6", NOW - timedelta(seconds=35), "bot1", "page", "", "/home", is_bot=True, country="US"),
     _event("e7", NOW - timedelta(seconds=30), "u1", "track", "Order Completed", "/checkout"),
     _event("e8", WEEK_AGO, "u2", "page", "", "/home", country="FR", device_type="mobile"),
+    # sent from a device that was offline for 20 days: an old event time, but it *arrived* 20 s ago, so
+    # the live panels (arrival time) show it and the history of the range (event time) does not
+    _event("e9", OFFLINE, "u4", "page", "", "/offline", received_at=NOW - timedelta(seconds=20)),
 ]  # fmt: skip
 
 
@@ -200,7 +204,9 @@ def app(dataset: tuple[str, Connections, DashboardSettings]) -> Iterator[Running
 
 
 def test_live_panels(app: Running) -> None:
-    assert app.rows("/api/live/active_visitors") == [{"visitors": 2}]  # u1, u2; u3 too old, the bot excluded
+    """Live panels count by arrival (received_at): e9, from a device offline for 20 days, is live."""
+    # u1, u2 and u4 (e9); u3 arrived too long ago, the bot is excluded
+    assert app.rows("/api/live/active_visitors") == [{"visitors": 3}]
 
     per_minute = app.rows("/api/live/events_per_minute")
     assert len(per_minute) == 60
@@ -209,16 +215,18 @@ def test_live_panels(app: Running) -> None:
         and per_minute[-1]["minute"] == "2026-11-22T20:00:00.000Z"
     )
     nonzero = {r["minute"][11:16]: r["events"] for r in per_minute if r["events"]}
-    assert nonzero == {"19:50": 1, "19:58": 1, "19:59": 5}
+    assert nonzero == {"19:50": 1, "19:58": 1, "19:59": 6}
 
     assert app.rows("/api/live/top_pages") == [
         {"page_host": "shop.example", "page_path": "/home", "page_views": 3, "events": 3},
+        {"page_host": "shop.example", "page_path": "/offline", "page_views": 1, "events": 1},
         {"page_host": "shop.example", "page_path": "/p/42", "page_views": 0, "events": 2},
         {"page_host": "shop.example", "page_path": "/checkout", "page_views": 0, "events": 1},
     ]
 
     feed = app.rows("/api/live/feed_events")
     assert [(r["message_id"], r["name"], r["page_path"]) for r in feed] == [
+        ("e9", "page", "/offline"),
         ("e7", "Order Completed", "/checkout"),
         ("e6", "page", "/home"),
         ("e4", "Product Added", "/p/42"),
@@ -227,7 +235,11 @@ def test_live_panels(app: Running) -> None:
         ("e3", "page", "/home"),
         ("e5", "page", "/about"),
     ]
-    assert feed[0]["timestamp"] == "2026-11-22T19:59:30.000Z"
+    assert (feed[0]["timestamp"], feed[0]["received_at"]) == (
+        "2026-11-02T20:00:00.000Z",
+        "2026-11-22T19:59:40.000Z",
+    )
+    assert feed[1]["timestamp"] == "2026-11-22T19:59:30.000Z"
 
     actions = app.rows("/api/live/feed_actions")
     assert [(r["action_id"], r["status"], r["rule_id"], r["attempts"]) for r in actions] == [

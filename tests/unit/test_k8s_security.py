@@ -494,8 +494,15 @@ def test_clickhouse_users_have_least_privilege_and_no_access_management() -> Non
             assert query.endswith(f" ON {database}.*"), f"{name}: {query}"
             assert "ACCESS MANAGEMENT" not in query and "ALL" not in query.split(), f"{name}: {query}"
             assert "WITH GRANT OPTION" not in query, f"{name}: {query}"
+    readonly_users = {
+        d["metadata"]["name"]: pod_env(d)["CLICKPULSE_CLICKHOUSE_READONLY_USER"]
+        for d in clickhouse_workloads()
+        if "CLICKPULSE_CLICKHOUSE_READONLY_USER" in pod_env(d)
+    }
     workload_users = {
-        d["metadata"]["name"]: url_user(clickhouse_secret_of(d)) for d in clickhouse_workloads()
+        d["metadata"]["name"]: url_user(clickhouse_secret_of(d))
+        for d in clickhouse_workloads()
+        if d["metadata"]["name"] not in readonly_users
     }
     assert set(workload_users) == {"clickpulse-load", "clickpulse-migrate"}
     writer = users[workload_users["clickpulse-load"]]
@@ -508,6 +515,15 @@ def test_clickhouse_users_have_least_privilege_and_no_access_management() -> Non
     assert grants(reader) == [f"GRANT SELECT ON {database}.*"]
     profile = root.find(f"profiles/{reader.findtext('profile')}")
     assert profile is not None and profile.findtext("readonly") == "1", "BI user without readonly=1"
+    # the dashboard reads as that user: its URL names no user, the password is the one the server gets
+    assert readonly_users == {"clickpulse-dashboard": reader.tag}
+    (dashboard,) = [d for d in clickhouse_workloads() if d["metadata"]["name"] == "clickpulse-dashboard"]
+    env = {e["name"]: e for e in main_container(dashboard)["env"]}
+    assert urlsplit(env["CLICKHOUSE_URL"]["value"]).username is None
+    _, server = clickhouse_server()
+    reader_var = str(reader.find("password").get("from_env"))  # type: ignore[union-attr]
+    (server_ref,) = [e["valueFrom"]["secretKeyRef"] for e in server["env"] if e["name"] == reader_var]
+    assert env["CLICKPULSE_CLICKHOUSE_READONLY_PASSWORD"]["valueFrom"]["secretKeyRef"] == server_ref
 
 
 def clickhouse_workloads() -> list[dict[str, Any]]:
@@ -789,6 +805,7 @@ def test_network_policies_allow_exactly_the_flows_of_the_pipeline(variant: str) 
         (INTERNET, p["clickpulse-collector"], 8088),
         (Pod("ingress-controller", {}, namespace="ingress-nginx"), p["clickpulse-collector"], 8088),
         (operator_ns, p[f"{firing}/jobmanager"], 8081),
+        (p["clickpulse-dashboard"], clickhouse, 8123),
     ]
     for job in flink_jobs:
         conf = next(d for d in base_of_kind("FlinkDeployment", variant) if d["metadata"]["name"] == job)[
@@ -821,6 +838,12 @@ def test_network_policies_allow_exactly_the_flows_of_the_pipeline(variant: str) 
         (p["clickpulse-collector"], redis, 6379),
         (p["clickpulse-collector"], INTERNET, 443),
         (INTERNET, p["clickpulse-collector"], 22),
+        # the dashboard has no login: nothing reaches it but the kubelet (probes, port-forward)
+        (INTERNET, p["clickpulse-dashboard"], 8050),
+        (Pod("stranger", {}), p["clickpulse-dashboard"], 8050),
+        (p["clickpulse-dashboard"], BROKER, kafka_port),
+        (p["clickpulse-dashboard"], redis, 6379),
+        (p["clickpulse-dashboard"], INTERNET, 443),
     ]
     if variant == SINGLE:  # only ingest of the single jobs reaches Redis
         must_not += [(p["clickpulse-sessionize/taskmanager"], redis, 6379)]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.dashboard.app import PANELS
 from connectors.query import (
     QueryParamError,
     SavedQuery,
@@ -36,8 +37,6 @@ def test_every_saved_query_binds_its_defaults(name: str) -> None:
 
 
 def test_dashboard_queries_exist() -> None:
-    from connectors.dashboard.app import PANELS
-
     assert {p.query for p in PANELS} <= set(saved_queries())
 
 
@@ -130,3 +129,57 @@ def test_dashboard_code_builds_no_sql() -> None:
                 assert not re.search(r"\b(SELECT|INSERT|ALTER|DROP|CREATE)\s", node.value), (
                     f"{path.name}: SQL text in code: {node.value[:60]!r}"
                 )
+
+
+def _code(sql: str) -> str:
+    """``sql`` without its comment lines."""
+    return "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--")).strip()
+
+
+def _where(sql: str) -> str:
+    """The code of ``sql`` from its first WHERE on ("" without one)."""
+    code = _code(sql)
+    return code[code.find("WHERE") :] if "WHERE" in code else ""
+
+
+@pytest.mark.parametrize("name", sorted(p.query for p in PANELS if p.kind == "live"))
+def test_live_panels_select_by_arrival_time(name: str) -> None:
+    """Live is what just arrived: the live panels filter on received_at (or read the per-arrival-minute
+    rollups of sql/0011), never on event time, so late, replayed and clock-skewed events show up at once."""
+    q = load_query(name)
+    where = _where(q.sql)
+    if name == "live_feed_actions":  # trigger fires: fired_at is the triggers' wall clock, an arrival too
+        assert "timestamp" not in q.sql and "event_time" not in q.sql
+        return
+    assert where, f"{name} has no WHERE"
+    assert not re.search(r"\btimestamp\b", where), f"{name} filters on event time"
+    reads_events = re.search(r"\bFROM\s+events\b", q.sql)
+    if reads_events:
+        assert re.search(r"\breceived_at\s*>", where), f"{name} does not filter on received_at"
+    else:
+        assert re.search(r"\bFROM\s+(page_)?arrivals_per_minute_agg\b", q.sql), (
+            f"{name} reads an event-time rollup"
+        )
+
+
+def test_live_arrival_migration_indexes_received_at_and_keeps_rollups_exactly_once() -> None:
+    """The migration the live queries rely on: a skip index on events.received_at, arrival rollups with a
+    dedup window (the loader's tokens), chained `<rollup>_mv TO <rollup>` with GROUP BY = ORDER BY."""
+    from connectors.migrate import discover, split_statements
+
+    migration = next(m for m in discover() if m.name == "0011_live_arrivals")
+    statements = [_code(s) for s in split_statements(migration.text)]
+    assert any(
+        re.search(r"ADD INDEX IF NOT EXISTS idx_received_at received_at TYPE minmax", s) for s in statements
+    )
+    tables = [s for s in statements if s.startswith("CREATE TABLE")]
+    views = [s for s in statements if s.startswith("CREATE MATERIALIZED VIEW")]
+    assert len(tables) == len(views) == 2
+    for table in tables:
+        name = re.search(r"\{db\}\.(\w+)", table).group(1)  # type: ignore[union-attr]
+        assert "IF NOT EXISTS" in table and "non_replicated_deduplication_window" in table, name
+        order_by = re.search(r"ORDER BY \(([^)]*)\)", table).group(1)  # type: ignore[union-attr]
+        view = next(v for v in views if f"TO {{db}}.{name} " in v)
+        assert f"{{db}}.{name}_mv TO" in view and "toStartOfMinute(received_at) AS minute" in view
+        group_by = re.search(r"GROUP BY (.*)$", view.strip()).group(1)  # type: ignore[union-attr]
+        assert group_by.replace(" ", "") == order_by.replace(" ", ""), name

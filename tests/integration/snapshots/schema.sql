@@ -20,6 +20,34 @@ ENGINE = ReplacingMergeTree
 ORDER BY (status, rule_id, action_id)
 SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192;
 
+-- arrivals_per_minute_agg
+CREATE TABLE clickpulse.arrivals_per_minute_agg
+(
+    `minute` DateTime('UTC'),
+    `event` LowCardinality(String),
+    `events` AggregateFunction(count)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (minute, event)
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192;
+
+-- arrivals_per_minute_agg_mv
+CREATE MATERIALIZED VIEW clickpulse.arrivals_per_minute_agg_mv TO clickpulse.arrivals_per_minute_agg
+(
+    `minute` DateTime('UTC'),
+    `event` String,
+    `events` AggregateFunction(count)
+)
+AS SELECT
+    toStartOfMinute(received_at) AS minute,
+    if(event = '', concat('$', type), event) AS event,
+    countState() AS events
+FROM clickpulse.events
+GROUP BY
+    minute,
+    event;
+
 -- country_events_per_minute
 CREATE VIEW clickpulse.country_events_per_minute
 (
@@ -183,7 +211,8 @@ CREATE TABLE clickpulse.events
     `kafka_partition` UInt32,
     `kafka_offset` UInt64,
     `inserted_at` DateTime64(3, 'UTC') DEFAULT now64(3),
-    INDEX idx_message_id message_id TYPE bloom_filter(0.01) GRANULARITY 4
+    INDEX idx_message_id message_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_received_at received_at TYPE minmax GRANULARITY 1
 )
 ENGINE = MergeTree
 PARTITION BY toDate(timestamp)
@@ -265,6 +294,41 @@ WHERE (day + k) <= (
     FROM clickpulse.daily_active_users_agg
 )
 GROUP BY day;
+
+-- page_arrivals_per_minute_agg
+CREATE TABLE clickpulse.page_arrivals_per_minute_agg
+(
+    `minute` DateTime('UTC'),
+    `page_host` LowCardinality(String),
+    `page_path` String,
+    `events` AggregateFunction(count),
+    `page_views` AggregateFunction(count)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (minute, page_host, page_path)
+SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 8192;
+
+-- page_arrivals_per_minute_agg_mv
+CREATE MATERIALIZED VIEW clickpulse.page_arrivals_per_minute_agg_mv TO clickpulse.page_arrivals_per_minute_agg
+(
+    `minute` DateTime('UTC'),
+    `page_host` LowCardinality(String),
+    `page_path` String,
+    `events` AggregateFunction(count),
+    `page_views` AggregateFunction(count)
+)
+AS SELECT
+    toStartOfMinute(received_at) AS minute,
+    page_host,
+    page_path,
+    countState() AS events,
+    countStateIf(type = 'page') AS page_views
+FROM clickpulse.events
+GROUP BY
+    minute,
+    page_host,
+    page_path;
 
 -- page_events_per_minute
 CREATE VIEW clickpulse.page_events_per_minute
