@@ -1,0 +1,191 @@
+package dev.clickpulse.operators.sessions;
+
+import java.io.BufferedReader;
+import java.io.BufferedWriter;
+import java.io.IOException;
+import java.io.InputStreamReader;
+import java.io.OutputStreamWriter;
+import java.io.Writer;
+import java.nio.charset.StandardCharsets;
+import java.util.Comparator;
+import java.util.HashMap;
+import java.util.Map;
+import java.util.TreeMap;
+import java.util.TreeSet;
+import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
+import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonGenerator;
+import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonParser;
+import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonToken;
+
+/**
+ * Replays a recorded history through {@link SessionReducer} without Flink, as the operator would see it,
+ * for the differential test against ``udfs/sessions.py``. Reads JSON lines on stdin:
+ *
+ * <pre>
+ *   ["e", key, "&lt;enriched event JSON&gt;"]   an event for key (the current watermark applies)
+ *   ["w", watermark]                       a watermark: fires every timer at or before it, in (time, key) order
+ * </pre>
+ *
+ * and writes, in order: {@code ["s", key, session_id, record]} per session record,
+ * {@code ["l", key, "<event JSON>"]} per too-late or malformed event, then at the end
+ * {@code ["state", key, dump_state JSON]} per key with state (sorted by key) and
+ * {@code ["counts", {name: total}]} and {@code ["busy_ns", n]} (time spent on the input, for the bench).
+ * States are kept encoded ({@link StateCodec}) as the operator keeps them. Timers behave as Flink's: one per (key, time), fired when a
+ * watermark reaches them, including ones registered while firing.
+ *
+ * <p>Run: {@code java -cp clickpulse-operators.jar:<flink-dist> dev.clickpulse.operators.sessions.SessionReplay
+ * GAP_MS MAX_MS LATENESS_MS OUT_OF_ORDERNESS_MS}.
+ */
+public final class SessionReplay {
+    private SessionReplay() {}
+
+    private static final class Timer {
+        final long ts;
+        final String key;
+
+        Timer(long ts, String key) {
+            this.ts = ts;
+            this.key = key;
+        }
+    }
+
+    private static final Comparator<Timer> ORDER = (a, b) -> {
+        int c = Long.compare(a.ts, b.ts);
+        return c != 0 ? c : Touch.compareCodePoints(a.key, b.key);
+    };
+
+    public static void main(String[] args) throws IOException {
+        SessionConfig cfg = args.length == 4
+                ? new SessionConfig(Long.parseLong(args[0]), Long.parseLong(args[1]), Long.parseLong(args[2]),
+                        Long.parseLong(args[3]))
+                : SessionConfig.defaults();
+        JsonFactory json = new JsonFactory();
+        SessionJson render = new SessionJson(json);
+        Map<String, byte[]> states = new HashMap<>();
+        StateCodec codec = new StateCodec();
+        TreeSet<Timer> timers = new TreeSet<>(ORDER);
+        long[] totals = new long[SessionizeFunction.COUNTERS.length];
+        long watermark = Long.MIN_VALUE;
+        long busyNs = 0;
+
+        BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
+        Writer out = new BufferedWriter(new OutputStreamWriter(System.out, StandardCharsets.UTF_8), 1 << 16);
+        JsonGenerator g = json.createGenerator(out);
+        g.setRootValueSeparator(null);
+        g.disable(JsonGenerator.Feature.FLUSH_PASSED_TO_STREAM);
+        String line;
+        while ((line = in.readLine()) != null) {
+            if (line.isEmpty()) {
+                continue;
+            }
+            long t0 = System.nanoTime();
+            try (JsonParser p = json.createParser(line)) {
+                p.nextToken(); // [
+                p.nextToken();
+                String op = p.getText();
+                if (op.equals("e")) {
+                    p.nextToken();
+                    String key = p.getText();
+                    p.nextToken();
+                    String value = p.getText();
+                    byte[] raw = value.getBytes(StandardCharsets.UTF_8);
+                    SessionEvent ev;
+                    try {
+                        ev = SessionEvent.parse(json, raw);
+                    } catch (MalformedEventException e) {
+                        totals[totals.length - 1]++;
+                        late(g, out, key, value);
+                        continue;
+                    }
+                    totals[0]++;
+                    KeyState before = StateCodec.decode(states.get(key));
+                    StepResult res = SessionReducer.step(before, ev, watermark, cfg);
+                    apply(g, out, render, codec, states, timers, totals, key, before, res, value);
+                } else if (op.equals("w")) {
+                    p.nextToken();
+                    long w = p.getLongValue();
+                    if (w > watermark) {
+                        watermark = w;
+                    }
+                    while (!timers.isEmpty() && timers.first().ts <= watermark) {
+                        Timer t = timers.pollFirst();
+                        KeyState before = StateCodec.decode(states.get(t.key));
+                        StepResult res = SessionReducer.onTimer(before, t.ts, cfg);
+                        apply(g, out, render, codec, states, timers, totals, t.key, before, res, null);
+                    }
+                } else {
+                    throw new IllegalArgumentException("unknown replay op " + op);
+                }
+            } finally {
+                busyNs += System.nanoTime() - t0;
+            }
+        }
+        for (Map.Entry<String, byte[]> e : new TreeMap<>(states).entrySet()) {
+            g.writeStartArray();
+            g.writeString("state");
+            g.writeString(e.getKey());
+            g.writeRawValue(new String(render.state(StateCodec.decode(e.getValue())), StandardCharsets.UTF_8));
+            g.writeEndArray();
+            g.writeRaw('\n');
+        }
+        g.writeStartArray();
+        g.writeString("counts");
+        g.writeStartObject();
+        for (int i = 0; i < totals.length; i++) {
+            g.writeNumberField(SessionizeFunction.COUNTERS[i], totals[i]);
+        }
+        g.writeEndObject();
+        g.writeEndArray();
+        g.writeRaw('\n');
+        g.writeStartArray();
+        g.writeString("busy_ns");
+        g.writeNumber(busyNs);
+        g.writeEndArray();
+        g.writeRaw('\n');
+        g.flush();
+        out.flush();
+    }
+
+    private static void late(JsonGenerator g, Writer out, String key, String value) throws IOException {
+        g.writeStartArray();
+        g.writeString("l");
+        g.writeString(key);
+        g.writeString(value);
+        g.writeEndArray();
+        g.writeRaw('\n');
+    }
+
+    private static void apply(JsonGenerator g, Writer out, SessionJson render, StateCodec codec,
+            Map<String, byte[]> states,
+            TreeSet<Timer> timers, long[] totals, String key, KeyState before, StepResult res, String value)
+            throws IOException {
+        if (res.state != before) {
+            if (res.state.isEmpty()) {
+                states.remove(key);
+            } else {
+                states.put(key, codec.encode(res.state));
+            }
+        }
+        for (long t : res.timers) {
+            timers.add(new Timer(t, key));
+        }
+        for (Emit e : res.emits) {
+            if (e instanceof SessionRecord) {
+                SessionRecord r = (SessionRecord) e;
+                g.writeStartArray();
+                g.writeString("s");
+                g.writeString(key);
+                g.writeString(r.sessionId);
+                g.writeRawValue(new String(render.record(r), StandardCharsets.UTF_8));
+                g.writeEndArray();
+                g.writeRaw('\n');
+            } else {
+                late(g, out, ((LateEvent) e).userKey, value);
+            }
+        }
+        int[] v = res.counts.values();
+        for (int i = 0; i < v.length; i++) {
+            totals[i + 1] += v[i];
+        }
+    }
+}
