@@ -10,11 +10,13 @@ Plan:
    with per-partition watermarks ``event_time - out_of_orderness`` and source idleness; an event more
    than ``CLICKPULSE_FLINK_WATERMARK_MAX_LEAD_MS`` ahead of its Kafka record time drives the watermark
    as if it were only that far ahead, so a few future-dated events cannot make everything else late.
-2. The table becomes a ``DataStream`` (watermarks included) keyed by user_key in the JVM
-   (:func:`keyed_by_first_field`), into the ``KeyedProcessFunction`` :class:`SessionizeFunction`, run in
-   Python THREAD mode (embedded in the JVM by pemja). It only loads/stores one ``ValueState`` (compact
-   JSON, with a write-through cache of decoded states) and registers event-time timers; the session
-   logic is the pure reducer :mod:`udfs.sessions`.
+2. The table becomes a ``DataStream`` (watermarks included) keyed by user_key in the JVM, into a
+   ``KeyedProcessFunction``: with ``--engine jvm`` (default) the Java one of ``connectors/jvm``
+   (:func:`build_jvm`; the same logic as :mod:`udfs.sessions`, events parsed once in the JVM); with
+   ``--engine python`` :class:`SessionizeFunction` (keyed by :func:`keyed_by_first_field`), run in Python
+   THREAD mode (embedded in the JVM by pemja). Either only loads/stores one ``ValueState`` (with
+   ``python``: compact JSON and a write-through cache of decoded states) and registers event-time timers;
+   the session logic is the pure reducer :mod:`udfs.sessions` or its Java transcription.
 3. Session records (main output) -> ``sessions`` (key session_id); too-late events (side output) ->
    ``events.late`` (key user_key, value = the enriched event as received). Both sinks are Kafka
    transactions committed with checkpoints (exactly-once).
