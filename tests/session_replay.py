@@ -248,9 +248,12 @@ def replay_python(ops: list[Op], cfg: reducer.SessionConfig) -> Replay:
     return out
 
 
-def replay_java(ops: list[Op], cfg: reducer.SessionConfig, timeout_s: float = 600) -> Replay:
-    """Run ``ops`` through the Java reducer (``SessionReplay``, a JVM subprocess)."""
-    args = [str(v) for v in (cfg.gap_ms, cfg.max_ms, cfg.allowed_lateness_ms, cfg.out_of_orderness_ms)]
+def replay_java(ops: list[Op], cfg: reducer.SessionConfig, timeout_s: float = 600, passes: int = 1) -> Replay:
+    """Run ``ops`` through the Java reducer (``SessionReplay``, a JVM subprocess); with ``passes`` > 1 the
+    JVM replays them that many times (JIT warm-up) and times and reports the last pass."""
+    args = [
+        str(v) for v in (cfg.gap_ms, cfg.max_ms, cfg.allowed_lateness_ms, cfg.out_of_orderness_ms, passes)
+    ]
     res = subprocess.run(
         ["java", "-cp", java_classpath(), REPLAY_CLASS, *args],
         input=encode_history(ops),
