@@ -52,6 +52,39 @@ public final class SessionReplay {
         }
     }
 
+    /** One input line: an event (key, value) or a watermark (key null), decoded before the timed replay. */
+    private static final class Op {
+        final String key;
+        final String value;
+        final byte[] raw;
+        final long watermark;
+
+        Op(String key, String value, long watermark) {
+            this.key = key;
+            this.value = value;
+            this.raw = value == null ? null : value.getBytes(StandardCharsets.UTF_8);
+            this.watermark = watermark;
+        }
+
+        static Op parse(JsonFactory json, String line) throws IOException {
+            try (JsonParser p = json.createParser(line)) {
+                p.nextToken(); // [
+                p.nextToken();
+                String op = p.getText();
+                p.nextToken();
+                if (op.equals("e")) {
+                    String key = p.getText();
+                    p.nextToken();
+                    return new Op(key, p.getText(), 0);
+                }
+                if (op.equals("w")) {
+                    return new Op(null, null, p.getLongValue());
+                }
+                throw new IllegalArgumentException("unknown replay op " + op);
+            }
+        }
+    }
+
     private static final Comparator<Timer> ORDER = (a, b) -> {
         int c = Long.compare(a.ts, b.ts);
         return c != 0 ? c : Touch.compareCodePoints(a.key, b.key);
@@ -64,11 +97,12 @@ public final class SessionReplay {
                 : SessionConfig.defaults();
         int passes = args.length >= 5 ? Integer.parseInt(args[4]) : 1;
         BufferedReader in = new BufferedReader(new InputStreamReader(System.in, StandardCharsets.UTF_8));
-        List<String> lines = new ArrayList<>();
+        List<Op> lines = new ArrayList<>();
+        JsonFactory reader = new JsonFactory();
         String line;
         while ((line = in.readLine()) != null) {
             if (!line.isEmpty()) {
-                lines.add(line);
+                lines.add(Op.parse(reader, line));
             }
         }
         // earlier passes only warm the JIT up; the last one is reported
@@ -82,7 +116,7 @@ public final class SessionReplay {
     }
 
     /** One replay of ``lines`` from empty state, transcript to ``out``; returns the time spent. */
-    private static long run(List<String> lines, SessionConfig cfg, Writer out) throws IOException {
+    private static long run(List<Op> lines, SessionConfig cfg, Writer out) throws IOException {
         JsonFactory json = new JsonFactory();
         SessionJson render = new SessionJson(json);
         Map<String, byte[]> states = new HashMap<>();
@@ -95,48 +129,35 @@ public final class SessionReplay {
         JsonGenerator g = json.createGenerator(out);
         g.setRootValueSeparator(null);
         g.disable(JsonGenerator.Feature.FLUSH_PASSED_TO_STREAM);
-        for (String line : lines) {
+        for (Op op : lines) {
             long t0 = System.nanoTime();
-            try (JsonParser p = json.createParser(line)) {
-                p.nextToken(); // [
-                p.nextToken();
-                String op = p.getText();
-                if (op.equals("e")) {
-                    p.nextToken();
-                    String key = p.getText();
-                    p.nextToken();
-                    String value = p.getText();
-                    byte[] raw = value.getBytes(StandardCharsets.UTF_8);
-                    SessionEvent ev;
-                    try {
-                        ev = SessionEvent.parse(json, raw);
-                    } catch (MalformedEventException e) {
-                        totals[totals.length - 1]++;
-                        late(g, out, key, value);
-                        continue;
-                    }
-                    totals[0]++;
-                    KeyState before = StateCodec.decode(states.get(key));
-                    StepResult res = SessionReducer.step(before, ev, watermark, cfg);
-                    apply(g, out, render, codec, states, timers, totals, key, before, res, value);
-                } else if (op.equals("w")) {
-                    p.nextToken();
-                    long w = p.getLongValue();
-                    if (w > watermark) {
-                        watermark = w;
-                    }
-                    while (!timers.isEmpty() && timers.first().ts <= watermark) {
-                        Timer t = timers.pollFirst();
-                        KeyState before = StateCodec.decode(states.get(t.key));
-                        StepResult res = SessionReducer.onTimer(before, t.ts, cfg);
-                        apply(g, out, render, codec, states, timers, totals, t.key, before, res, null);
-                    }
-                } else {
-                    throw new IllegalArgumentException("unknown replay op " + op);
+            if (op.key != null) {
+                String key = op.key;
+                SessionEvent ev;
+                try {
+                    ev = SessionEvent.parse(json, op.raw);
+                } catch (MalformedEventException e) {
+                    totals[totals.length - 1]++;
+                    late(g, out, key, op.value);
+                    busyNs += System.nanoTime() - t0;
+                    continue;
                 }
-            } finally {
-                busyNs += System.nanoTime() - t0;
+                totals[0]++;
+                KeyState before = StateCodec.decode(states.get(key));
+                StepResult res = SessionReducer.step(before, ev, watermark, cfg);
+                apply(g, out, render, codec, states, timers, totals, key, before, res, op.value);
+            } else {
+                if (op.watermark > watermark) {
+                    watermark = op.watermark;
+                }
+                while (!timers.isEmpty() && timers.first().ts <= watermark) {
+                    Timer t = timers.pollFirst();
+                    KeyState before = StateCodec.decode(states.get(t.key));
+                    StepResult res = SessionReducer.onTimer(before, t.ts, cfg);
+                    apply(g, out, render, codec, states, timers, totals, t.key, before, res, null);
+                }
             }
+            busyNs += System.nanoTime() - t0;
         }
         for (Map.Entry<String, byte[]> e : new TreeMap<>(states).entrySet()) {
             g.writeStartArray();

@@ -1,11 +1,10 @@
 package dev.clickpulse.operators.sessions;
 
-import java.io.ByteArrayInputStream;
 import java.io.ByteArrayOutputStream;
-import java.io.DataInputStream;
 import java.io.DataOutputStream;
 import java.io.IOException;
 import java.io.UncheckedIOException;
+import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
 import java.util.Collections;
@@ -59,27 +58,26 @@ public final class StateCodec {
         if (data == null || data.length == 0) {
             return KeyState.EMPTY;
         }
-        try (DataInputStream in = new DataInputStream(new ByteArrayInputStream(data))) {
-            byte version = in.readByte();
+        {
+            ByteBuffer in = ByteBuffer.wrap(data);
+            byte version = in.get();
             if (version != VERSION) {
                 throw new IllegalStateException("unsupported session state version " + version);
             }
             String userKey = str(in);
-            Long maxTs = in.readBoolean() ? in.readLong() : null;
-            long[] timers = new long[in.readInt()];
+            Long maxTs = in.get() != 0 ? in.getLong() : null;
+            long[] timers = new long[in.getInt()];
             for (int i = 0; i < timers.length; i++) {
-                timers[i] = in.readLong();
+                timers[i] = in.getLong();
             }
-            int n = in.readInt();
+            int n = in.getInt();
             List<Session> sessions = new ArrayList<>(n);
             for (int i = 0; i < n; i++) {
-                sessions.add(new Session(in.readLong(), in.readLong(), str(in), in.readLong(), in.readLong(),
-                        in.readLong(), in.readLong(), str(in), touch(in, false), touch(in, true), str(in),
-                        in.readLong()));
+                sessions.add(new Session(in.getLong(), in.getLong(), str(in), in.getLong(), in.getLong(),
+                        in.getLong(), in.getLong(), str(in), touch(in, false), touch(in, true), str(in),
+                        in.getLong()));
             }
             return new KeyState(userKey, Collections.unmodifiableList(sessions), maxTs, timers);
-        } catch (IOException e) {
-            throw new UncheckedIOException(e);
         }
     }
 
@@ -96,9 +94,9 @@ public final class StateCodec {
         }
     }
 
-    private static Touch touch(DataInputStream in, boolean exitOnly) throws IOException {
-        int rank = in.readByte();
-        long ts = in.readLong();
+    private static Touch touch(ByteBuffer in, boolean exitOnly) {
+        int rank = in.get();
+        long ts = in.getLong();
         String mid = str(in);
         String page = str(in);
         if (exitOnly) {
@@ -118,13 +116,13 @@ public final class StateCodec {
         out.write(b);
     }
 
-    private static String str(DataInputStream in) throws IOException {
-        int n = in.readInt();
+    private static String str(ByteBuffer in) {
+        int n = in.getInt();
         if (n < 0) {
             return null;
         }
-        byte[] b = new byte[n];
-        in.readFully(b);
-        return new String(b, StandardCharsets.UTF_8);
+        String s = new String(in.array(), in.arrayOffset() + in.position(), n, StandardCharsets.UTF_8);
+        in.position(in.position() + n);
+        return s;
     }
 }
