@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| sessions operator logic replayed, python vs jvm (parse + state codec + step + timers, no Flink) "
         f"| python {py_us:.1f} µs/event, jvm {java_us:.1f} µs/event ({py_us / java_us:.1f}x) "
         f"| same events with a watermark every 100 (tests.session_replay); jvm: 5th replay in one JVM "
-        f"(JIT warm); each includes reading the history line; load avg {load:.1f} |"
+        f"(JIT warm), history decoded before timing; python: one pass; load avg {load:.1f} |"
     )
     return 0
 
