@@ -99,9 +99,9 @@ class SessionizeSettings(Settings):
 
     engine: SessionsEngine = Field(SessionsEngine.JVM, alias="CLICKPULSE_SESSIONIZE_ENGINE")
     """``CLICKPULSE_SESSIONIZE_ENGINE`` / ``--engine``: ``jvm`` (default: the Java operator of
-    ``connectors/jvm``, same sessions as the reducer in ``udfs/sessions.py``, several times faster) or
-    ``python`` (that reducer in a Python operator). Their states differ: switching engines starts from
-    empty session state (``docs/adr/004-sessions.md``)."""
+    ``connectors/jvm``, the same sessions as the reducer in ``udfs/sessions.py`` at about a quarter of its
+    CPU per event) or ``python`` (that reducer in a Python operator). Their states differ: a checkpoint of
+    one does not restore into the other (``docs/adr/004-sessions.md``)."""
 
     gap_ms: int = Field(30 * 60 * 1000, alias="CLICKPULSE_SESSIONIZE_GAP_MS", gt=0)
     """``CLICKPULSE_SESSIONIZE_GAP_MS`` / ``--gap-ms``: inactivity gap closing a session (default 1800000 =
