@@ -244,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"| sessions operator logic replayed, python vs jvm (parse + state codec + step + timers, no Flink) "
-        f"| python {py_us:.1f} µs/event, jvm {java_us:.1f} µs/event ({py_us / java_us:.1f}x) "
-        f"| same events with a watermark every 100 (tests.session_replay); jvm: 5th replay in one JVM "
+        f"| python {py_us:.1f} µs CPU/event, jvm {java_us:.1f} µs CPU/event ({py_us / java_us:.1f}x) "
+        f"| same events with a watermark every 100 (tests.session_replay); thread CPU time of the replay "
+        f"loop; jvm: 5th replay in one JVM "
         f"(JIT warm), history decoded before timing; python: one pass; load avg {load:.1f} |"
     )
     return 0
