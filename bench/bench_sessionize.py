@@ -3,10 +3,11 @@
 Needs a running stack (``clickpulse stack up``, or ``KAFKA_BOOTSTRAP_SERVERS`` set). It simulates
 realistic traffic, enriches it in-process (the ingest job's record logic with in-memory identity
 stores), produces it to a fresh set of prefixed topics, runs ``python -m jobs.sessionize --bounded``
-as a subprocess and reads the job's periodic counter lines from its Flink log to measure the
-steady-state rate (JVM start-up and the final timer flush are left out). It prints markdown rows
-(``| benchmark | result | notes |``, see ``bench/README.md``): the job, and the pure reducer (``udfs.sessions`` with JSON parsing and the state codec, no Flink)
-for comparison. The load average is printed too: the box is shared, so the numbers move with it.
+as a subprocess, once per sessions engine (``--engine jvm|python|both``, default both), and reads the
+job's periodic counter lines from its Flink log to measure the steady-state rate (JVM start-up and the
+final timer flush are left out) and the JVM's CPU time per event. It prints markdown rows
+(``| benchmark | result | notes |``, see ``bench/README.md``): the job per engine, and both reducers alone
+on the same events (``tests.session_replay``: JSON parse, state codec, step and timers, no Flink). The load average is printed too: the box is shared, so the numbers move with it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import orjson
 
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, load_connections
+from tests.session_replay import Op, replay_java, replay_python
 from tests.support import produce_rows, simulated_enriched
 from udfs import sessions
 
@@ -46,6 +48,28 @@ def reducer_rate(rows: list[tuple[str, bytes]]) -> float:
         res = sessions.step(sessions.load_state(states.get(key)), ev, -(2**63), cfg)
         states[key] = sessions.dump_state(res.state).decode()
     return len(rows) / (time.perf_counter() - start)
+
+
+def history(rows: list[tuple[str, bytes]], cfg: sessions.SessionConfig, every: int = 100) -> list[Op]:
+    """The rows in order with a watermark (newest event time minus the bound) every ``every`` events."""
+    ops: list[Op] = []
+    newest = -(2**63)
+    for i, (key, value) in enumerate(rows):
+        ops.append(("e", key, value.decode()))
+        newest = max(newest, orjson.loads(value)["event_time_ms"])
+        if i % every == every - 1:
+            ops.append(("w", newest - cfg.out_of_orderness_ms))
+    ops.append(("w", 2**63 - 1))
+    return ops
+
+
+def replay_us_per_event(rows: list[tuple[str, bytes]]) -> tuple[float, float]:
+    """``(python, java)`` µs per event of the reducers replaying ``rows`` (Java: the 5th pass, JIT warm)."""
+    cfg = sessions.SessionConfig()
+    ops = history(rows, cfg)
+    py = replay_python(ops, cfg).busy_s
+    java = replay_java(ops, cfg, passes=5).busy_s
+    return py / len(rows) * 1e6, java / len(rows) * 1e6
 
 
 def steady_rate(log_file: Path, total: int) -> tuple[float, float, float, float]:
@@ -158,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["thread", "process"], default="thread", help="python.execution-mode")
     p.add_argument("--state-backend", choices=["rocksdb", "hashmap"], default="rocksdb")
     p.add_argument("--state-cache", type=int, default=20_000, help="CLICKPULSE_SESSIONIZE_STATE_CACHE_KEYS")
+    p.add_argument("--engine", choices=["jvm", "python", "both"], default="both", help="sessions operator")
     p.add_argument("--timeout-s", type=float, default=900.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -171,41 +196,58 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     topics = {f"{prefix}{t}": cfg for t, cfg in CONTRACT_TOPICS.items()}
     kafka_io.ensure_topics(bootstrap, topics, partitions=4)
+    engines = ["python", "jvm"] if args.engine == "both" else [args.engine]
     try:
         produce_rows(bootstrap, f"{prefix}events.enriched", rows)
-        with tempfile.TemporaryDirectory(prefix="bench-sessionize-") as tmp:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKPULSE_")}
-            env.update(
-                {
-                    "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                    "CLICKPULSE_TOPIC_PREFIX": prefix,
-                    "CLICKPULSE_STATE_DIR": str(Path(tmp) / "home"),
-                    "CLICKPULSE_JOB_LOG_INTERVAL_MS": "1000",
-                    "CLICKPULSE_FLINK_PYTHON_EXECUTION_MODE": args.mode,
-                    "CLICKPULSE_SESSIONIZE_STATE_BACKEND": args.state_backend,
-                    "CLICKPULSE_SESSIONIZE_STATE_CACHE_KEYS": str(args.state_cache),
-                    "FLINK_LOG_DIR": str(Path(tmp) / "log"),
-                }
+        for engine in engines:
+            with tempfile.TemporaryDirectory(prefix="bench-sessionize-") as tmp:
+                env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKPULSE_")}
+                env.update(
+                    {
+                        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                        "CLICKPULSE_TOPIC_PREFIX": prefix,
+                        "CLICKPULSE_JOB_GROUP_ID": f"bench-sessionize-{engine}-{prefix}",
+                        "CLICKPULSE_STATE_DIR": str(Path(tmp) / "home"),
+                        "CLICKPULSE_JOB_LOG_INTERVAL_MS": "1000",
+                        "CLICKPULSE_SESSIONIZE_ENGINE": engine,
+                        "CLICKPULSE_FLINK_PYTHON_EXECUTION_MODE": args.mode,
+                        "CLICKPULSE_SESSIONIZE_STATE_BACKEND": args.state_backend,
+                        "CLICKPULSE_SESSIONIZE_STATE_CACHE_KEYS": str(args.state_cache),
+                        "FLINK_LOG_DIR": str(Path(tmp) / "log"),
+                    }
+                )
+                wall, samples = run_job(env, args.parallelism, args.timeout_s)
+                (log_file,) = Path(tmp, "log").glob("flink-*.log")
+                rate, seconds, t0, t1 = steady_rate(log_file, len(rows))
+                cpu = cpu_between(samples, t0, t1)
+                processed = rate * seconds
+            load = os.getloadavg()[0]
+            how = f"{args.mode} mode, " if engine == "python" else ""
+            print(
+                f"| sessionize job, engine {engine}, sustained ({how}{args.state_backend} state, "
+                f"parallelism {args.parallelism}, bounded run) "
+                f"| {rate:,.0f} events/s ({processed / cpu:,.0f} per JVM CPU-second, "
+                f"{cpu / processed * 1e6:,.0f} µs CPU/event) "
+                f"| {len(rows):,} enriched events"
+                + (f", state cache {args.state_cache}" if engine == "python" else "")
+                + f"; steady state {seconds:.0f} s of a {wall:.0f} s run (job's counter log); JVM used "
+                f"{cpu / seconds:.2f} cores (source, sinks and Kafka clients included); load avg {load:.1f} |"
             )
-            wall, samples = run_job(env, args.parallelism, args.timeout_s)
-            (log_file,) = Path(tmp, "log").glob("flink-*.log")
-            rate, seconds, t0, t1 = steady_rate(log_file, len(rows))
-            cpu = cpu_between(samples, t0, t1)
-            processed = rate * seconds
         load = os.getloadavg()[0]
         pure = reducer_rate(rows)
+        py_us, java_us = replay_us_per_event(rows)
     finally:
         kafka_io.delete_topics(bootstrap, list(topics))
     print(
-        f"| sessionize job, sustained ({args.mode} mode, {args.state_backend} state, "
-        f"parallelism {args.parallelism}, bounded run) "
-        f"| {rate:,.0f} events/s ({processed / cpu:,.0f} per JVM CPU-second) "
-        f"| {len(rows):,} enriched events, state cache {args.state_cache}; steady state {seconds:.0f} s "
-        f"of a {wall:.0f} s run (job's counter log); JVM used {cpu / seconds:.2f} cores; load avg {load:.1f} |"
-    )
-    print(
         f"| session reducer alone (JSON parse + state codec + step, no Flink) | {pure:,.0f} events/s "
         f"| same events, one process; load avg {load:.1f} |"
+    )
+    print(
+        f"| sessions operator logic replayed, python vs jvm (parse + state codec + step + timers, no Flink) "
+        f"| python {py_us:.1f} µs CPU/event, jvm {java_us:.1f} µs CPU/event ({py_us / java_us:.1f}x) "
+        f"| same events with a watermark every 100 (tests.session_replay); thread CPU time of the replay "
+        f"loop; jvm: 5th replay in one JVM "
+        f"(JIT warm), history decoded before timing; python: one pass; load avg {load:.1f} |"
     )
     return 0
 

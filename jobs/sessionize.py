@@ -10,11 +10,13 @@ Plan:
    with per-partition watermarks ``event_time - out_of_orderness`` and source idleness; an event more
    than ``CLICKPULSE_FLINK_WATERMARK_MAX_LEAD_MS`` ahead of its Kafka record time drives the watermark
    as if it were only that far ahead, so a few future-dated events cannot make everything else late.
-2. The table becomes a ``DataStream`` (watermarks included) keyed by user_key in the JVM
-   (:func:`keyed_by_first_field`), into the ``KeyedProcessFunction`` :class:`SessionizeFunction`, run in
-   Python THREAD mode (embedded in the JVM by pemja). It only loads/stores one ``ValueState`` (compact
-   JSON, with a write-through cache of decoded states) and registers event-time timers; the session
-   logic is the pure reducer :mod:`udfs.sessions`.
+2. The table becomes a ``DataStream`` (watermarks included) keyed by user_key in the JVM, into a
+   ``KeyedProcessFunction``: with ``--engine jvm`` (default) the Java one of ``connectors/jvm``
+   (:func:`build_jvm`; the same logic as :mod:`udfs.sessions`, events parsed once in the JVM); with
+   ``--engine python`` :class:`SessionizeFunction` (keyed by :func:`keyed_by_first_field`), run in Python
+   THREAD mode (embedded in the JVM by pemja). Either only loads/stores one ``ValueState`` (with
+   ``python``: compact JSON and a write-through cache of decoded states) and registers event-time timers;
+   the session logic is the pure reducer :mod:`udfs.sessions` or its Java transcription.
 3. Session records (main output) -> ``sessions`` (key session_id); too-late events (side output) ->
    ``events.late`` (key user_key, value = the enriched event as received). Both sinks are Kafka
    transactions committed with checkpoints (exactly-once).
@@ -38,6 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field
@@ -65,8 +68,15 @@ log = logging.getLogger("clickpulse.sessionize")
 
 JOB = "sessionize"
 #: Operator ids (**breaking** to change: savepoint state maps to them; note changes in CHANGELOG.md).
+#: The two engines keep incompatible states, so each has its own uid and state name: switching engines
+#: starts sessions afresh (the restored checkpoint's state of the other engine is left unclaimed, so a
+#: restore needs ``--restore none`` or Flink's ``execution.state-recovery.ignore-unclaimed-state``).
 UID_SESSIONS = "sessionize-sessions"
 STATE_NAME = "sessions-v1"
+UID_SESSIONS_JVM = "sessionize-sessions-jvm"
+STATE_NAME_JVM = "sessions-jvm-v1"
+#: The JVM operator's entry point (``connectors/jvm``, built by ``make jars``).
+JVM_OPERATOR = "dev.clickpulse.operators.sessions.SessionizeOperator"
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 #: Rows in and out of the keyed function: ``(key, value bytes)``.
@@ -77,8 +87,22 @@ LATE_TAG = OutputTag("late-events", OUT_TYPE)
 _HOUR_MS = 3600 * 1000
 
 
+class SessionsEngine(StrEnum):
+    """Which implementation of the sessions operator runs (the same sessions, see
+    ``tests/job/test_sessions_differential.py``)."""
+
+    JVM = "jvm"  # Java KeyedProcessFunction (connectors/jvm), no Python on the event path
+    PYTHON = "python"  # THREAD-mode Python KeyedProcessFunction over udfs/sessions.py, the specification
+
+
 class SessionizeSettings(Settings):
     """Options of event-time sessionization."""
+
+    engine: SessionsEngine = Field(SessionsEngine.JVM, alias="CLICKPULSE_SESSIONIZE_ENGINE")
+    """``CLICKPULSE_SESSIONIZE_ENGINE`` / ``--engine``: ``jvm`` (default: the Java operator of
+    ``connectors/jvm``, the same sessions as the reducer in ``udfs/sessions.py`` at about a quarter of its
+    CPU per event) or ``python`` (that reducer in a Python operator). Their states differ: a checkpoint of
+    one does not restore into the other (``docs/adr/004-sessions.md``)."""
 
     gap_ms: int = Field(30 * 60 * 1000, alias="CLICKPULSE_SESSIONIZE_GAP_MS", gt=0)
     """``CLICKPULSE_SESSIONIZE_GAP_MS`` / ``--gap-ms``: inactivity gap closing a session (default 1800000 =
@@ -117,6 +141,9 @@ def add_sessionize_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--allowed-lateness-ms", type=int, default=None, help="allowed lateness (3600000)")
     p.add_argument("--out-of-orderness-ms", type=int, default=None, help="watermark delay (60000)")
+    p.add_argument(
+        "--engine", choices=[e.value for e in SessionsEngine], default=None, help="sessions operator (jvm)"
+    )
     for old, dest in (
         ("--gap-s", "gap_ms"),
         ("--max-session-s", "max_length_ms"),
@@ -313,7 +340,7 @@ def build(t_env: Any, events: Any, s: SessionizeJobSettings, per_key_bound: bool
     """The sessionize part of the graph: ``events`` (``k`` user_key, ``v`` the enriched event's JSON, with
     an event-time attribute and watermarks, see :func:`connectors.flink.create_enriched_source`) ->
     ``(sessions, late)``, two ``(k STRING, v BYTES)`` tables: session records keyed by session_id and
-    too-late events keyed by user_key.
+    too-late events keyed by user_key. ``s.sessionize.engine`` picks the operator.
 
     ``per_key_bound=False``: lateness is judged by Flink's watermark alone (:data:`udfs.sessions.
     NO_KEY_BOUND_MS`), for watermarks that do not follow event time (the pipeline's receive time)."""
@@ -321,6 +348,8 @@ def build(t_env: Any, events: Any, s: SessionizeJobSettings, per_key_bound: bool
     if not per_key_bound:
         config = dataclasses.replace(config, out_of_orderness_ms=reducer.NO_KEY_BOUND_MS)
     t_env.create_temporary_view("sessionize_events", events)
+    if s.sessionize.engine is SessionsEngine.JVM:
+        return build_jvm(t_env, config)
     keyed_rows = t_env.sql_query(
         f"SELECT k, ROW(k, v) FROM (SELECT {ENRICHED_USER_KEY_SQL} AS k, v FROM sessionize_events)"
     )
@@ -332,6 +361,34 @@ def build(t_env: Any, events: Any, s: SessionizeJobSettings, per_key_bound: bool
     )
     late = sessions.get_side_output(LATE_TAG)
     return t_env.from_data_stream(sessions), t_env.from_data_stream(late)
+
+
+def build_jvm(t_env: Any, c: FunctionConfig) -> tuple[Any, Any]:
+    """:func:`build` with the Java operator: the ``(k, v)`` rows (watermarks included) go to
+    ``SessionizeOperator.apply`` through the gateway, which keys them by user_key in the JVM (``k``, else
+    the JSON's ``user_key``) and parses each event once there; no Python runs on the event path."""
+    from pyflink.datastream import DataStream
+    from pyflink.java_gateway import get_gateway
+
+    operator = get_gateway().jvm
+    for part in JVM_OPERATOR.split("."):
+        operator = getattr(operator, part)
+    rows = t_env.to_data_stream(t_env.sql_query("SELECT k, v FROM sessionize_events"))
+    j_sessions = operator.apply(
+        rows._j_data_stream,  # noqa: SLF001 - PyFlink has no public way to apply a Java function
+        c.gap_ms,
+        c.max_ms,
+        c.allowed_lateness_ms,
+        c.out_of_orderness_ms,
+        STATE_NAME_JVM,
+        c.state_ttl_ms,
+        JOB,
+        int(c.log_interval_s * 1000),
+        UID_SESSIONS_JVM,
+        "sessionize",
+    )
+    late = operator.lateEvents(j_sessions)
+    return t_env.from_data_stream(DataStream(j_sessions)), t_env.from_data_stream(DataStream(late))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
