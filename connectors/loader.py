@@ -44,6 +44,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple, TypeVar
@@ -746,6 +748,24 @@ class BatchBuffer:
             if self.first_at is None:
                 self.first_at = self.clock()
 
+    def add_partition(self, topic: str, partition: int, msgs: Sequence[Msg]) -> None:
+        """Append one partition's polled records (in offset order): one list extension, no per-record
+        work. kafka-python's ``ConsumerRecord`` objects are kept as they are (they have :class:`Msg`'s
+        attributes)."""
+        if not msgs:
+            return
+        key = (topic, partition)
+        if key not in self.start_at:
+            self.start_at[key] = msgs[0].offset
+        part = self.records.get(key)
+        if part is None:
+            self.records[key] = list(msgs)
+        else:
+            part.extend(msgs)
+        self.rows += len(msgs)
+        if self.first_at is None:
+            self.first_at = self.clock()
+
     def age(self) -> float:
         """Seconds since the oldest buffered record arrived (0 when empty)."""
         return 0.0 if self.first_at is None else self.clock() - self.first_at
@@ -936,6 +956,9 @@ class Loader:
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._client: Client | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: tuple[list[Unit], Future[None]] | None = None
+        self._loop_thread = threading.get_ident()
         self._last_log = time.monotonic()
         self._idle_since = time.monotonic()
 
@@ -977,6 +1000,7 @@ class Loader:
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self._consumer = consumer
+        self._loop_thread = threading.get_ident()
         loader = self
 
         class _Listener(ConsumerRebalanceListener):
@@ -996,6 +1020,8 @@ class Loader:
         return self.counters
 
     def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)
@@ -1030,10 +1056,13 @@ class Loader:
         consumer = self._require_consumer()
         cfg = self.cfg
         while True:
+            if self._inflight is not None and self._inflight[1].done():
+                self._finish_flush()
             if self._stop.is_set():
                 self._final_flush()
                 return
             if self._needs_setup:
+                self._finish_flush()  # abandoned (its final commit is refused): the new owner replays it
                 try:
                     self._setup_assignment()
                 except _Abandon:
@@ -1054,20 +1083,22 @@ class Loader:
             if self._needs_setup:
                 continue  # a rebalance happened inside poll; anything returned belongs to the old assignment
             n = 0
-            for tp_records in polled.values():
-                self.buffer.add(Msg(r.topic, r.partition, r.offset, r.key, r.value) for r in tp_records)
+            for tp, tp_records in polled.items():
+                self.buffer.add_partition(tp.topic, tp.partition, tp_records)
                 n += len(tp_records)
             if n:
                 self._idle_since = time.monotonic()
             self._maybe_log()
 
     def _final_flush(self) -> None:
+        self._finish_flush()
         if self.buffer.rows and not self._needs_setup:
             log.info("stopping: flushing %d buffered records", self.buffer.rows)
             self._flush()
+            self._finish_flush()
 
     def _caught_up(self) -> bool:
-        if self._stop_at is None or self.buffer.rows:
+        if self._stop_at is None or self.buffer.rows or self._inflight is not None:
             return False
         consumer = self._require_consumer()
         for tp, end in self._stop_at.items():
@@ -1218,6 +1249,13 @@ class Loader:
 
     # ------------------------------------------------------------------ flush
     def _flush(self) -> None:
+        """Cut a batch and commit its intents, then load it on the insert thread (:meth:`_finish_flush`
+        completes it). The previous batch is finished first: batches are committed strictly in order (a
+        later intent must never be overwritten by an earlier batch's final commit). While a batch loads,
+        the loop keeps polling the next one, so Kafka parsing overlaps ClickHouse's insert."""
+        self._finish_flush()
+        if self._needs_setup:
+            return
         ranges, records = self.buffer.take()
         if not ranges:
             return
@@ -1229,7 +1267,30 @@ class Loader:
                 for r in u.ranges
             }
             self._commit(intents)
-            self._load_units(units, records)
+        except (_Abandon, _Stopping) as exc:
+            self._give_up(exc)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
+        self._inflight = (units, self._pool.submit(self._load_units, units, records))
+
+    def _finish_flush(self) -> None:
+        """Wait for the batch in flight (polling with every partition paused, as while retrying), then
+        commit its ends."""
+        if self._inflight is None:
+            return
+        units, done = self._inflight
+        try:
+            while not done.done():
+                if self._stop.is_set():
+                    wait_futures([done])
+                    break
+                self._idle(0.2)
+        except (_Abandon, _Stopping):
+            wait_futures([done])  # the insert thread notices the rebalance / stop and returns
+        self._inflight = None
+        try:
+            done.result()
             self._commit(
                 {
                     TopicPartition(r.topic, r.partition): OffsetAndMetadata(
@@ -1239,18 +1300,20 @@ class Loader:
                     for r in u.ranges
                 }
             )
-        except _Abandon:
-            self.counters.abandoned += 1
-            log.warning("batch abandoned after a rebalance; its intent will be replayed by the new owner")
-            self._needs_setup = True
-            return
-        except _Stopping:
-            log.warning("stopped while retrying; the batch will be replayed on the next start")
-            self._needs_setup = True
+        except (_Abandon, _Stopping) as exc:
+            self._give_up(exc)
             return
         self.counters.batches += 1
         self._idle_since = time.monotonic()  # a slow batch (retries, bisection) is not idleness
         self._maybe_log()
+
+    def _give_up(self, exc: BaseException) -> None:
+        if isinstance(exc, _Abandon):
+            self.counters.abandoned += 1
+            log.warning("batch abandoned after a rebalance; its intent will be replayed by the new owner")
+        else:
+            log.warning("stopped while retrying; the batch will be replayed on the next start")
+        self._needs_setup = True
 
     def _load_units(self, units: Sequence[Unit], records: Mapping[tuple[str, int], list[Msg]]) -> None:
         """Insert each unit (token), send its rejects to the DLQ, then record the high-water marks."""
@@ -1542,8 +1605,16 @@ class Loader:
             delay = min(delay * 2, self.cfg.retry_max_s)
 
     def _idle(self, seconds: float) -> None:
-        """Wait while keeping the group membership alive (poll with every partition paused)."""
+        """Wait while keeping the group membership alive (poll with every partition paused).
+
+        On the insert thread only wait: the consumer belongs to the loop's thread, which polls meanwhile;
+        a rebalance it saw abandons the batch here too."""
         consumer = self._consumer
+        if threading.get_ident() != self._loop_thread:
+            self._stop.wait(seconds)
+            if self._rebalanced and self._needs_setup:
+                raise _Abandon
+            return
         if consumer is None or not self._assigned:
             self._stop.wait(seconds)
             return
