@@ -9,11 +9,17 @@ database and removes them afterwards.
   in ``events`` (so the consumer-group join is not counted), with the default batch settings.
 * latency: events are produced at a fixed rate while the loader runs; for each row, ``inserted_at`` (the
   server clock at insert, same machine) minus the time it was handed to the producer.
+* ``--mv-cost``: what each materialized view on ``events`` costs per inserted row. The same converted
+  rows are inserted straight into ``events`` (no Kafka, no loader) with no view attached, then with each
+  view alone, then with all of them; a view's cost is its insert time minus the no-view time, per row
+  (best of ``--repeat`` inserts each, so other work on the box inflates it least).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import resource
 import statistics
 import threading
 import time
@@ -24,7 +30,7 @@ import orjson
 
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
-from connectors.loader import Loader, LoaderConfig
+from connectors.loader import EVENTS, Loader, LoaderConfig, Msg, convert
 from connectors.migrate import migrate
 from connectors.settings import load_connections
 from devstack.simulator import SimConfig, generate
@@ -90,8 +96,15 @@ def _start(cfg: LoaderConfig) -> tuple[Loader, threading.Thread]:
     return loader, th
 
 
-def throughput(events: int = 100_000, **config: Any) -> tuple[float, int]:
-    """Rows/s of the loader into ``events`` (all rollups maintained); ``config``: LoaderConfig overrides."""
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def throughput(events: int = 100_000, **config: Any) -> tuple[float, int, float]:
+    """Rows/s of the loader into ``events`` (all rollups maintained), and the loader's CPU µs per row
+    (this process while the loader ran; ClickHouse's work is not in it); ``config``: LoaderConfig overrides.
+    """
     env = _Env()
     try:
         records = _copies(_templates(), events)
@@ -100,6 +113,7 @@ def throughput(events: int = 100_000, **config: Any) -> tuple[float, int]:
             p.send(env.topics[0], key=key, value=value)
         p.flush(120)
         p.close()
+        cpu0 = _cpu_s()
         loader, th = _start(env.config(**config))
         first_t = first_n = None
         deadline = time.monotonic() + 600
@@ -111,11 +125,12 @@ def throughput(events: int = 100_000, **config: Any) -> tuple[float, int]:
             if n >= events:
                 break
             time.sleep(0.05)
+        cpu = _cpu_s() - cpu0
         loader.stop()
         th.join(60)
         if first_t is None or first_n is None or now <= first_t:
             raise RuntimeError("loader made no progress")
-        return (events - first_n) / (now - first_t), events
+        return (events - first_n) / (now - first_t), events, cpu / events * 1e6
     finally:
         env.close()
 
@@ -155,14 +170,60 @@ def latency(rate: int = 1000, seconds: int = 20) -> tuple[float, float, int]:
         env.close()
 
 
-def run(results: dict[str, Any]) -> None:
-    """Run both measurements; put them in ``results`` and print the markdown rows."""
-    rps, n = throughput()
-    results["loader_rows_per_s"] = rps
+def mv_cost(rows: int = 50_000, repeat: int = 3) -> list[tuple[str, float]]:
+    """``(view, µs per inserted row)`` for every materialized view reading ``events``, first ``(none)``
+    (the insert alone, absolute) and last ``(all)`` (every view at once, above the insert alone)."""
+    env = _Env()
+    try:
+        msgs = [Msg("t", 0, i, key, value) for i, (_m, key, value) in enumerate(_copies(_templates(), rows))]
+        table = convert(EVENTS, msgs).table
+        views = env.client.query(
+            "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} "
+            "AND engine = 'MaterializedView' AND has(dependencies_table, 'events') ORDER BY name",
+            parameters={"db": env.db},
+        ).result_rows
+        if not views:  # older servers do not fill dependencies_table for the views' source
+            views = env.client.query(
+                "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} "
+                "AND engine = 'MaterializedView' AND create_table_query LIKE {src:String} ORDER BY name",
+                parameters={"db": env.db, "src": f"%FROM {env.db}.events%"},
+            ).result_rows
+        for name, _ddl in views:
+            env.client.command(f"DROP VIEW {env.db}.{name}")
+
+        def best() -> float:
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                env.client.insert_arrow("events", table, database=env.db, settings={"insert_deduplicate": 0})
+                times.append(time.perf_counter() - t0)
+            return min(times) / rows * 1e6
+
+        base = best()
+        out = [("(none)", base)]
+        for name, ddl in views:
+            env.client.command(ddl)
+            out.append((str(name), best() - base))
+            env.client.command(f"DROP VIEW {env.db}.{name}")
+        for _name, ddl in views:
+            env.client.command(ddl)
+        out.append(("(all)", best() - base))
+        return out
+    finally:
+        env.close()
+
+
+def run(results: dict[str, Any], events: int = 100_000, latency_too: bool = True) -> None:
+    """Run the measurements; put them in ``results`` and print the markdown rows."""
+    rps, n, cpu_us = throughput(events)
+    results.update(loader_rows_per_s=rps, loader_cpu_us_per_row=cpu_us)
     print(
         f"| loader, Kafka → ClickHouse events + 7 MV rollups (embedded endpoint, batches ≤ 20k rows or 1 s) "
-        f"| {rps:,.0f} rows/s | {n:,} enriched events already in Kafka, 4 partitions |"
+        f"| {rps:,.0f} rows/s | {n:,} enriched events already in Kafka, 4 partitions; loader CPU "
+        f"{cpu_us:.1f} µs/row |"
     )
+    if not latency_too:
+        return
     rate, seconds = 1000, 20
     p50, p99, m = latency(rate, seconds)
     results.update(loader_latency_p50_ms=p50, loader_latency_p99_ms=p99)
@@ -172,10 +233,24 @@ def run(results: dict[str, Any]) -> None:
     )
 
 
-def main() -> None:
-    """``python -m bench.bench_loader``."""
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.bench_loader [--events N] [--no-latency] [--mv-cost [--rows N --repeat K]]``."""
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_loader", description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=100_000, help="records for the throughput run")
+    ap.add_argument("--no-latency", action="store_true", help="skip the produce → queryable latency run")
+    ap.add_argument("--mv-cost", action="store_true", help="only measure each materialized view's cost")
+    ap.add_argument("--rows", type=int, default=50_000, help="rows per insert for --mv-cost")
+    ap.add_argument("--repeat", type=int, default=3, help="inserts per configuration for --mv-cost (best)")
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    run({})
+    if args.mv_cost:
+        for name, us in mv_cost(args.rows, args.repeat):
+            what = "insert into events alone" if name == "(none)" else f"materialized view {name}"
+            note = "absolute" if name == "(none)" else "added to the insert alone"
+            print(f"| {what}, µs per inserted row | {us:.2f} µs | {args.rows:,} rows per insert, best of "
+                  f"{args.repeat}; {note} |")  # fmt: skip
+        return
+    run({}, args.events, latency_too=not args.no_latency)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ no checkpoint hooks, and exactly-once into ClickHouse needs *deterministic* inse
    (= table), split further if the intent would not fit Kafka's offset-metadata limit.
 2. **Intent**: for every partition of the batch, offset ``start`` is committed with metadata
    ``cp1:intent:<p>:<start>-<end>,...`` naming the whole unit.
-3. **Insert**: one ``insert_arrow`` per unit with ``insert_deduplication_token =
+3. **Insert**: one insert per unit with ``insert_deduplication_token =
    "<db>.<table>:<topic>:<p>:<start>-<end>,..."`` and ``deduplicate_blocks_in_dependent_materialized_views
    = 1``; every table in the chain keeps ``non_replicated_deduplication_window``, so a repeat of the same
-   unit is dropped by the table *and* by every rollup.
+   unit is dropped by the table *and* by every rollup. ``events`` units go as the records' own bytes
+   (JSONEachRow, parsed and checked by ClickHouse: :func:`fast_insert_sql`); a unit that fails those checks,
+   and every other table, is converted here and sent with ``insert_arrow`` (same token either way).
 4. Records that cannot be converted go to ``events.dlq`` (``error_code = load_error``), flushed. Rows
    ClickHouse refuses (a constraint, :data:`ROW_ERROR_CODES`) are found by bisecting the unit into slices
    with tokens derived from their offsets, and go there too (``error_code = clickhouse_rejected``).
@@ -42,6 +44,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple, TypeVar
@@ -420,6 +424,133 @@ def convert(spec: TableSpec, msgs: Iterable[Msg]) -> Converted:
     return Converted(pa.Table.from_arrays(arrays, schema=spec.schema), rejected, good)
 
 
+# ================================================================================ JSONEachRow fast path
+#
+# The hot table (``events``) is not converted in Python when it can be helped: the records' bytes go to
+# ClickHouse as they are, one JSONEachRow line each (``kafka_partition``/``kafka_offset`` spliced in
+# front), and ClickHouse parses, checks and converts them in ``INSERT ... SELECT ... FROM input(...)``.
+# The checks are at least as strict as :func:`convert` (a column the SQL cannot judge exactly declines,
+# e.g. a string starting with ``{``): any row that fails makes ``throwIf`` (or the parser) refuse the whole
+# insert before anything is written, and the unit is then converted by :func:`convert`, which finds the
+# records at fault with their reasons (dead-lettered as before). The unit token is the same either way.
+
+#: Largest unit sent through the fast path: one insert block (ClickHouse writes nothing when it refuses).
+FAST_MAX_ROWS = 200_000
+FAST_MAX_BYTES = 128 * 1024 * 1024
+#: Input settings of the fast path: unknown fields ignored, ``null`` = missing, no number or boolean read
+#: as text (they fail the insert, :func:`convert` rejects them), objects and arrays read as their JSON
+#: text (for ``properties``/``traits``; other text columns starting with ``{``/``[`` decline).
+FAST_INPUT_SETTINGS: dict[str, Any] = {
+    "input_format_skip_unknown_fields": 1,
+    "input_format_null_as_default": 1,
+    "input_format_json_read_objects_as_strings": 1,
+    "input_format_json_read_arrays_as_strings": 1,
+    "input_format_json_read_numbers_as_strings": 0,
+    "input_format_json_read_bools_as_strings": 0,
+    "input_format_allow_errors_num": 0,
+    "input_format_allow_errors_ratio": 0,
+    "max_insert_block_size": FAST_MAX_ROWS,
+    "min_insert_block_size_rows": FAST_MAX_ROWS,
+    "min_insert_block_size_bytes": 2 * FAST_MAX_BYTES,
+}
+#: The only timestamp text the fast path converts: what the ingest job writes (``format_ms``): UTC
+#: (``Z``), years 1900-2299 (DateTime64(3)'s range). Anything else declines to :func:`convert`.
+_FAST_TS_RE = (
+    r"^(19|2[0-2])[0-9][0-9]-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{3})?Z$"
+)
+
+
+def _fast_text_ok(c: str) -> str:
+    return f"isValidUTF8({c}) AND NOT startsWith({c}, '{{') AND NOT startsWith({c}, '[')"
+
+
+def _fast_ts(c: str) -> tuple[str, str, str]:
+    parsed = f"parseDateTime64BestEffortOrNull({c}, 3, 'UTC')"
+    ok = f"match({c}, '{_FAST_TS_RE}') AND toDayOfMonth({parsed}) = toUInt8(substring({c}, 9, 2))"
+    return "String", ok, f"assumeNotNull({parsed})"
+
+
+def _fast_column(col: Column) -> tuple[str, str, str] | None:
+    """``(input type, check, expression)`` of a column in the fast path, ``None`` if it has none."""
+    c = f"`{col.source or col.name}`"
+    fn = col.convert
+    if fn is _required_text:
+        return "String", f"{c} != '' AND {_fast_text_ok(c)}", c
+    if fn is _text:
+        return "String", _fast_text_ok(c), c
+    if fn is _ts:
+        return _fast_ts(c)
+    if fn is _ts_or_none:
+        _t, ok, expr = _fast_ts(f"assumeNotNull({c})")
+        return "Nullable(String)", f"({c} IS NULL OR ({ok}))", f"if({c} IS NULL, NULL, {expr})"
+    if fn is _json_text:
+        return "Nullable(String)", f"isValidUTF8(ifNull({c}, ''))", f"ifNull({c}, '{{}}')"
+    if fn is _flag:
+        return "Nullable(Bool)", "1", f"ifNull({c}, false)"
+    return None
+
+
+@functools.cache
+def fast_insert_sql(spec: TableSpec, database: str) -> str | None:
+    """``INSERT INTO <db>.<table> (...) SELECT ... FROM input(...) WHERE throwIf(...) = 0 FORMAT JSONEachRow``
+    for ``spec``, or ``None`` when a column has no fast-path conversion (that table keeps :func:`convert`).
+    """
+    if spec.fixed:
+        return None
+    parts = [_fast_column(col) for col in spec.columns]
+    if any(p is None for p in parts):
+        return None
+    cols = [*spec.columns, *_LINEAGE]
+    done = [p for p in parts if p is not None] + [
+        ("UInt32", "1", "`kafka_partition`"),
+        ("UInt64", "1", "`kafka_offset`"),
+    ]
+    structure = ", ".join(f"`{c.source or c.name}` {t}" for c, (t, _ok, _e) in zip(cols, done, strict=True))
+    checks = " AND ".join(f"({ok})" for _t, ok, _e in done if ok != "1")
+    return (
+        f"INSERT INTO {database}.{spec.table} ({', '.join(f'`{c.name}`' for c in cols)}) "
+        f"SELECT {', '.join(e for _t, _ok, e in done)} FROM input('{structure}') "
+        f"WHERE throwIf(NOT ifNull({checks}, false), "
+        "'a record fails the loader checks: convert the unit in Python') = 0 "
+        "FORMAT JSONEachRow"
+    )
+
+
+def json_rows(msgs: Sequence[Msg]) -> bytes | None:
+    """The records as JSONEachRow lines with ``kafka_partition``/``kafka_offset`` spliced in front, or
+    ``None`` when one is not the text of a non-empty JSON object starting with ``{`` (a tombstone, a blank
+    before the brace, an array...), names a lineage field itself, or the whole is not UTF-8 (orjson would
+    reject it, even in a field ClickHouse skips): such a unit goes to :func:`convert`."""
+    lines: list[bytes] = []
+    append = lines.append
+    for m in msgs:
+        v = m.value
+        if v is None or v[:1] != b"{" or v[1:2] == b"}" or b'"kafka_' in v:
+            return None
+        append(b'{"kafka_partition":%d,"kafka_offset":%d,%b' % (m.partition, m.offset, v[1:]))
+    body = b"\n".join(lines)
+    try:
+        body.decode()  # one pass in C over the whole body
+    except UnicodeDecodeError:
+        return None
+    return body
+
+
+def declines_fast_path(exc: BaseException) -> bool:
+    """True when ClickHouse refused a fast-path insert before writing (a parse error, a failed check, any
+    server error but one inside a materialized view): convert the unit in Python instead. Connection
+    errors (no server error code) are retried; so is an exception in a view, which fires after the block
+    was written (see :data:`ROW_ERROR_CODES`)."""
+    if not isinstance(exc, ClickHouseError):
+        return False
+    text = str(exc)
+    code = getattr(exc, "code", None)
+    if not isinstance(code, int) and re.search(r"\bCode: (\d+)\.", text) is None:
+        return False
+    return "while pushing to view" not in text
+
+
 # ================================================================================ rows ClickHouse refuses
 
 
@@ -617,6 +748,24 @@ class BatchBuffer:
             if self.first_at is None:
                 self.first_at = self.clock()
 
+    def add_partition(self, topic: str, partition: int, msgs: Sequence[Msg]) -> None:
+        """Append one partition's polled records (in offset order): one list extension, no per-record
+        work. kafka-python's ``ConsumerRecord`` objects are kept as they are (they have :class:`Msg`'s
+        attributes)."""
+        if not msgs:
+            return
+        key = (topic, partition)
+        if key not in self.start_at:
+            self.start_at[key] = msgs[0].offset
+        part = self.records.get(key)
+        if part is None:
+            self.records[key] = list(msgs)
+        else:
+            part.extend(msgs)
+        self.rows += len(msgs)
+        if self.first_at is None:
+            self.first_at = self.clock()
+
     def age(self) -> float:
         """Seconds since the oldest buffered record arrived (0 when empty)."""
         return 0.0 if self.first_at is None else self.clock() - self.first_at
@@ -717,6 +866,9 @@ class LoaderConfig:
     committed (``CLICKPULSE_LOAD_FAIL_AFTER_INSERT``); 0 = off."""
     kafka_security: Mapping[str, Any] = field(default_factory=dict)
     """TLS/SASL options of every Kafka client of the loader (``Connections.kafka_security_options``)."""
+    json_insert: bool = True
+    """Send ``events`` records to ClickHouse as JSONEachRow to parse and check (:func:`fast_insert_sql`);
+    False: always convert in Python (:func:`convert`) and insert Arrow."""
 
     def spec_of(self) -> dict[str, TableSpec]:
         """Source topic -> how its records become rows of which table."""
@@ -756,6 +908,8 @@ class LoaderCounters:
     replays: int = 0
     abandoned: int = 0
     lag: int = 0
+    fallbacks: int = 0
+    """Units the JSONEachRow fast path declined (a record failed its checks): converted in Python."""
 
     def line(self) -> str:
         """One-line summary."""
@@ -764,7 +918,7 @@ class LoaderCounters:
             f"rows[{rows}] batches={self.batches} inserts={self.inserts} retries={self.retries} "
             f"dlq={self.dlq} rejected={self.rejected} recreated={self.recreated} "
             f"skipped_loaded={self.skipped_loaded} replays={self.replays} "
-            f"abandoned={self.abandoned} lag={self.lag}"
+            f"abandoned={self.abandoned} lag={self.lag} fallbacks={self.fallbacks}"
         )
 
 
@@ -802,6 +956,9 @@ class Loader:
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
         self._client: Client | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: tuple[list[Unit], Future[None]] | None = None
+        self._loop_thread = threading.get_ident()
         self._last_log = time.monotonic()
         self._idle_since = time.monotonic()
 
@@ -843,6 +1000,7 @@ class Loader:
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self._consumer = consumer
+        self._loop_thread = threading.get_ident()
         loader = self
 
         class _Listener(ConsumerRebalanceListener):
@@ -862,6 +1020,8 @@ class Loader:
         return self.counters
 
     def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)
@@ -896,10 +1056,13 @@ class Loader:
         consumer = self._require_consumer()
         cfg = self.cfg
         while True:
+            if self._inflight is not None and self._inflight[1].done():
+                self._finish_flush()
             if self._stop.is_set():
                 self._final_flush()
                 return
             if self._needs_setup:
+                self._finish_flush()  # abandoned (its final commit is refused): the new owner replays it
                 try:
                     self._setup_assignment()
                 except _Abandon:
@@ -920,20 +1083,22 @@ class Loader:
             if self._needs_setup:
                 continue  # a rebalance happened inside poll; anything returned belongs to the old assignment
             n = 0
-            for tp_records in polled.values():
-                self.buffer.add(Msg(r.topic, r.partition, r.offset, r.key, r.value) for r in tp_records)
+            for tp, tp_records in polled.items():
+                self.buffer.add_partition(tp.topic, tp.partition, tp_records)
                 n += len(tp_records)
             if n:
                 self._idle_since = time.monotonic()
             self._maybe_log()
 
     def _final_flush(self) -> None:
+        self._finish_flush()
         if self.buffer.rows and not self._needs_setup:
             log.info("stopping: flushing %d buffered records", self.buffer.rows)
             self._flush()
+            self._finish_flush()
 
     def _caught_up(self) -> bool:
-        if self._stop_at is None or self.buffer.rows:
+        if self._stop_at is None or self.buffer.rows or self._inflight is not None:
             return False
         consumer = self._require_consumer()
         for tp, end in self._stop_at.items():
@@ -1084,6 +1249,13 @@ class Loader:
 
     # ------------------------------------------------------------------ flush
     def _flush(self) -> None:
+        """Cut a batch and commit its intents, then load it on the insert thread (:meth:`_finish_flush`
+        completes it). The previous batch is finished first: batches are committed strictly in order (a
+        later intent must never be overwritten by an earlier batch's final commit). While a batch loads,
+        the loop keeps polling the next one, so Kafka parsing overlaps ClickHouse's insert."""
+        self._finish_flush()
+        if self._needs_setup:
+            return
         ranges, records = self.buffer.take()
         if not ranges:
             return
@@ -1095,7 +1267,30 @@ class Loader:
                 for r in u.ranges
             }
             self._commit(intents)
-            self._load_units(units, records)
+        except (_Abandon, _Stopping) as exc:
+            self._give_up(exc)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-insert")
+        self._inflight = (units, self._pool.submit(self._load_units, units, records))
+
+    def _finish_flush(self) -> None:
+        """Wait for the batch in flight (polling with every partition paused, as while retrying), then
+        commit its ends."""
+        if self._inflight is None:
+            return
+        units, done = self._inflight
+        try:
+            while not done.done():
+                if self._stop.is_set():
+                    wait_futures([done])
+                    break
+                self._idle(0.2)
+        except (_Abandon, _Stopping):
+            wait_futures([done])  # the insert thread notices the rebalance / stop and returns
+        self._inflight = None
+        try:
+            done.result()
             self._commit(
                 {
                     TopicPartition(r.topic, r.partition): OffsetAndMetadata(
@@ -1105,18 +1300,20 @@ class Loader:
                     for r in u.ranges
                 }
             )
-        except _Abandon:
-            self.counters.abandoned += 1
-            log.warning("batch abandoned after a rebalance; its intent will be replayed by the new owner")
-            self._needs_setup = True
-            return
-        except _Stopping:
-            log.warning("stopped while retrying; the batch will be replayed on the next start")
-            self._needs_setup = True
+        except (_Abandon, _Stopping) as exc:
+            self._give_up(exc)
             return
         self.counters.batches += 1
         self._idle_since = time.monotonic()  # a slow batch (retries, bisection) is not idleness
         self._maybe_log()
+
+    def _give_up(self, exc: BaseException) -> None:
+        if isinstance(exc, _Abandon):
+            self.counters.abandoned += 1
+            log.warning("batch abandoned after a rebalance; its intent will be replayed by the new owner")
+        else:
+            log.warning("stopped while retrying; the batch will be replayed on the next start")
+        self._needs_setup = True
 
     def _load_units(self, units: Sequence[Unit], records: Mapping[tuple[str, int], list[Msg]]) -> None:
         """Insert each unit (token), send its rejects to the DLQ, then record the high-water marks."""
@@ -1132,6 +1329,8 @@ class Loader:
             if not msgs:
                 continue
             spec = self._spec_of[unit.topic]
+            if self.cfg.json_insert and self._insert_fast(spec, msgs, unit.token(self.db)):
+                continue
             converted = convert(spec, msgs)
             dlq.extend((m, LOAD_ERROR, detail) for m, detail in converted.rejected)
             if converted.table.num_rows:
@@ -1207,11 +1406,45 @@ class Loader:
 
         return isolate_rejected(table.num_rows, insert, first)
 
+    def _insert_fast(self, spec: TableSpec, msgs: Sequence[Msg], token: str) -> bool:
+        """Insert a unit's records through the JSONEachRow fast path; False when it does not apply or
+        ClickHouse refused it (nothing written: the caller converts the unit in Python)."""
+        sql = fast_insert_sql(spec, self.db)
+        if sql is None or len(msgs) > FAST_MAX_ROWS:
+            return False
+        body = json_rows(msgs)
+        if body is None or len(body) > FAST_MAX_BYTES:
+            self.counters.fallbacks += 1
+            return False
+        settings = {**FAST_INPUT_SETTINGS, **DEDUP_SETTINGS, "insert_deduplication_token": token}
+
+        def insert() -> bool:
+            try:
+                self._ch().command(sql, data=body, settings=settings)
+            except ClickHouseError as exc:
+                if declines_fast_path(exc):
+                    log.info(
+                        "fast insert into %s declined (%s): converting the unit's %d records in Python",
+                        spec.table, _short(exc), len(msgs),
+                    )  # fmt: skip
+                    return False
+                raise
+            return True
+
+        if not self._retry(f"insert into {spec.table}", insert):
+            self.counters.fallbacks += 1
+            return False
+        self._count_insert(spec, len(msgs))
+        return True
+
     def _insert_counted(self, spec: TableSpec, table: pa.Table, token: str) -> None:
         """One insert (unavailability retried without limit; :class:`RowsRejected` raised), counted."""
         self._retry(f"insert into {spec.table}", functools.partial(self._insert, spec, table, token))
+        self._count_insert(spec, table.num_rows)
+
+    def _count_insert(self, spec: TableSpec, rows: int) -> None:
         self.counters.inserts += 1
-        self.counters.rows[spec.table] += table.num_rows
+        self.counters.rows[spec.table] += rows
         if self.cfg.fail_after_inserts and self.counters.inserts >= self.cfg.fail_after_inserts:
             log.error("CLICKPULSE_LOADER_FAIL_AFTER_INSERT reached: exiting before commit (test hook)")
             logging.shutdown()
@@ -1372,8 +1605,16 @@ class Loader:
             delay = min(delay * 2, self.cfg.retry_max_s)
 
     def _idle(self, seconds: float) -> None:
-        """Wait while keeping the group membership alive (poll with every partition paused)."""
+        """Wait while keeping the group membership alive (poll with every partition paused).
+
+        On the insert thread only wait: the consumer belongs to the loop's thread, which polls meanwhile;
+        a rebalance it saw abandons the batch here too."""
         consumer = self._consumer
+        if threading.get_ident() != self._loop_thread:
+            self._stop.wait(seconds)
+            if self._rebalanced and self._needs_setup:
+                raise _Abandon
+            return
         if consumer is None or not self._assigned:
             self._stop.wait(seconds)
             return

@@ -17,7 +17,9 @@ What it implements (see ``docs/adr/001-embedded-clickhouse.md`` for what it does
 * ``GET /ping``, ``GET /`` -> ``Ok.``; queries via ``GET /?query=...`` (read-only, like ClickHouse) or
   ``POST`` with the query in the ``query`` parameter and/or the body (ClickHouse joins them with a
   newline). ``INSERT ... FORMAT X`` followed by data runs as ``INSERT ... SELECT * FROM file(...)`` over
-  the body (chDB's streaming insert hides errors raised after parsing, see ``_insert_from_file``).
+  the body (chDB's streaming insert hides errors raised after parsing, see ``_insert_from_file``);
+  ``INSERT ... SELECT ... FROM input('<structure>') FORMAT X`` followed by data (ClickHouse's way to
+  transform data while inserting it) reads the body through ``file(..., X, '<structure>')`` the same way.
 * Settings as URL parameters, ``database`` (or ``X-ClickHouse-Database``), ``default_format`` (or
   ``X-ClickHouse-Format``), ``param_*`` query parameters, ``query_id``, ``session_id`` /
   ``session_timeout`` / ``session_check`` / ``close_session``. URL settings apply to that request only;
@@ -417,6 +419,9 @@ class Statement:
     """Explicit ``FORMAT X`` of a non-insert statement (validated against the known output formats)."""
     temporary: bool = False
     """``CREATE TEMPORARY TABLE``: changes connection state."""
+    inputs: tuple[tuple[int, int], ...] = ()
+    """``INSERT ... SELECT ... FROM input(...) FORMAT X``: byte spans of each ``input(`` in ``sql`` (UTF-8),
+    where the data is read from."""
 
 
 @dataclass
@@ -428,6 +433,8 @@ class _Scan:
     data_start: int = -1
     output_format: str | None = None
     multi: bool = False
+    select: bool = False
+    inputs: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _scan(text: bytes, input_formats: Mapping[str, str], output_formats: Mapping[str, str]) -> _Scan:
@@ -435,6 +442,7 @@ def _scan(text: bytes, input_formats: Mapping[str, str], output_formats: Mapping
     depth = 0
     pending_format = -1
     prev = b""
+    prev_at = -1
     after_semicolon = False
     for m in _TOKEN_RE.finditer(text):
         group = m.lastgroup
@@ -448,7 +456,7 @@ def _scan(text: bytes, input_formats: Mapping[str, str], output_formats: Mapping
             kw_at, pending_format = pending_format, -1
             if group == "word":
                 name = tok.decode()
-                if res.kind == "INSERT" and name.lower() in input_formats:
+                if res.kind == "INSERT" and name.lower() in input_formats and (res.inputs or not res.select):
                     res.format_kw, res.format_name = kw_at, input_formats[name.lower()]
                     pos = m.end()
                     while pos < len(text) and text[pos] in b" \t":
@@ -471,15 +479,19 @@ def _scan(text: bytes, input_formats: Mapping[str, str], output_formats: Mapping
                 res.second = up
             if depth == 0 and up == "FORMAT" and prev != b".":
                 pending_format = m.start()
-            elif res.kind == "INSERT" and depth == 0 and up in ("VALUES", "SELECT", "WITH"):
-                return res  # inline data or INSERT ... SELECT: the whole text is the statement
+            elif res.kind == "INSERT" and depth == 0 and up == "VALUES":
+                return res  # inline data: the whole text is the statement
+            elif res.kind == "INSERT" and depth == 0 and up in ("SELECT", "WITH") and not res.select:
+                res.select = True  # INSERT ... SELECT: data follows only a FORMAT after input(...)
         elif tok in (b"(", b"["):
+            if tok == b"(" and res.select and prev.lower() == b"input" and prev_at >= 0:
+                res.inputs.append((prev_at, m.end()))
             depth += 1
         elif tok in (b")", b"]"):
             depth = max(0, depth - 1)
         elif tok == b";" and depth == 0:
             after_semicolon = True
-        prev = tok
+        prev, prev_at = tok, (m.start() if group == "word" else -1)
     return res
 
 
@@ -501,7 +513,9 @@ def parse_statement(
         if sc.format_name is not None:
             inline = head[sc.data_start :]
             data = body if not inline else (inline + b"\n" + body if body else inline)
-            return Statement("INSERT", head[: sc.format_kw].decode(), sc.format_name, data)
+            return Statement(
+                "INSERT", head[: sc.format_kw].decode(), sc.format_name, data, inputs=tuple(sc.inputs)
+            )
         text = head + b"\n" + body if body else head
         if body:
             sc = _scan(text, input_formats, output_formats)
@@ -509,7 +523,13 @@ def parse_statement(
         text = body
         sc = _scan(text, input_formats, output_formats)
         if sc.format_name is not None:
-            return Statement("INSERT", text[: sc.format_kw].decode(), sc.format_name, text[sc.data_start :])
+            return Statement(
+                "INSERT",
+                text[: sc.format_kw].decode(),
+                sc.format_name,
+                text[sc.data_start :],
+                inputs=tuple(sc.inputs),
+            )
     sql = text.decode("utf-8", errors="replace")
     if not sql.strip() or not sc.kind:
         raise ClickHouseError(SYNTAX_ERROR, "Empty query")
@@ -1104,7 +1124,7 @@ class ChdbEngine:
     def _run(self, handle: _Handle, stmt: Statement, req: QueryRequest) -> QueryResult:
         started = time.perf_counter_ns()
         if stmt.insert_format is not None:
-            if stmt.data:
+            if stmt.data or stmt.inputs:
                 return self._insert_from_file(handle, stmt, started)
             try:
                 inserter = handle.conn.send_insert(stmt.sql, stmt.insert_format)
@@ -1154,13 +1174,17 @@ class ChdbEngine:
         their order and defaults mean what they mean for ``INSERT ... FORMAT X``.
         """
         fd, path = tempfile.mkstemp(prefix="insert-", dir=self._insert_dir)
+        source = f"file({_quote_literal(path)}, {_quote_literal(stmt.insert_format or '')}"
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(stmt.data)
-            sql = (
-                f"{stmt.sql.rstrip()} SELECT * FROM file({_quote_literal(path)}, "
-                f"{_quote_literal(stmt.insert_format or '')})"
-            )
+            if stmt.inputs:  # INSERT ... SELECT ... FROM input('<structure>'): file(<data>, X, '<structure>')
+                raw = stmt.sql.encode()
+                for start, end in reversed(stmt.inputs):
+                    raw = raw[:start] + f"{source}, ".encode() + raw[end:]
+                sql = raw.decode()
+            else:
+                sql = f"{stmt.sql.rstrip()} SELECT * FROM {source})"
             try:
                 res = handle.conn.query(sql, "TabSeparated")
             except RuntimeError as exc:

@@ -389,6 +389,30 @@ def test_insert_deduplication_token(endpoint: Endpoint) -> None:
     assert client.command("SELECT count() FROM dedup") == 4000
 
 
+def test_insert_select_from_input(endpoint: Endpoint) -> None:
+    """``INSERT ... SELECT ... FROM input('<structure>') FORMAT X`` with the data in the body, as on a
+    server (the loader's JSONEachRow path): transformed on the way in, deduplicated by token, and a
+    ``throwIf`` in the SELECT refuses the whole insert."""
+    client = client_from_url(endpoint.url)
+    client.command(
+        "CREATE TABLE from_input (k UInt32, name String) ENGINE = MergeTree ORDER BY k "
+        "SETTINGS non_replicated_deduplication_window = 100"
+    )
+    sql = (
+        "INSERT INTO from_input (k, name) SELECT k * 10, upper(name) FROM input('k UInt32, name String') "
+        "WHERE throwIf(name = 'bad', 'a bad row') = 0 FORMAT JSONEachRow"
+    )
+    body = b'{"k": 1, "name": "a"}\n{"k": 2, "name": "b", "extra": [1]}'
+    settings = {"input_format_skip_unknown_fields": 1, "insert_deduplication_token": "tok-1"}
+    client.command(sql, data=body, settings=settings)
+    client.command(sql, data=body, settings=settings)  # a retry: dropped
+    assert client.query("SELECT k, name FROM from_input ORDER BY k").result_rows == [(10, "A"), (20, "B")]
+    with pytest.raises(DatabaseError) as info:
+        client.command(sql, data=b'{"k": 3, "name": "c"}\n{"k": 4, "name": "bad"}', settings=settings)
+    assert info.value.code == 395  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    assert client.command("SELECT count() FROM from_input") == 2
+
+
 @pytest.mark.fault
 def test_rejected_insert_is_an_error(endpoint: Endpoint) -> None:
     """A row the table rejects after parsing (CHECK constraint, an exception in a materialized view) fails
@@ -550,6 +574,13 @@ def test_statement_parsing() -> None:
     st = parse_statement(None, b"SELECT 'a;b' AS format -- FORMAT CSV\nFROM t FORMAT JSON;", fmts, fmts)
     assert (st.kind, st.output_format) == ("SELECT", "JSON")
     assert parse_statement(None, b"CREATE TEMPORARY TABLE x (a UInt8)", fmts, fmts).temporary
+    # INSERT ... SELECT ... FROM input(...) FORMAT X: the body is the data; the spans name input(
+    sql = "INSERT INTO t (a) SELECT upper(a) FROM input('a String') WHERE a != 'FORMAT CSV' FORMAT CSV"
+    st = parse_statement(sql, b"x\n", fmts, fmts)
+    assert (st.sql, st.insert_format, st.data) == (sql[: sql.rindex("FORMAT CSV")], "CSV", b"x\n")
+    assert [st.sql.encode()[a:b] for a, b in st.inputs] == [b"input("]
+    st = parse_statement(None, b"INSERT INTO t SELECT 1 FORMAT CSV", fmts, fmts)  # no input(): no data
+    assert st.insert_format is None and not st.inputs
     for bad in (b"", b"  -- only a comment", b"SELECT 1; SELECT 2"):
         with pytest.raises(ClickHouseError) as info:
             parse_statement(None, bad, fmts, fmts)
