@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import secrets
-import subprocess
 import sys
 import time
 import uuid
@@ -41,14 +40,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
-import httpx
 import orjson
 
 from connectors import kafka as kafka_io
 from connectors.clickhouse import client_from_url
 from connectors.settings import CONTRACT_TOPICS, child_environment, environment, load_connections
 from devstack.demo import Pipeline, PipelineConfig, quantile
-from devstack.stack import free_port
+from devstack.service import Service, serve
 
 log = logging.getLogger("bench.live")
 
@@ -61,52 +59,6 @@ AUTH = {
 }
 #: Settings of the read-only ClickHouse user that the dashboard reads with (passed on when configured).
 READONLY_VARS = ("CLICKPULSE_CLICKHOUSE_READONLY_USER", "CLICKPULSE_CLICKHOUSE_READONLY_PASSWORD")
-
-
-@dataclass
-class Service:
-    """A server process of this bench (collector or dashboard) on a port of its own."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def stop(self) -> None:
-        """SIGTERM, then wait."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-
-
-def serve(module: str, env: dict[str, str], log_path: Path, health: str) -> Service:
-    """Start ``python -m module --port P`` and wait until ``health`` answers 200."""
-    port = free_port()
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [sys.executable, "-m", module, "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    svc = Service(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"{module} exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(svc.url + health, timeout=2).status_code == 200:
-                return svc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            svc.stop()
-            raise SystemExit(f"{module} did not answer {health} within 60 s: {log_path.read_text()[-2000:]}")
-        time.sleep(0.2)
 
 
 def track(mid: str, i: int) -> bytes:

@@ -15,21 +15,18 @@ import functools
 import http.server
 import logging
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from devstack.demo import Pipeline, PipelineConfig
-from devstack.stack import Stack, free_port
+from devstack.service import Service, serve
+from devstack.stack import Stack
 from tests.support import until
 
 pytestmark = pytest.mark.integration
@@ -73,45 +70,6 @@ EXPECTED = {
     ("page", "/pricing.html"),
     ("Plan Chosen", "/pricing.html"),
 }
-
-
-@dataclass
-class Service:
-    """A server process of this test (collector or dashboard) on its own port."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (it must stop cleanly)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
-def _serve(module: str, env: dict[str, str], log: Path, health: str) -> Service:
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [sys.executable, "-m", module, "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    svc = Service(proc, f"http://127.0.0.1:{port}", log)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"{module} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return httpx.get(svc.url + health, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    until(up, 60, f"{module} answering {health}")
-    return svc
 
 
 @pytest.fixture
@@ -175,9 +133,9 @@ def test_tracked_clicks_appear_on_the_live_dashboard(
     errors: list[str] = []
     try:
         pipeline.start_all(("ingest", "load"))
-        collector = _serve("connectors.collector", env, tmp_path / "collector.log", "/ping")
+        collector = serve("connectors.collector", env, tmp_path / "collector.log", "/ping")
         services.append(collector)
-        dashboard = _serve("connectors.dashboard", env, tmp_path / "dashboard.log", "/healthz")
+        dashboard = serve("connectors.dashboard", env, tmp_path / "dashboard.log", "/healthz")
         services.append(dashboard)
         root, site = shop_site
         for name, text in (("index.html", SHOP_HOME), ("pricing.html", SHOP_PRICING)):

@@ -12,11 +12,8 @@ how fast is ``bench/bench_live.py``'s to measure.
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,8 @@ import pytest
 
 from connectors.clickhouse import client_from_url
 from devstack.demo import Pipeline, PipelineConfig
-from devstack.stack import Stack, free_port
+from devstack.service import Service, serve
+from devstack.stack import Stack
 from tests.support import REPO, until
 
 pytestmark = pytest.mark.integration
@@ -35,50 +33,11 @@ pytestmark = pytest.mark.integration
 WRITE_KEY = "live-test-" + uuid.uuid4().hex
 
 
-@dataclass
-class Service:
-    """A server process of this test on a port of its own."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def get(self, path: str) -> Any:
-        """GET ``path``, answered 200 with JSON."""
-        resp = httpx.get(self.url + path, timeout=30)
-        assert resp.status_code == 200, (path, resp.status_code, resp.text[:500])
-        return resp.json()
-
-    def stop(self) -> None:
-        """SIGTERM, then wait (it must stop cleanly)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-
-def serve(module: str, env: dict[str, str], log: Path, health: str) -> Service:
-    """``python -m module --port P``, once ``health`` answers 200."""
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [sys.executable, "-m", module, "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    svc = Service(proc, f"http://127.0.0.1:{port}", log)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"{module} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return httpx.get(svc.url + health, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    until(up, 60, f"{module} answering {health}")
-    return svc
+def get_json(svc: Service, path: str) -> Any:
+    """GET ``path``, answered 200 with JSON."""
+    resp = httpx.get(svc.url + path, timeout=30)
+    assert resp.status_code == 200, (path, resp.status_code, resp.text[:500])
+    return resp.json()
 
 
 @pytest.fixture
@@ -154,7 +113,7 @@ def test_an_event_sent_through_the_collector_appears_on_the_live_view(
     def shown() -> dict[str, Any] | None:
         pipeline.check_alive()
         try:
-            rows = dashboard.get("/api/live/feed_events")["rows"]
+            rows = get_json(dashboard, "/api/live/feed_events")["rows"]
         except AssertionError:  # 502 until the loader has created the tables
             return None
         return next((r for r in rows if r["message_id"] == message_id), None)
@@ -165,8 +124,8 @@ def test_an_event_sent_through_the_collector_appears_on_the_live_view(
     assert _time(row["received_at"]) > now - timedelta(minutes=5)  # arrival: just now
 
     # every live panel counts it (this database holds only this event)
-    assert dashboard.get("/api/live/active_visitors")["rows"] == [{"visitors": 1}]
-    per_minute = dashboard.get("/api/live/events_per_minute")["rows"]
+    assert get_json(dashboard, "/api/live/active_visitors")["rows"] == [{"visitors": 1}]
+    per_minute = get_json(dashboard, "/api/live/events_per_minute")["rows"]
     assert len(per_minute) == 60 and sum(r["events"] for r in per_minute) == 1
-    top = dashboard.get("/api/live/top_pages")["rows"]
+    top = get_json(dashboard, "/api/live/top_pages")["rows"]
     assert [(r["page_path"], r["page_views"]) for r in top] == [("/pricing", 1)]
