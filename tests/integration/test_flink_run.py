@@ -32,7 +32,7 @@ import pytest
 from connectors.flink import connector_jars
 from devstack.flink_cluster import PROJECT_PACKAGES, ClusterOptions, FlinkCluster, package_sources
 from devstack.simulate import produce
-from devstack.simulator import SimRecord
+from devstack.simulator import SimRecord, Truth
 from tests.support import check_ingest_against_truth as check_against_truth
 from tests.support import read_topic, until
 from tests.support import simulate_now as simulate
@@ -142,6 +142,39 @@ def sessions_consistent(bootstrap: str, prefix: str) -> int:
     return len(live)
 
 
+def stop_feed_and_resume(
+    cluster: FlinkCluster,
+    job_id: str,
+    job: str,
+    args: tuple[str, ...],
+    sources: Path,
+    env: dict[str, str],
+    records: list[SimRecord],
+    truth: Truth,
+    half: int,
+) -> str:
+    """``flink stop --savepointPath``; while the job is down, the records from ``half`` on plus 100
+    redeliveries of valid events from before it; ``flink run --fromSavepoint`` with the same command
+    line; returns the resumed job's id once it is RUNNING, has restored that savepoint and has read
+    every unique event into ``events.enriched``."""
+    bootstrap, prefix = env["KAFKA_BOOTSTRAP_SERVERS"], env["CLICKPULSE_TOPIC_PREFIX"]
+    savepoint = cluster.stop_with_savepoint(job_id, cluster.home / "savepoints" / job)
+    assert cluster.job_state(job_id) == "FINISHED"
+    assert (Path(savepoint.removeprefix("file:")) / "_metadata").is_file()
+    redelivered = [records[e.position] for e in truth.valid if e.position < half][:100]
+    produce(bootstrap, f"{prefix}events.raw", records[half:] + redelivered)
+    resumed = submit(cluster, job, env, sources, *args, savepoint=savepoint)
+    cluster.wait_for_state(resumed, {"RUNNING"})
+    restored = cluster.checkpoints(resumed).get("latest", {}).get("restored") or {}
+    assert restored.get("is_savepoint") and restored.get("external_path") == savepoint, restored
+    until(
+        lambda: len(read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= truth.unique_valid,
+        300,
+        f"the resumed {job} to catch up",
+    )
+    return resumed
+
+
 def test_flink_run_savepoint_and_resume(
     cluster: FlinkCluster, sources: Path, job_env: dict[str, str]
 ) -> None:
@@ -193,27 +226,11 @@ def test_flink_run_savepoint_and_resume(
         assert worker_paths and all("clickpulse-src" in ln for ln in worker_paths), worker_paths
         assert "EmbeddedPythonEnvironmentManager" in tm_log  # sessionize really runs in THREAD mode
 
-        # -- stop ingest with a savepoint
-        savepoint = cluster.stop_with_savepoint(ingest, cluster.home / "savepoints" / "ingest")
-        assert cluster.job_state(ingest) == "FINISHED"
-        assert (Path(savepoint.removeprefix("file:")) / "_metadata").is_file()
-        log.info("savepoint %s after %.0fs", savepoint, time.monotonic() - t0)
-
-        # -- while it is down: the second half, plus redeliveries of events it has already written
-        redelivered: list[SimRecord] = [records[e.position] for e in truth.valid if e.position < half][:100]
-        produce(bootstrap, raw, records[half:] + redelivered)
-
-        # -- resume from the savepoint, same command line plus --fromSavepoint
-        resumed = submit(cluster, "ingest", job_env, sources, *ingest_args, savepoint=savepoint)
-        cluster.wait_for_state(resumed, {"RUNNING"})
-        restored = cluster.checkpoints(resumed).get("latest", {}).get("restored") or {}
-        assert restored.get("is_savepoint") and restored.get("external_path") == savepoint, restored
-
-        until(
-            lambda: len(read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= truth.unique_valid,
-            300,
-            "the resumed job to catch up",
+        # -- stop ingest with a savepoint; while it is down the second half plus redeliveries; resume
+        resumed = stop_feed_and_resume(
+            cluster, ingest, "ingest", ingest_args, sources, job_env, records, truth, half
         )
+        log.info("resumed from a savepoint after %.0fs", time.monotonic() - t0)
         wait_checkpoint_after(cluster, resumed, time.time())  # duplicates would be committed by now
         enriched = read_topic(bootstrap, f"{prefix}events.enriched")
         dlq = read_topic(bootstrap, f"{prefix}events.dlq")
@@ -283,19 +300,7 @@ def test_pipeline_at_parallelism_2_under_flink_run_savepoint_and_resume(
         )
         assert set(ids) == first_ids and max(ids.values()) == 1
 
-        savepoint = cluster.stop_with_savepoint(job, cluster.home / "savepoints" / "pipeline")
-        redelivered: list[SimRecord] = [records[e.position] for e in truth.valid if e.position < half][:100]
-        produce(bootstrap, raw, records[half:] + redelivered)
-        resumed = submit(cluster, "pipeline", job_env, sources, *args, savepoint=savepoint)
-        cluster.wait_for_state(resumed, {"RUNNING"})
-        restored = cluster.checkpoints(resumed).get("latest", {}).get("restored") or {}
-        assert restored.get("is_savepoint") and restored.get("external_path") == savepoint, restored
-
-        until(
-            lambda: len(read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= truth.unique_valid,
-            300,
-            "the resumed pipeline to catch up",
-        )
+        resumed = stop_feed_and_resume(cluster, job, "pipeline", args, sources, job_env, records, truth, half)
         wait_checkpoint_after(cluster, resumed, time.time())
         enriched = read_topic(bootstrap, f"{prefix}events.enriched")
         check_against_truth(enriched, read_topic(bootstrap, f"{prefix}events.dlq"), truth)
