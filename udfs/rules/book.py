@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_SECRET_ENV",
     "Destination",
     "RuleRecord",
+    "compile_rule_record",
     "decode_rule_record",
     "destination_for",
     "effective_rules",
@@ -87,6 +88,22 @@ def decode_rule_record(data: str | bytes) -> RuleRecord:
     """Inverse of :func:`encode_rule_record`."""
     partition, offset, text = orjson.loads(data)
     return RuleRecord(int(partition), int(offset), text.encode("utf-8") if text is not None else None)
+
+
+def compile_rule_record(rule_id: str, record: RuleRecord, allowlist: Allowlist = LOOPBACK_ONLY) -> str:
+    """A ``rules`` topic record, validated here, as the JVM trigger operator reads it.
+
+    Compact JSON ``[partition, offset, rule, error]``: ``rule`` is :meth:`Rule.compiled` (``null`` for a
+    tombstone or an invalid record) and ``error`` the :class:`RuleError` text of an invalid record. The
+    JVM operator applies these exactly as :func:`effective_rules` applies the raw records ("newest offset
+    wins", an invalid record leaves no rule with that id), so rule validation has one implementation.
+    """
+    try:
+        rule = rule_from_topic_value(rule_id, record.value, allowlist)
+    except RuleError as exc:
+        return orjson.dumps([record.partition, record.offset, None, str(exc)]).decode()
+    compiled = rule.compiled() if rule is not None else None
+    return orjson.dumps([record.partition, record.offset, compiled, None]).decode()
 
 
 def effective_rules(

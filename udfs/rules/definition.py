@@ -349,6 +349,22 @@ class Rule:
     description: str | None = None
     fingerprint: str = field(default="", compare=False)
 
+    def compiled(self) -> dict[str, Any]:
+        """The rule as the JVM trigger operator reads it (``dev.clickpulse.operators.triggers``): the
+        condition's canonical form plus ``id``, ``fingerprint``, ``enabled``, ``once``, ``cooldown_ms``
+        and ``events`` (:meth:`event_names`, sorted, or ``None``). Webhook fields are left out: delivery
+        is the dispatch loop's business, which reads the rules itself."""
+        names = self.event_names()
+        return {
+            **self.when.canonical(),
+            "id": self.id,
+            "fingerprint": self.fingerprint,
+            "enabled": self.enabled,
+            "once": self.once,
+            "cooldown_ms": self.cooldown_ms,
+            "events": sorted(names) if names is not None else None,
+        }
+
     def event_names(self) -> frozenset[str] | None:
         """Event names this rule looks at; ``None`` when any event can matter."""
         w = self.when
