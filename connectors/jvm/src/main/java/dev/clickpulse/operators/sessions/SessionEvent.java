@@ -20,7 +20,7 @@ public final class SessionEvent {
     static final String ORDER_COMPLETED = "Order Completed";
     private static final long MICROS = 1_000_000L;
     /** 9999-12-31T23:59:59.999Z, the largest epoch-ms ``timestamp`` accepted (``udfs.timeutil``). */
-    static final long MAX_EPOCH_MS = 253402300799999L;
+    public static final long MAX_EPOCH_MS = 253402300799999L;
 
     final String messageId;
     final String userKey;
@@ -304,7 +304,7 @@ public final class SessionEvent {
             .appendOffset("+HH:MM", "Z")
             .toFormatter();
 
-    static long parseIso8601Ms(String value) {
+    public static long parseIso8601Ms(String value) {
         OffsetDateTime t = OffsetDateTime.parse(value, ISO);
         long seconds = t.toEpochSecond();
         return Math.addExact(Math.multiplyExact(seconds, 1000L), t.getNano() / 1_000_000);

@@ -1,0 +1,211 @@
+package dev.clickpulse.operators.triggers;
+
+import java.io.ByteArrayOutputStream;
+import java.io.IOException;
+import java.time.Duration;
+import java.util.Map;
+import org.apache.flink.api.common.functions.OpenContext;
+import org.apache.flink.api.common.state.BroadcastState;
+import org.apache.flink.api.common.state.MapStateDescriptor;
+import org.apache.flink.api.common.state.ReadOnlyBroadcastState;
+import org.apache.flink.api.common.state.StateTtlConfig;
+import org.apache.flink.api.common.state.ValueState;
+import org.apache.flink.api.common.state.ValueStateDescriptor;
+import org.apache.flink.api.common.typeinfo.PrimitiveArrayTypeInfo;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.api.java.typeutils.RowTypeInfo;
+import org.apache.flink.metrics.Counter;
+import org.apache.flink.metrics.MetricGroup;
+import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
+import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonGenerator;
+import org.apache.flink.streaming.api.TimerService;
+import org.apache.flink.streaming.api.functions.co.KeyedBroadcastProcessFunction;
+import org.apache.flink.types.Row;
+import org.apache.flink.util.Collector;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+
+/**
+ * The trigger operator in the JVM: keyed by user_key, enriched events ``(k, v JSON bytes)`` in, actions
+ * ``(k user_key, v action JSON)`` out; rule records ``(k rule id, v compile_rule_record text)`` broadcast.
+ * The same adapter as ``jobs.triggers.TriggerFunction`` ({@link TriggerLogic}): one ``BYTES`` value state
+ * per user ({@link TriggerState}, with a TTL), event-time timers, the rule records in broadcast state.
+ * Counters ``clickpulse.triggers_<name>`` and the periodic log line are those of the Python operator.
+ */
+public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row, Row, Row> {
+    private static final long serialVersionUID = 1L;
+    private static final Logger LOG = LoggerFactory.getLogger(TriggersFunction.class);
+
+    /** ``(k STRING, v BYTES)`` action rows. */
+    public static final RowTypeInfo ROW_TYPE = new RowTypeInfo(
+            new TypeInformation<?>[] {Types.STRING, PrimitiveArrayTypeInfo.BYTE_PRIMITIVE_ARRAY_TYPE_INFO},
+            new String[] {"k", "v"});
+
+    private final String configJson;
+    private final String userStateName;
+    private final MapStateDescriptor<String, String> rulesState;
+    private final long stateTtlMs;
+    private final String label;
+    private final long logIntervalMs;
+
+    private transient ValueState<byte[]> state;
+    private transient JsonFactory json;
+    private transient TriggerLogic logic;
+    private transient Counter[] counters;
+    private transient long[] flushed;
+    private transient long nextFlush;
+    private transient long nextLog;
+    private transient int subtask;
+    private transient ByteArrayOutputStream buffer;
+    private transient TriggerLogic.Store store;
+
+    public TriggersFunction(String configJson, String userStateName, MapStateDescriptor<String, String> rulesState,
+            long stateTtlMs, String label, long logIntervalMs) {
+        this.configJson = configJson;
+        this.userStateName = userStateName;
+        this.rulesState = rulesState;
+        this.stateTtlMs = stateTtlMs;
+        this.label = label;
+        this.logIntervalMs = logIntervalMs;
+    }
+
+    @Override
+    @SuppressWarnings("unchecked")
+    public void open(OpenContext openContext) throws Exception {
+        ValueStateDescriptor<byte[]> descriptor =
+                new ValueStateDescriptor<>(userStateName, PrimitiveArrayTypeInfo.BYTE_PRIMITIVE_ARRAY_TYPE_INFO);
+        if (stateTtlMs > 0) {
+            descriptor.enableTimeToLive(StateTtlConfig.newBuilder(Duration.ofMillis(stateTtlMs))
+                    .setUpdateType(StateTtlConfig.UpdateType.OnCreateAndWrite)
+                    .setStateVisibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
+                    .build());
+        }
+        state = getRuntimeContext().getState(descriptor);
+        json = new JsonFactory();
+        logic = new TriggerLogic(json, (Map<String, Object>) Json.parse(json, configJson));
+        subtask = getRuntimeContext().getTaskInfo().getIndexOfThisSubtask();
+        MetricGroup group = getRuntimeContext().getMetricGroup().addGroup("clickpulse");
+        counters = new Counter[TriggerLogic.COUNTERS.length];
+        for (int i = 0; i < counters.length; i++) {
+            String name = TriggerLogic.COUNTERS[i];
+            if (subtask == 0 || !TriggerLogic.RULE_COUNTERS.contains(name)) {
+                counters[i] = group.counter("triggers_" + name);
+            }
+        }
+        flushed = new long[counters.length];
+        buffer = new ByteArrayOutputStream(512);
+        store = new TriggerLogic.Store() {
+            @Override
+            public byte[] get() throws IOException {
+                return state.value();
+            }
+
+            @Override
+            public void put(byte[] value) throws IOException {
+                state.update(value);
+            }
+
+            @Override
+            public void clear() {
+                state.clear();
+            }
+        };
+        long now = System.currentTimeMillis();
+        nextFlush = now + 500;
+        nextLog = now + logIntervalMs;
+    }
+
+    @Override
+    public void processBroadcastElement(Row value, Context ctx, Collector<Row> out) throws Exception {
+        BroadcastState<String, String> broadcast = ctx.getBroadcastState(rulesState);
+        if (!logic.restored()) {
+            logic.restore(broadcast.immutableEntries());
+        }
+        String ruleId = (String) field(value, 0, "k");
+        String text = (String) field(value, 1, "v");
+        if (ruleId == null || text == null) {
+            return;
+        }
+        String keep = logic.onRuleRecord(ruleId, text, subtask == 0);
+        if (keep != null) {
+            broadcast.put(ruleId, keep);
+        }
+        maybeFlush(false);
+    }
+
+    @Override
+    public void processElement(Row value, ReadOnlyContext ctx, Collector<Row> out) throws Exception {
+        if (!logic.restored()) {
+            ReadOnlyBroadcastState<String, String> broadcast = ctx.getBroadcastState(rulesState);
+            logic.restore(broadcast.immutableEntries());
+        }
+        logic.onEvent((byte[]) field(value, 1, "v"), store, sink(ctx.timerService(), out),
+                System.currentTimeMillis());
+        maybeFlush(false);
+    }
+
+    @Override
+    public void onTimer(long timestamp, OnTimerContext ctx, Collector<Row> out) throws Exception {
+        if (!logic.restored()) {
+            logic.restore(ctx.getBroadcastState(rulesState).immutableEntries());
+        }
+        logic.onTimer(timestamp, store, sink(ctx.timerService(), out), System.currentTimeMillis());
+        maybeFlush(false);
+    }
+
+    private TriggerLogic.Sink sink(TimerService timers, Collector<Row> out) {
+        return new TriggerLogic.Sink() {
+            @Override
+            public void timer(long at) {
+                timers.registerEventTimeTimer(at);
+            }
+
+            @Override
+            public void action(String userKey, Map<String, Object> action) throws IOException {
+                out.collect(Row.of(userKey, actionBytes(action)));
+            }
+        };
+    }
+
+    private byte[] actionBytes(Map<String, Object> action) throws IOException {
+        buffer.reset();
+        try (JsonGenerator g = json.createGenerator(buffer)) {
+            Json.generate(g, action);
+        }
+        return buffer.toByteArray();
+    }
+
+    private void maybeFlush(boolean force) {
+        long now = System.currentTimeMillis();
+        if (!force && now < nextFlush) {
+            return;
+        }
+        nextFlush = now + 500;
+        long[] totals = logic.totals;
+        for (int i = 0; i < counters.length; i++) {
+            long delta = totals[i] - flushed[i];
+            if (delta != 0 && counters[i] != null) {
+                counters[i].inc(delta);
+            }
+            flushed[i] = totals[i];
+        }
+        if (force || now >= nextLog) {
+            nextLog = now + logIntervalMs;
+            LOG.info("{}[{}]: {}", label, subtask, String.join(" ", logic.describe()));
+        }
+    }
+
+    @Override
+    public void close() throws Exception {
+        if (logic != null) {
+            maybeFlush(true);
+        }
+        super.close();
+    }
+
+    /** A field of a position-based or a name-based row. */
+    static Object field(Row row, int pos, String name) {
+        return row.getFieldNames(false) == null ? row.getField(pos) : row.getField(name);
+    }
+}
