@@ -17,11 +17,13 @@ from udfs.rules import (
     RuleError,
     RuleRecord,
     Rules,
+    compile_rule_record,
     destination_for,
     effective_rules,
     newer,
     parse_rule,
     resolve_event_filter,
+    rule_from_topic_value,
 )
 
 pytestmark = pytest.mark.unit
@@ -141,3 +143,43 @@ def test_destination_key_isolates_by_scheme_host_and_port() -> None:
     assert Destination("https://hooks.example.com/a", b"s").key == "https://hooks.example.com:443"
     assert Destination("http://127.0.0.1:8099/b", b"s").key == "http://127.0.0.1:8099"
     assert Destination("http://127.0.0.1:notaport/", b"s").key == "invalid"
+
+
+def test_compiled_record_carries_the_validated_rule_or_the_error_of_the_record() -> None:
+    value = orjson.dumps(
+        {"when": {"event": "Product Viewed", "where": {"properties.x": 1.5}}, "action": HOOK}
+    )
+    partition, offset, rule, error = orjson.loads(compile_rule_record("a", RuleRecord(2, 7, value)))
+    assert (partition, offset, error) == (2, 7, None)
+    parsed = rule_from_topic_value("a", value)
+    assert parsed is not None
+    assert rule == parsed.compiled()
+    assert rule["fingerprint"] == parsed.fingerprint
+    assert rule["match"] == {"event": "Product Viewed", "where": [["properties.x", 1.5]]}
+    assert rule["events"] == ["Product Viewed"]
+
+    assert orjson.loads(compile_rule_record("a", RuleRecord(2, 8, None))) == [2, 8, None, None]
+    bad = orjson.loads(compile_rule_record("a", RuleRecord(2, 9, b'{"when": {}}')))
+    assert bad[:3] == [2, 9, None]
+    assert bad[3].startswith("rule 'a': ")
+    # the allowlist is applied: a destination outside it makes an invalid record, as in effective_rules
+    outside = orjson.dumps({"when": {"event": "X"}, "action": {"webhook": {"url": "http://example.org/h"}}})
+    assert "allowlist" in orjson.loads(compile_rule_record("a", RuleRecord(0, 1, outside)))[3]
+
+
+def test_compiled_rule_has_what_the_jvm_operator_reads_for_every_form() -> None:
+    forms = {
+        "count": {"event": "V", "group_by": ["properties.deal_id"], "count_at_least": 3, "within": "10m"},
+        "sequence": {
+            "sequence": {"first": "A", "then_not": {"event": "B", "where": {"k": True}}, "within": "1m"}
+        },
+        "returning": {"returning_after": "1d"},
+    }
+    for form, when in forms.items():
+        rule = rule_from_topic_value("r", orjson.dumps({"when": when, "action": HOOK, "cooldown": "5m"}))
+        assert rule is not None
+        c = rule.compiled()
+        assert c["form"] == form
+        assert (c["id"], c["enabled"], c["once"], c["cooldown_ms"]) == ("r", True, False, 300_000)
+        names = rule.event_names()
+        assert c["events"] == (sorted(names) if names is not None else None)
