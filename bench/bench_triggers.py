@@ -1,7 +1,7 @@
 """Triggers benchmark: trigger-operator throughput, and event produced -> webhook received latency under load.
 
-Runs ``python -m jobs.triggers`` (Flink mini-cluster, Python THREAD mode, in-process dispatch) against
-the stack in the environment (``KAFKA_BOOTSTRAP_SERVERS`` or ``.clickpulse/stack.env``), on its own
+Runs ``python -m jobs.triggers`` (Flink mini-cluster, in-process dispatch) once per trigger engine
+(``--engines jvm,python``: the Java operator, or the Python one in THREAD mode) against the stack in the environment (``KAFKA_BOOTSTRAP_SERVERS`` or ``.clickpulse/stack.env``), on its own
 prefixed topics, with a real HTTP receiver in this process.
 
 * Throughput: pre-produce N enriched events (a realistic mix over 20k users: page views, product views
@@ -185,7 +185,7 @@ def rules_doc(url: str, prefilter: bool = False) -> dict[str, Any]:
 class Run:
     """Topics, receiver and the job process of one measurement."""
 
-    def __init__(self, parallelism: int, prefilter: bool = False) -> None:
+    def __init__(self, parallelism: int, prefilter: bool = False, engine: str = "jvm") -> None:
         conn = load_connections()
         self.bootstrap = conn.kafka_bootstrap_servers
         self.prefix = f"bt{uuid.uuid4().hex[:6]}."
@@ -205,6 +205,7 @@ class Run:
             "CLICKPULSE_WEBHOOK_SECRET": SECRET,
             "CLICKPULSE_FLINK_PARALLELISM": str(parallelism),
             "CLICKPULSE_TRIGGERS_EVENT_FILTER": "auto" if prefilter else "none",
+            "CLICKPULSE_TRIGGERS_ENGINE": engine,
         }
         self.producer = KafkaProducer(
             bootstrap_servers=self.bootstrap,
@@ -303,12 +304,14 @@ class CpuSampler(threading.Thread):
         return min(self.samples, key=lambda s: abs(s[0] - wall))[1]
 
 
-def throughput(events: int, parallelism: int = 1, prefilter: bool = False) -> tuple[float, float, int]:
+def throughput(
+    events: int, parallelism: int = 1, prefilter: bool = False, engine: str = "jvm"
+) -> tuple[float, float, int]:
     """(events/s through the trigger operator, events per JVM CPU-second, fires delivered).
 
     The second number is what the operator chain costs, independent of what else runs on the box.
     """
-    run = Run(parallelism, prefilter)
+    run = Run(parallelism, prefilter, engine)
     try:
         rng = random.Random(7)  # noqa: S311 - workload, not cryptography
         first = [run.probe(p) for p in range(PARTITIONS)]
@@ -335,9 +338,11 @@ def throughput(events: int, parallelism: int = 1, prefilter: bool = False) -> tu
         run.close()
 
 
-def latency(rate: int, seconds: int, parallelism: int = 1, prefilter: bool = False) -> dict[str, Any]:
+def latency(
+    rate: int, seconds: int, parallelism: int = 1, prefilter: bool = False, engine: str = "jvm"
+) -> dict[str, Any]:
     """Probe latencies (ms) while a background producer writes ``rate`` events/s for ``seconds``."""
-    run = Run(parallelism, prefilter)
+    run = Run(parallelism, prefilter, engine)
     try:
         run.start_job()
         deadline = time.monotonic() + 240
@@ -408,40 +413,48 @@ def latency(rate: int, seconds: int, parallelism: int = 1, prefilter: bool = Fal
         run.close()
 
 
+ENGINES = {"jvm": "JVM operator", "python": "Python operator, THREAD mode"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Print the triggers rows: each measurement without and with the JVM pre-filter."""
+    """Print the triggers rows: each measurement per engine and pre-filter variant."""
     p = argparse.ArgumentParser(prog="bench.bench_triggers", description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=100_000, help="events of the throughput run")
     p.add_argument("--rate", type=int, default=5_000, help="background events/s of the latency run")
     p.add_argument("--seconds", type=int, default=40, help="length of the latency run")
     p.add_argument("--parallelism", type=int, default=1)
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--engines", default="jvm,python", help="comma-separated trigger engines: jvm, python")
     p.add_argument(
-        "--variants", default="none,auto", help="comma-separated pre-filter variants to run: none, auto"
+        "--variants", default="none", help="comma-separated pre-filter variants to run: none, auto"
     )
     args = p.parse_args(argv)
-    for variant in args.variants.split(","):
-        prefilter = variant.strip() == "auto"
-        how = (
-            "JVM pre-filter to the rules' events (page views dropped in the JVM)"
-            if prefilter
-            else "no pre-filter (a returning_after rule without event needs every event)"
-        )
-        if not args.skip_throughput:
-            eps, per_cpu_s, fires = throughput(args.events, args.parallelism, prefilter)
-            print(
-                f"| triggers operator, sustained (parallelism {args.parallelism}, THREAD mode, {how}) "
-                f"| {eps:,.0f} events/s ({per_cpu_s:,.0f} per JVM CPU-second) "
-                f"| {args.events:,} enriched events, 4 rules, {fires:,} fires delivered |"
+    for engine in args.engines.split(","):
+        engine = engine.strip()
+        for variant in args.variants.split(","):
+            prefilter = variant.strip() == "auto"
+            how = (
+                "JVM pre-filter to the rules' events (page views dropped before the operator)"
+                if prefilter
+                else "no pre-filter (a returning_after rule without event needs every event)"
             )
-        r = latency(args.rate, args.seconds, args.parallelism, prefilter)
-        print(
-            f"| triggers event produced → signed webhook received, {r['background_rate']:,.0f} events/s "
-            f"background (target {args.rate:,}), {how} "
-            f"| p50 {r['p50']:,.0f} ms, p99 {r['p99']:,.0f} ms, max {r['max']:,.0f} ms "
-            f"| {r['received']}/{r['probes']} probes over {args.seconds}s, {r['fires']:,} background fires, "
-            f"{r['bad_signatures']} bad signatures; load average {r['load'][0]:.1f} → {r['load'][1]:.1f} |"
-        )
+            what = f"{ENGINES[engine]}, parallelism {args.parallelism}, {how}"
+            if not args.skip_throughput:
+                eps, per_cpu_s, fires = throughput(args.events, args.parallelism, prefilter, engine)
+                print(
+                    f"| triggers operator, sustained ({what}) "
+                    f"| {eps:,.0f} events/s ({per_cpu_s:,.0f} per JVM CPU-second, "
+                    f"{1e6 / per_cpu_s:,.1f} CPU µs/event) "
+                    f"| {args.events:,} enriched events, 4 rules, {fires:,} fires delivered |"
+                )
+            r = latency(args.rate, args.seconds, args.parallelism, prefilter, engine)
+            print(
+                f"| triggers event produced → signed webhook received, {r['background_rate']:,.0f} events/s "
+                f"background (target {args.rate:,}; {what}) "
+                f"| p50 {r['p50']:,.0f} ms, p99 {r['p99']:,.0f} ms, max {r['max']:,.0f} ms "
+                f"| {r['received']}/{r['probes']} probes over {args.seconds}s, {r['fires']:,} background fires, "
+                f"{r['bad_signatures']} bad signatures; load average {r['load'][0]:.1f} → {r['load'][1]:.1f} |"
+            )
 
 
 if __name__ == "__main__":
