@@ -71,10 +71,19 @@ class PipelineJobSettings:
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """The options of every part. ``--out-of-orderness-ms`` sets the watermark delay of both the sessions
-    and the trigger operators (their variables set them one by one)."""
+    and the trigger operators, ``--engine`` the implementation of both (their variables set them one by
+    one: ``CLICKPULSE_SESSIONIZE_ENGINE``, ``CLICKPULSE_TRIGGERS_ENGINE``)."""
     ingest_job.add_ingest_args(p)
     sessionize_job.add_sessionize_args(p)
     triggers_job.add_triggers_args(p)
+    # both parts declare it, with the same dest and choices (job_options(shared_flags=True) keeps the last
+    # declaration): the one value reaches both settings areas; restated here for its help text
+    p.add_argument(
+        "--engine",
+        choices=[e.value for e in triggers_job.TriggersEngine],
+        default=None,
+        help="sessions and trigger operators (jvm)",
+    )
 
 
 def build(t_env: Any, s: PipelineJobSettings, config: triggers_job.FunctionConfig) -> dict[str, Any]:

@@ -18,12 +18,20 @@ Plan:
    time"), then whenever the events went idle the operator would follow the rules' watermark and fire
    every pending sequence deadline at once. After a rule record, timers wait until the rules source is
    idle again (``idle_timeout_ms``).
-3. :class:`TriggerFunction`, a ``KeyedBroadcastProcessFunction`` keyed by user_key, in Python THREAD
-   mode (embedded in the JVM by pemja): one ``ValueState`` per user (``udfs.rules.dump_state``,
-   with a TTL), event-time timers from the pure reducer :func:`udfs.rules.step` /
-   :func:`udfs.rules.on_timer`, and the rule records in broadcast state. The rules in force are the
-   ``--rules`` file overlaid by the topic, "newest offset wins" (:mod:`udfs.rules.book`); the driver
-   reads the topic once before submitting, so the first events already see today's rules.
+3. A ``KeyedBroadcastProcessFunction`` keyed by user_key, picked by ``--engine``
+   (``CLICKPULSE_TRIGGERS_ENGINE``): with ``jvm`` (default) the Java one of ``connectors/jvm``
+   (:func:`build_jvm`: the same logic as :mod:`udfs.rules`, each event parsed once in the JVM, no Python
+   on the event path; rule records are validated and compiled by :func:`udfs.rules.compile_rule_record`
+   in a Python UDF on the rarely written rules stream, so rule parsing has one implementation); with
+   ``python`` :class:`TriggerFunction`, in Python THREAD mode (embedded in the JVM by pemja). Either
+   keeps one state value per user (with a TTL), event-time timers from the pure reducer
+   :func:`udfs.rules.step` / :func:`udfs.rules.on_timer` (or its Java transcription), and the rule
+   records in broadcast state. The rules in force are the ``--rules`` file overlaid by the topic,
+   "newest offset wins" (:mod:`udfs.rules.book`); the driver reads the topic once before submitting, so
+   the first events already see today's rules. The engines' states differ and have their own uids and
+   state names: switching engines starts the per-user rule state afresh (windows, pending sequences,
+   cooldowns and ``once`` marks; the rules themselves come back from the topic), see
+   ``docs/adr/002-trigger-semantics.md``.
 4. Actions -> ``actions`` (key user_key, value the action JSON), at-least-once (no transactions: an
    action is readable as soon as it is written, not at the next checkpoint).
 
@@ -40,12 +48,16 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+import orjson
 from pydantic import Field
 from pyflink.common import Row, Types
 from pyflink.datastream import KeyedBroadcastProcessFunction, RuntimeContext
 from pyflink.datastream.state import MapStateDescriptor
+from pyflink.table import DataTypes
+from pyflink.table.udf import ScalarFunction, udf
 
 from connectors.actions import read_rule_records
 from connectors.dispatch import DispatchSettings, add_dispatch_args
@@ -75,10 +87,12 @@ from connectors.settings import (
     environment,
 )
 from udfs.rules import (
+    Allowlist,
     Rule,
     RuleError,
     RuleRecord,
     Rules,
+    compile_rule_record,
     decode_rule_record,
     effective_rules,
     encode_rule_record,
@@ -90,9 +104,20 @@ log = logging.getLogger("clickpulse.triggers")
 
 JOB = "triggers"
 #: Operator ids and state names (**breaking** to change: savepoint state maps to them; see CHANGELOG.md).
+#: The two engines keep incompatible states, so each has its own uid and state names: switching engines
+#: starts the per-user rule state afresh (the restored checkpoint's state of the other engine is left
+#: unclaimed, so a restore needs ``--restore none`` or Flink's
+#: ``execution.state-recovery.ignore-unclaimed-state``).
 UID_TRIGGERS = "triggers-evaluate"
 USER_STATE_NAME = "triggers-user-state-v1"
 RULES_STATE_NAME = "triggers-rule-records-v1"
+UID_TRIGGERS_JVM = "triggers-evaluate-jvm"
+USER_STATE_NAME_JVM = "triggers-user-state-jvm-v1"
+RULES_STATE_NAME_JVM = "triggers-rule-records-jvm-v1"
+#: The JVM operator's entry point (``connectors/jvm``, built by ``make jars``).
+JVM_OPERATOR = "dev.clickpulse.operators.triggers.TriggersOperator"
+#: The SQL name of :class:`CompileRuleRecord` (engine ``jvm``).
+COMPILE_RULE_RECORD_FUNCTION = "triggers_compile_rule_record"
 
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
 #: What the keyed operator emits: user_key and the action's JSON bytes.
@@ -104,12 +129,26 @@ RULES_STATE = MapStateDescriptor(RULES_STATE_NAME, Types.STRING(), Types.STRING(
 PENDING_TIMER_CACHE = 200_000
 
 
+class TriggersEngine(StrEnum):
+    """Which implementation of the trigger operator runs (the same actions from the same input)."""
+
+    JVM = "jvm"  # Java KeyedBroadcastProcessFunction (connectors/jvm), no Python on the event path
+    PYTHON = "python"  # THREAD-mode Python function over udfs/rules (the specification)
+
+
 class TriggersSettings(Settings):
     """Options of rule evaluation (webhook delivery is :class:`connectors.dispatch.DispatchSettings`).
 
     The Flink source's consumer group is ``--group-id`` (default ``clickpulse-triggers``).
     """
 
+    engine: TriggersEngine = Field(TriggersEngine.JVM, alias="CLICKPULSE_TRIGGERS_ENGINE")
+    """``CLICKPULSE_TRIGGERS_ENGINE`` / ``--engine``: ``jvm`` (default: the Java operator of
+    ``connectors/jvm``, the same rule evaluation as ``udfs/rules`` without Python on the event path; rule
+    records are still validated in Python) or ``python`` (``udfs/rules`` in a Python operator). Their
+    states differ: a checkpoint of one does not restore into the other, switching starts the per-user
+    rule state afresh (``docs/adr/002-trigger-semantics.md``). In ``pipeline``, ``--engine`` sets this
+    and ``CLICKPULSE_SESSIONIZE_ENGINE``."""
     dispatch: bool = Field(True, alias="CLICKPULSE_TRIGGERS_DISPATCH")
     """``CLICKPULSE_TRIGGERS_DISPATCH`` / ``--no-dispatch``: run the dispatch loop in this process
     (default true; turn off when ``clickpulse run dispatch`` runs separately, e.g. under ``flink run``)."""
@@ -173,6 +212,9 @@ def add_triggers_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out-of-orderness-ms", type=int, default=None, help="watermark delay (default 2000)")
     p.add_argument(
+        "--engine", choices=[e.value for e in TriggersEngine], default=None, help="trigger operator (jvm)"
+    )
+    p.add_argument(
         "--event-filter", default=None, help="none (default), auto, or event names, comma-separated"
     )
 
@@ -207,6 +249,7 @@ class FunctionConfig:
     event_filter: frozenset[str] | None
     state_ttl_ms: int
     log_interval_s: float
+    engine: TriggersEngine
 
     def snapshot_records(self) -> dict[str, RuleRecord]:
         """The rule records the driver read before submitting."""
@@ -233,7 +276,8 @@ RULE_COUNTERS = frozenset({"rule_updates", "rules_loaded", "rules_invalid", "rul
 
 
 class TriggerFunction(KeyedBroadcastProcessFunction):
-    """Keyed by user_key: rule state in one ``ValueState`` (JSON text), rules broadcast, event-time timers.
+    """Engine ``python``, keyed by user_key: rule state in one ``ValueState`` (JSON text), rules
+    broadcast, event-time timers.
 
     Counters (Flink metrics under ``clickpulse``, and a log line every ``log_interval_s`` per subtask):
     ``events`` read, ``skipped`` (no rule uses the event name: no state access), ``malformed``,
@@ -376,11 +420,13 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
             self._restore(ctx.get_broadcast_state(RULES_STATE))
         raw = self.state.value() or ""
         self.totals["timers_fired"] += 1
+        # the timer is gone from Flink whatever the state: forget it here too, or a later request for the
+        # same (user, time) would be taken for a pending timer and never registered
+        self.pending_timers.pop((ctx.get_current_key(), timestamp), None)
         if not raw:
             self.counters.maybe_flush()
             return
         state = self.t.load_state(raw.encode())
-        self.pending_timers.pop((state.user_key, timestamp), None)
         held: list[str] = []
         new, fires, timers = self.t.on_timer(
             state, self.t.Timer(at_ms=timestamp), self.rules, int(time.time() * 1000), suppressed=held
@@ -405,15 +451,16 @@ class TriggerFunction(KeyedBroadcastProcessFunction):
             # deduplicate it, but each call crosses into the JVM. Entries leave this cache when their
             # timer fires, so a timer known here is always still pending.
             pending = self.pending_timers
+            key = ctx.get_current_key()  # what Flink keys its timers by (the user_key column)
             service = None
             for timer in timers:
-                if (user_key, timer.at_ms) not in pending:
+                if (key, timer.at_ms) not in pending:
                     if service is None:
                         service = ctx.timer_service()
                     service.register_event_time_timer(timer.at_ms)
                     if len(pending) >= PENDING_TIMER_CACHE:
                         pending.clear()
-                    pending[(user_key, timer.at_ms)] = None
+                    pending[(key, timer.at_ms)] = None
         if fires:
             self.totals["fires"] += len(fires)
         for fire in fires:
@@ -526,10 +573,14 @@ def create_actions_sink(t_env: Any, s: TriggersJobSettings, job: str = JOB) -> N
 
 def build(t_env: Any, events: Any, rule_records: Any, config: FunctionConfig) -> Any:
     """The triggers part of the graph: ``events`` (``k`` user_key, ``v`` the enriched event's JSON, with
-    an event-time attribute and watermarks) and ``rule_records`` (``k`` rule id, ``v`` rule JSON or NULL,
-    ``partition``, ``offset``) -> actions, a ``(k STRING, v BYTES)`` table keyed by user_key."""
+    an event-time attribute ``event_time`` and watermarks) and ``rule_records`` (``k`` rule id, ``v`` rule
+    JSON or NULL, ``partition``, ``offset``) -> actions, a ``(k STRING, v BYTES)`` table keyed by user_key.
+    ``config.engine`` picks the operator; the event pre-filter (``config.event_filter``) is SQL before
+    either."""
     t_env.create_temporary_view("triggers_events", events)
     t_env.create_temporary_view("triggers_rule_records", rule_records)
+    if config.engine is TriggersEngine.JVM:
+        return build_jvm(t_env, config)
     keyed_rows = t_env.sql_query(
         f"SELECT {ENRICHED_USER_KEY_SQL} AS k, v FROM triggers_events" + event_filter_sql(config.event_filter)
     )
@@ -545,6 +596,91 @@ def build(t_env: Any, events: Any, rule_records: Any, config: FunctionConfig) ->
         .name("triggers")
     )
     return t_env.from_data_stream(actions)
+
+
+def jvm_config_json(config: FunctionConfig) -> str:
+    """The ``configJson`` of ``TriggersOperator.apply`` (engine ``jvm``): the ``--rules`` file's rules as
+    :meth:`udfs.rules.Rule.compiled`, the driver's snapshot of the rules topic by rule id as
+    :func:`udfs.rules.compile_rule_record` (validated here against the allowlist, parsed), the event
+    pre-filter (sorted names, or ``null``), the state TTL, the log label and the log interval."""
+    allowlist = Allowlist.parse(config.allowlist)
+    snapshot = {
+        rule_id: orjson.loads(compile_rule_record(rule_id, record, allowlist))
+        for rule_id, record in config.snapshot_records().items()
+    }
+    doc = {
+        "file_rules": [rule.compiled() for rule in config.file_rules],
+        "snapshot": snapshot,
+        "event_filter": sorted(config.event_filter) if config.event_filter is not None else None,
+        "state_ttl_ms": config.state_ttl_ms,
+        "label": JOB,
+        "log_interval_ms": round(config.log_interval_s * 1000),
+    }
+    return orjson.dumps(doc).decode()
+
+
+class CompileRuleRecord(ScalarFunction):
+    """SQL ``triggers_compile_rule_record(k, v, partition, offset)``: a ``rules`` topic record as the JVM
+    operator reads it (:func:`udfs.rules.compile_rule_record`, validated against the allowlist). Rule
+    records are rare: Python here costs nothing, and rule validation keeps one implementation."""
+
+    def __init__(self, allowlist: tuple[str, ...]) -> None:
+        """Keep the destination allowlist's entries (parsed in :meth:`open`)."""
+        self.entries = allowlist
+        self.allowlist: Allowlist | None = None
+
+    def open(self, function_context: Any) -> None:
+        """Parse the allowlist once per worker."""
+        self.allowlist = Allowlist.parse(self.entries)
+
+    def eval(self, k: str, v: bytes | None, partition: int, offset: int) -> str:
+        """The compiled record's compact JSON ``[partition, offset, rule or null, error or null]``."""
+        allowlist = self.allowlist if self.allowlist is not None else Allowlist.parse(self.entries)
+        record = RuleRecord(int(partition), int(offset), bytes(v) if v is not None else None)
+        return compile_rule_record(k, record, allowlist)
+
+
+def build_jvm(t_env: Any, config: FunctionConfig) -> Any:
+    """:func:`build` with the Java operator: the pre-filtered ``(k, v, event_time)`` events (watermarks
+    and record timestamps included) and the ``(k, v)`` rule records compiled by :class:`CompileRuleRecord`
+    go to ``TriggersOperator.apply`` through the gateway, which keys the events by ``k`` in the JVM,
+    broadcasts the rule records and parses each event once there; no Python runs on the event path."""
+    from pyflink.datastream import DataStream
+    from pyflink.java_gateway import get_gateway
+
+    operator = get_gateway().jvm
+    for part in JVM_OPERATOR.split("."):
+        operator = getattr(operator, part)
+    t_env.create_temporary_system_function(
+        COMPILE_RULE_RECORD_FUNCTION,
+        udf(
+            CompileRuleRecord(config.allowlist),
+            input_types=[DataTypes.STRING(), DataTypes.BYTES(), DataTypes.INT(), DataTypes.BIGINT()],
+            result_type=DataTypes.STRING(),
+        ),
+    )
+    events = t_env.to_data_stream(
+        t_env.sql_query(
+            f"SELECT {ENRICHED_USER_KEY_SQL} AS k, v, event_time FROM triggers_events"
+            + event_filter_sql(config.event_filter)
+        )
+    )
+    rules = t_env.to_data_stream(
+        t_env.sql_query(
+            f"SELECT k, {COMPILE_RULE_RECORD_FUNCTION}(k, v, `partition`, `offset`) AS v"
+            " FROM triggers_rule_records WHERE k IS NOT NULL"
+        )
+    )
+    j_actions = operator.apply(
+        events._j_data_stream,  # noqa: SLF001 - PyFlink has no public way to apply a Java function
+        rules._j_data_stream,  # noqa: SLF001
+        jvm_config_json(config),
+        USER_STATE_NAME_JVM,
+        RULES_STATE_NAME_JVM,
+        UID_TRIGGERS_JVM,
+        "triggers",
+    )
+    return t_env.from_data_stream(DataStream(j_actions))
 
 
 def _warn_missing_secrets(rules: Rules, s: TriggersJobSettings, environ: Mapping[str, str]) -> None:
@@ -587,6 +723,7 @@ def function_config(s: TriggersJobSettings, file_rules: list[Rule]) -> FunctionC
         event_filter=event_filter,
         state_ttl_ms=s.triggers.state_ttl_ms,
         log_interval_s=s.consumer.log_interval_ms / 1000,
+        engine=s.triggers.engine,
     )
 
 

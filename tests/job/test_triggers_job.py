@@ -28,13 +28,15 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from connectors import kafka as kafka_io
 from connectors.actions import ActionDispatch, DispatchConfig
 from connectors.dispatch import DispatchSettings
+from connectors.settings import CONTRACT_TOPICS
 from connectors.webhook import RetryPolicy, verify_signature
-from tests.support import DEAL_PROMO_WHEN, read_topic, start_job, until
+from tests.support import DEAL_PROMO_WHEN, read_topic, run_job, start_job, until
 from tests.support import enriched_event as enriched
 from udfs.rules import Rule, action_id_for, parse_rule
-from udfs.timeutil import format_ms
+from udfs.timeutil import format_ms, parse_timestamp_ms
 
 pytestmark = pytest.mark.job
 log = logging.getLogger(__name__)
@@ -392,6 +394,87 @@ def test_triggers_job_end_to_end_then_crash_and_restore(
         by_rule.setdefault(a["rule_id"], set()).add(a["user_key"])
     assert by_rule["deal_promo"] == {"bob", "rita"} and by_rule["cart_abandoned"] == {"carol", "carl"}
     assert by_rule["dead"] == {"xavier"} and by_rule["flaky"] == {"fred"}
+
+
+# ------------------------------------------------------------------------------------------ engines
+
+
+def test_both_engines_fire_the_same_actions(job_env: dict[str, str], tmp_path: Path) -> None:
+    """The triggers job with ``--engine python`` and ``--engine jvm`` (bounded runs, parallelism 2) on
+    the same enriched events and rules (file rules, a rule and a tombstone and an invalid record on the
+    rules topic, an event pre-filter with a rule outside it): the same actions, body for body except
+    ``fired_at``, and the ones the rules call for."""
+    day = 86_400_000
+    base = parse_timestamp_ms("2026-11-22T20:00:00.000Z")
+    url = "http://127.0.0.1:9/hooks"
+    rules = [
+        {"id": "deal_promo", "when": DEAL_PROMO_WHEN, "cooldown": "24h", "action": hook(url)},
+        {"id": "cart_abandoned", "when": CART_WHEN, "action": hook(url)},
+        {"id": "returning", "when": {"returning_after": "7d", "event": "Page Viewed"}, "action": hook(url)},
+        {"id": "gone", "when": {"event": "Gone Ping"}, "action": hook(url)},  # tombstoned in the topic
+        {"id": "noise", "when": {"event": "Noise"}, "action": hook(url)},  # outside the pre-filter
+    ]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"rules": rules}))
+    topic_rules = [
+        ("signup", orjson.dumps({"when": {"event": "Signed Up"}, "action": hook(url)})),
+        ("gone", None),
+        ("broken", b"{not a rule"),
+    ]
+    events = [
+        *(enriched("ann", "Product Viewed", base + i, deal_id="LAS-DEC") for i in range(3)),
+        *(enriched("bob", "Product Viewed", base + i, deal_id="LAS-DEC") for i in range(5)),
+        enriched("bob", "Product Viewed", base + 10, deal_id="NYC-JAN"),
+        enriched("carol", "Product Added", base),
+        enriched("dave", "Product Added", base),
+        enriched("dave", "Order Completed", base + 1000),
+        enriched("rex", "Page Viewed", base - 10 * day),
+        enriched("rex", "Page Viewed", base),
+        enriched("sam", "Signed Up", base),
+        enriched("tom", "Gone Ping", base),
+        enriched("nick", "Noise", base),
+        enriched("clock", "Product Viewed", base + 60_000, deal_id="TICK"),
+    ]
+    names = "Product Viewed,Product Added,Order Completed,Page Viewed,Signed Up,Gone Ping"
+    bootstrap = job_env["KAFKA_BOOTSTRAP_SERVERS"]
+    actions: dict[str, dict[str, dict[str, Any]]] = {}
+    for engine in ("python", "jvm"):
+        prefix = f"{job_env['CLICKPULSE_TOPIC_PREFIX']}{engine}."
+        topics = [f"{prefix}{t}" for t in CONTRACT_TOPICS]
+        kafka_io.ensure_topics(
+            bootstrap, {f"{prefix}{t}": c for t, c in CONTRACT_TOPICS.items()}, partitions=4
+        )
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        for ev in events:
+            producer.send(f"{prefix}events.enriched", key=ev["user_key"].encode(), value=orjson.dumps(ev))
+        for rule_id, value in topic_rules:
+            producer.send(f"{prefix}rules", key=rule_id.encode(), value=value)
+        producer.flush()
+        producer.close()
+        env = {**job_env, "CLICKPULSE_TOPIC_PREFIX": prefix, "CLICKPULSE_STATE_DIR": str(tmp_path / engine)}
+        res = run_job(
+            "triggers",
+            env,
+            *("--bounded", "--starting-offsets", "earliest", "--no-dispatch", "--rules", str(rules_file)),
+            *("--event-filter", names, "--parallelism", "2", "--engine", engine),
+        )
+        assert res.returncode == 0, (engine, res.stderr[-4000:])
+        fired = [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions", quiet_s=1.0)]
+        actions[engine] = {a["action_id"]: a for a in fired}
+        assert len(actions[engine]) == len(fired), f"{engine}: a bounded run fires each action once"
+        kafka_io.delete_topics(bootstrap, topics)
+
+    python, jvm = actions["python"], actions["jvm"]
+    assert set(python) == set(jvm)
+    for action_id, action in python.items():
+        assert {**action, "fired_at": None} == {**jvm[action_id], "fired_at": None}, action_id
+    fired_by = sorted((a["rule_id"], a["user_key"]) for a in jvm.values())
+    assert fired_by == [
+        ("cart_abandoned", "carol"),
+        ("deal_promo", "bob"),
+        ("returning", "rex"),
+        ("signup", "sam"),
+    ]
 
 
 # --------------------------------------------------------------------------------- dispatch restart
