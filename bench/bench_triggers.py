@@ -13,6 +13,11 @@ prefixed topics, with a real HTTP receiver in this process.
   (receiver clock) - probe produced (producer clock), same machine. Background fires (deal promos) are
   delivered to the same receiver on another path.
 
+* Operator logic alone: a generated history (:mod:`tests.trigger_replay`: thousands of users, every rule
+  form, rule updates) through both operators' code without Flink (Python: ``TriggerFunction``; Java:
+  ``TriggerLogic``, JIT-warm), CPU µs per event of the replaying thread: what each engine costs before
+  any Flink or Kafka overhead.
+
 Prints markdown table rows (``| benchmark | result | notes |``) for ``make bench``.
 """
 
@@ -416,6 +421,17 @@ def latency(
 ENGINES = {"jvm": "JVM operator", "python": "Python operator, THREAD mode"}
 
 
+def logic_us_per_event(users: int = 3000) -> tuple[float, float, int]:
+    """``(python, java, events)``: CPU µs per event of both operators' logic replaying one history."""
+    from tests.trigger_replay import generate_history, replay_java, replay_python
+
+    ops = generate_history(1, users)
+    events = sum(1 for op in ops if op[0] == "e")
+    py = replay_python(ops).busy_s
+    java = replay_java(ops, passes=5).busy_s
+    return py / events * 1e6, java / events * 1e6, events
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the triggers rows: each measurement per engine and pre-filter variant."""
     p = argparse.ArgumentParser(prog="bench.bench_triggers", description=__doc__.splitlines()[0])
@@ -428,7 +444,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--variants", default="none", help="comma-separated pre-filter variants to run: none, auto"
     )
+    p.add_argument("--skip-logic", action="store_true", help="skip the operator-logic rows (no Flink)")
     args = p.parse_args(argv)
+    if not args.skip_logic:
+        py_us, java_us, n = logic_us_per_event()
+        print(
+            f"| trigger operator logic alone, CPU per event (no Flink: state codec, rule book, reducer, "
+            f"timers) | Python {py_us:,.1f} µs, Java {java_us:,.1f} µs ({py_us / java_us:,.1f}x) "
+            f"| generated history of {n:,} events (tests.trigger_replay, seed 1), Java JIT-warm (5th pass) |"
+        )
     for engine in args.engines.split(","):
         engine = engine.strip()
         for variant in args.variants.split(","):
