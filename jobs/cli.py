@@ -568,8 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--rate",
         type=float,
-        default=0.0,
-        help="at most this many records per second (default 0: as fast as the ingest job keeps up)",
+        default=1000.0,
+        help="at most this many records per second (default 1000, the rate the latency targets are set "
+        "at; 0: as fast as the ingest job keeps up)",
     )
     d.add_argument(
         "--exit",
