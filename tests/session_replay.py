@@ -249,21 +249,20 @@ def replay_python(ops: list[Op], cfg: reducer.SessionConfig) -> Replay:
     return out
 
 
-def replay_java(ops: list[Op], cfg: reducer.SessionConfig, timeout_s: float = 600, passes: int = 1) -> Replay:
-    """Run ``ops`` through the Java reducer (``SessionReplay``, a JVM subprocess); with ``passes`` > 1 the
-    JVM replays them that many times (JIT warm-up) and times and reports the last pass."""
-    args = [
-        str(v) for v in (cfg.gap_ms, cfg.max_ms, cfg.allowed_lateness_ms, cfg.out_of_orderness_ms, passes)
-    ]
+def run_java_replay(main_class: str, args: list[str], history: bytes, timeout_s: float = 600) -> Replay:
+    """Run a replay class of ``clickpulse-operators.jar`` on ``history`` (JSON lines on stdin) and read its
+    transcript (JSON lines, the last one ``["busy_ns", n]``). Its log4j2 logging is off: without a
+    configuration it would log to stdout, into the transcript."""
     res = subprocess.run(
-        ["java", "-cp", java_classpath(), REPLAY_CLASS, *args],
-        input=encode_history(ops),
+        ["java", "-Dorg.apache.logging.log4j.level=OFF", "-cp", java_classpath(), main_class, *args],
+        input=history,
         capture_output=True,
         timeout=timeout_s,
         check=False,
     )
     if res.returncode != 0:
-        raise RuntimeError(f"SessionReplay failed ({res.returncode}):\n{res.stderr.decode()[-3000:]}")
+        name = main_class.rsplit(".", 1)[-1]
+        raise RuntimeError(f"{name} failed ({res.returncode}):\n{res.stderr.decode()[-3000:]}")
     out = Replay()
     for raw in res.stdout.splitlines():
         line = orjson.loads(raw)
@@ -272,3 +271,12 @@ def replay_java(ops: list[Op], cfg: reducer.SessionConfig, timeout_s: float = 60
         else:
             out.lines.append(line)
     return out
+
+
+def replay_java(ops: list[Op], cfg: reducer.SessionConfig, timeout_s: float = 600, passes: int = 1) -> Replay:
+    """Run ``ops`` through the Java reducer (``SessionReplay``, a JVM subprocess); with ``passes`` > 1 the
+    JVM replays them that many times (JIT warm-up) and times and reports the last pass."""
+    args = [
+        str(v) for v in (cfg.gap_ms, cfg.max_ms, cfg.allowed_lateness_ms, cfg.out_of_orderness_ms, passes)
+    ]
+    return run_java_replay(REPLAY_CLASS, args, encode_history(ops), timeout_s)

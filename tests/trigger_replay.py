@@ -25,7 +25,6 @@ from __future__ import annotations
 import heapq
 import math
 import random
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from unittest import mock
 
 import orjson
 
-from tests.session_replay import WM_MAX, Replay, encode_history, java_classpath
+from tests.session_replay import WM_MAX, Replay, encode_history, run_java_replay
 from udfs.rules import Allowlist, Rule, RuleRecord, compile_rule_record, parse_rule
 from udfs.timeutil import format_ms
 
@@ -586,22 +585,4 @@ def encode_java_history(ops: list[Op]) -> bytes:
 def replay_java(ops: list[Op], *, timeout_s: float = 600, passes: int = 1) -> Replay:
     """Run ``ops`` through the Java operator logic (``TriggerReplay``, a JVM subprocess); with ``passes``
     > 1 the JVM replays them that many times (JIT warm-up) and times and reports the last pass."""
-    # log4j2 without a configuration logs errors (refused rules) to stdout, into the transcript: off
-    quiet = "-Dorg.apache.logging.log4j.level=OFF"
-    res = subprocess.run(
-        ["java", quiet, "-cp", java_classpath(), REPLAY_CLASS, str(passes)],
-        input=encode_java_history(ops),
-        capture_output=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"TriggerReplay failed ({res.returncode}):\n{res.stderr.decode()[-3000:]}")
-    out = Replay()
-    for raw in res.stdout.splitlines():
-        line = orjson.loads(raw)
-        if line[0] == "busy_ns":
-            out.busy_s = line[1] / 1e9
-        else:
-            out.lines.append(line)
-    return out
+    return run_java_replay(REPLAY_CLASS, [str(passes)], encode_java_history(ops), timeout_s)

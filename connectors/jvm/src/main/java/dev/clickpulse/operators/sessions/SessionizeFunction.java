@@ -1,18 +1,14 @@
 package dev.clickpulse.operators.sessions;
 
-import java.time.Duration;
-import java.util.LinkedHashMap;
-import java.util.Map;
+import dev.clickpulse.operators.common.CounterLog;
+import dev.clickpulse.operators.common.OperatorSupport;
+import java.util.Set;
 import org.apache.flink.api.common.functions.OpenContext;
-import org.apache.flink.api.common.state.StateTtlConfig;
 import org.apache.flink.api.common.state.ValueState;
-import org.apache.flink.api.common.state.ValueStateDescriptor;
 import org.apache.flink.api.common.typeinfo.PrimitiveArrayTypeInfo;
 import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.api.java.typeutils.RowTypeInfo;
-import org.apache.flink.metrics.Counter;
-import org.apache.flink.metrics.MetricGroup;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
 import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
 import org.apache.flink.types.Row;
@@ -50,12 +46,8 @@ public class SessionizeFunction extends KeyedProcessFunction<String, Row, Row> {
     private transient JsonFactory json;
     private transient SessionJson records;
     private transient StateCodec codec;
-    private transient Map<String, Counter> counters;
     private transient long[] totals;
-    private transient long[] flushed;
-    private transient long nextFlush;
-    private transient long nextLog;
-    private transient int subtask;
+    private transient CounterLog counterLog;
 
     /** Counter names: ``events``, the reducer's {@link Counts#NAMES}, ``malformed``. */
     static final String[] COUNTERS;
@@ -78,29 +70,13 @@ public class SessionizeFunction extends KeyedProcessFunction<String, Row, Row> {
 
     @Override
     public void open(OpenContext openContext) {
-        ValueStateDescriptor<byte[]> descriptor =
-                new ValueStateDescriptor<>(stateName, PrimitiveArrayTypeInfo.BYTE_PRIMITIVE_ARRAY_TYPE_INFO);
-        if (stateTtlMs > 0) {
-            descriptor.enableTimeToLive(StateTtlConfig.newBuilder(Duration.ofMillis(stateTtlMs))
-                    .setUpdateType(StateTtlConfig.UpdateType.OnCreateAndWrite)
-                    .setStateVisibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
-                    .build());
-        }
-        state = getRuntimeContext().getState(descriptor);
+        state = getRuntimeContext().getState(OperatorSupport.bytesState(stateName, stateTtlMs));
         json = new JsonFactory();
         records = new SessionJson(json);
         codec = new StateCodec();
-        MetricGroup group = getRuntimeContext().getMetricGroup().addGroup("clickpulse");
-        counters = new LinkedHashMap<>();
-        for (String name : COUNTERS) {
-            counters.put(name, group.counter("sessions_" + name));
-        }
         totals = new long[COUNTERS.length];
-        flushed = new long[COUNTERS.length];
-        subtask = getRuntimeContext().getTaskInfo().getIndexOfThisSubtask();
-        long now = System.currentTimeMillis();
-        nextFlush = now + 1000;
-        nextLog = now + logIntervalMs;
+        counterLog = new CounterLog(getRuntimeContext().getMetricGroup(), "sessions", COUNTERS, Set.of(),
+                getRuntimeContext().getTaskInfo().getIndexOfThisSubtask(), label, logIntervalMs, 1000, LOG);
     }
 
     @Override
@@ -159,26 +135,7 @@ public class SessionizeFunction extends KeyedProcessFunction<String, Row, Row> {
     }
 
     private void maybeFlush(boolean force) {
-        long now = System.currentTimeMillis();
-        if (!force && now < nextFlush) {
-            return;
-        }
-        nextFlush = now + 1000;
-        for (int i = 0; i < COUNTERS.length; i++) {
-            long delta = totals[i] - flushed[i];
-            if (delta != 0) {
-                counters.get(COUNTERS[i]).inc(delta);
-                flushed[i] = totals[i];
-            }
-        }
-        if (force || now >= nextLog) {
-            nextLog = now + logIntervalMs;
-            StringBuilder line = new StringBuilder();
-            for (int i = 0; i < COUNTERS.length; i++) {
-                line.append(i == 0 ? "" : " ").append(COUNTERS[i]).append('=').append(totals[i]);
-            }
-            LOG.info("{}[{}]: {}", label, subtask, line);
-        }
+        counterLog.maybeFlush(totals, force);
     }
 
     @Override
@@ -191,6 +148,6 @@ public class SessionizeFunction extends KeyedProcessFunction<String, Row, Row> {
 
     /** A field of a position-based or a name-based row. */
     static Object field(Row row, int pos, String name) {
-        return row.getFieldNames(false) == null ? row.getField(pos) : row.getField(name);
+        return OperatorSupport.field(row, pos, name);
     }
 }

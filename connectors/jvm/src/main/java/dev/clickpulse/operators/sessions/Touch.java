@@ -1,5 +1,6 @@
 package dev.clickpulse.operators.sessions;
 
+import dev.clickpulse.operators.common.OperatorSupport;
 /**
  * What one event tells about where a session entered or exited (``udfs.sessions.Touch``).
  *
@@ -66,17 +67,6 @@ public final class Touch {
 
     /** Python's ``str`` order (code points), which differs from ``String.compareTo`` (UTF-16 units). */
     static int compareCodePoints(String a, String b) {
-        int n = Math.min(a.length(), b.length());
-        for (int i = 0; i < n; i++) {
-            char x = a.charAt(i);
-            char y = b.charAt(i);
-            if (x != y) {
-                if (Character.isSurrogate(x) || Character.isSurrogate(y)) {
-                    return Integer.compare(a.codePointAt(i), b.codePointAt(i));
-                }
-                return Character.compare(x, y);
-            }
-        }
-        return Integer.compare(a.length(), b.length());
+        return OperatorSupport.compareCodePoints(a, b);
     }
 }

@@ -316,20 +316,4 @@ public final class Json {
             throw new IllegalArgumentException("not a JSON value: " + v.getClass());
         }
     }
-
-    /** Python's ordering of {@code str}: by code point (Java's {@code compareTo} orders UTF-16 units). */
-    public static int compareCodePoints(String a, String b) {
-        int i = 0;
-        int j = 0;
-        while (i < a.length() && j < b.length()) {
-            int x = a.codePointAt(i);
-            int y = b.codePointAt(j);
-            if (x != y) {
-                return Integer.compare(x, y);
-            }
-            i += Character.charCount(x);
-            j += Character.charCount(y);
-        }
-        return Integer.compare(a.length() - i, b.length() - j);
-    }
 }

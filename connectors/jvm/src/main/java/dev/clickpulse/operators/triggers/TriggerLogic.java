@@ -278,13 +278,4 @@ final class TriggerLogic {
             sink.action(f.userKey, f.toAction());
         }
     }
-
-    /** A copy of the counters (for a log line). */
-    List<String> describe() {
-        List<String> out = new ArrayList<>();
-        for (int i = 0; i < COUNTERS.length; i++) {
-            out.add(COUNTERS[i] + "=" + totals[i]);
-        }
-        return out;
-    }
 }

@@ -1,5 +1,6 @@
 package dev.clickpulse.operators.triggers;
 
+import dev.clickpulse.operators.common.OperatorSupport;
 import static dev.clickpulse.operators.triggers.TriggerState.NONE;
 
 import dev.clickpulse.operators.sessions.SessionJson;
@@ -232,7 +233,7 @@ final class TriggerReducer {
                 continue;
             }
             if (k < 0 && (oldTs[i] > ev.tsMs
-                    || (oldTs[i] == ev.tsMs && Json.compareCodePoints(oldIds[i], ev.messageId) > 0))) {
+                    || (oldTs[i] == ev.tsMs && OperatorSupport.compareCodePoints(oldIds[i], ev.messageId) > 0))) {
                 k = j;
                 ts[j] = ev.tsMs;
                 ids[j] = ev.messageId;
@@ -313,7 +314,7 @@ final class TriggerReducer {
         }
         candidates.sort((a, b) -> {
             int c = Long.compare(a.getValue().maxTs, b.getValue().maxTs);
-            return c != 0 ? c : Json.compareCodePoints(a.getKey(), b.getKey());
+            return c != 0 ? c : OperatorSupport.compareCodePoints(a.getKey(), b.getKey());
         });
         int excess = groups.size() - MAX_GROUPS_PER_RULE;
         List<String> drop = new ArrayList<>();

@@ -1,5 +1,6 @@
 package dev.clickpulse.operators.triggers;
 
+import dev.clickpulse.operators.common.OperatorSupport;
 import java.io.BufferedReader;
 import java.io.BufferedWriter;
 import java.io.IOException;
@@ -53,7 +54,7 @@ public final class TriggerReplay {
         @Override
         public int compareTo(Timer o) {
             int c = Long.compare(ts, o.ts);
-            return c != 0 ? c : Json.compareCodePoints(key, o.key);
+            return c != 0 ? c : OperatorSupport.compareCodePoints(key, o.key);
         }
     }
 
@@ -173,7 +174,7 @@ public final class TriggerReplay {
             }
         }
         long busy = bean.getCurrentThreadCpuTime() - start;
-        TreeMap<String, byte[]> sorted = new TreeMap<>(Json::compareCodePoints);
+        TreeMap<String, byte[]> sorted = new TreeMap<>(OperatorSupport::compareCodePoints);
         sorted.putAll(states);
         for (Map.Entry<String, byte[]> e : sorted.entrySet()) {
             out.write(Json.dumps(List.of("state", e.getKey(), TriggerState.decode(e.getValue()).dumpJson())));

@@ -1,22 +1,19 @@
 package dev.clickpulse.operators.triggers;
 
+import dev.clickpulse.operators.common.CounterLog;
+import dev.clickpulse.operators.common.OperatorSupport;
 import java.io.ByteArrayOutputStream;
 import java.io.IOException;
-import java.time.Duration;
 import java.util.Map;
 import org.apache.flink.api.common.functions.OpenContext;
 import org.apache.flink.api.common.state.BroadcastState;
 import org.apache.flink.api.common.state.MapStateDescriptor;
 import org.apache.flink.api.common.state.ReadOnlyBroadcastState;
-import org.apache.flink.api.common.state.StateTtlConfig;
 import org.apache.flink.api.common.state.ValueState;
-import org.apache.flink.api.common.state.ValueStateDescriptor;
 import org.apache.flink.api.common.typeinfo.PrimitiveArrayTypeInfo;
 import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.api.java.typeutils.RowTypeInfo;
-import org.apache.flink.metrics.Counter;
-import org.apache.flink.metrics.MetricGroup;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonGenerator;
 import org.apache.flink.streaming.api.TimerService;
@@ -52,10 +49,7 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
     private transient ValueState<byte[]> state;
     private transient JsonFactory json;
     private transient TriggerLogic logic;
-    private transient Counter[] counters;
-    private transient long[] flushed;
-    private transient long nextFlush;
-    private transient long nextLog;
+    private transient CounterLog counterLog;
     private transient int subtask;
     private transient ByteArrayOutputStream buffer;
     private transient TriggerLogic.Store store;
@@ -73,27 +67,12 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
     @Override
     @SuppressWarnings("unchecked")
     public void open(OpenContext openContext) throws Exception {
-        ValueStateDescriptor<byte[]> descriptor =
-                new ValueStateDescriptor<>(userStateName, PrimitiveArrayTypeInfo.BYTE_PRIMITIVE_ARRAY_TYPE_INFO);
-        if (stateTtlMs > 0) {
-            descriptor.enableTimeToLive(StateTtlConfig.newBuilder(Duration.ofMillis(stateTtlMs))
-                    .setUpdateType(StateTtlConfig.UpdateType.OnCreateAndWrite)
-                    .setStateVisibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
-                    .build());
-        }
-        state = getRuntimeContext().getState(descriptor);
+        state = getRuntimeContext().getState(OperatorSupport.bytesState(userStateName, stateTtlMs));
         json = new JsonFactory();
         logic = new TriggerLogic(json, (Map<String, Object>) Json.parse(json, configJson));
         subtask = getRuntimeContext().getTaskInfo().getIndexOfThisSubtask();
-        MetricGroup group = getRuntimeContext().getMetricGroup().addGroup("clickpulse");
-        counters = new Counter[TriggerLogic.COUNTERS.length];
-        for (int i = 0; i < counters.length; i++) {
-            String name = TriggerLogic.COUNTERS[i];
-            if (subtask == 0 || !TriggerLogic.RULE_COUNTERS.contains(name)) {
-                counters[i] = group.counter("triggers_" + name);
-            }
-        }
-        flushed = new long[counters.length];
+        counterLog = new CounterLog(getRuntimeContext().getMetricGroup(), "triggers", TriggerLogic.COUNTERS,
+                TriggerLogic.RULE_COUNTERS, subtask, label, logIntervalMs, 500, LOG);
         buffer = new ByteArrayOutputStream(512);
         store = new TriggerLogic.Store() {
             @Override
@@ -111,9 +90,6 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
                 state.clear();
             }
         };
-        long now = System.currentTimeMillis();
-        nextFlush = now + 500;
-        nextLog = now + logIntervalMs;
     }
 
     @Override
@@ -177,23 +153,7 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
     }
 
     private void maybeFlush(boolean force) {
-        long now = System.currentTimeMillis();
-        if (!force && now < nextFlush) {
-            return;
-        }
-        nextFlush = now + 500;
-        long[] totals = logic.totals;
-        for (int i = 0; i < counters.length; i++) {
-            long delta = totals[i] - flushed[i];
-            if (delta != 0 && counters[i] != null) {
-                counters[i].inc(delta);
-            }
-            flushed[i] = totals[i];
-        }
-        if (force || now >= nextLog) {
-            nextLog = now + logIntervalMs;
-            LOG.info("{}[{}]: {}", label, subtask, String.join(" ", logic.describe()));
-        }
+        counterLog.maybeFlush(logic.totals, force);
     }
 
     @Override
@@ -206,6 +166,6 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
 
     /** A field of a position-based or a name-based row. */
     static Object field(Row row, int pos, String name) {
-        return row.getFieldNames(false) == null ? row.getField(pos) : row.getField(name);
+        return OperatorSupport.field(row, pos, name);
     }
 }
