@@ -174,12 +174,12 @@ class TriggersSettings(Settings):
     operators (Flink's default is 100; default 5)."""
     bundle_size: int = Field(100, alias="CLICKPULSE_TRIGGERS_BUNDLE_SIZE", gt=0)
     """``CLICKPULSE_TRIGGERS_BUNDLE_SIZE``: Python bundle size, PROCESS mode only (default 100)."""
-    bundle_time_ms: int = Field(20, alias="CLICKPULSE_TRIGGERS_BUNDLE_TIME_MS", gt=0)
-    """``CLICKPULSE_TRIGGERS_BUNDLE_TIME_MS``: Python bundle time, PROCESS mode only (default 20). In
+    bundle_time_ms: int = Field(10, alias="CLICKPULSE_TRIGGERS_BUNDLE_TIME_MS", gt=0)
+    """``CLICKPULSE_TRIGGERS_BUNDLE_TIME_MS``: Python bundle time, PROCESS mode only (default 10). In
     ``pipeline`` it is also the bundle time of the ingest stage (a PROCESS-mode pandas UDF on the event
-    path): each bundle costs a round trip to the Python worker, so 5 ms meant ~200 bundles/s at 1,000
-    events/s; 20 ms took the pipeline from 761 to 638 CPU µs per event there and webhook p99 from 202 to
-    146 ms, for +6 ms at the median (bench/RESULTS.md)."""
+    path), where it trades latency for CPU: at 1,000 events/s, 5 ms gave webhook p50 44 / p99 202 ms, 10 ms
+    p50 43-45 / p99 123-178 ms, 20 ms p50 50-55 / p99 144-146 ms (and 761, 745-755, 638-659 pipeline CPU
+    µs per event; bench/RESULTS.md)."""
     state_backend: str = Field("rocksdb", alias="CLICKPULSE_TRIGGERS_STATE_BACKEND")
     """``CLICKPULSE_TRIGGERS_STATE_BACKEND``: ``rocksdb`` (default: state on local disk, incremental
     checkpoints) or ``hashmap`` (state on the JVM heap: faster per access, bounded by the heap)."""
