@@ -1,6 +1,5 @@
 package dev.clickpulse.operators.triggers;
 
-import java.util.ArrayList;
 import java.util.HashMap;
 import java.util.HashSet;
 import java.util.LinkedHashMap;

@@ -1,8 +1,8 @@
 package dev.clickpulse.operators.triggers;
 
-import dev.clickpulse.operators.common.OperatorSupport;
 import static dev.clickpulse.operators.triggers.TriggerState.NONE;
 
+import dev.clickpulse.operators.common.OperatorSupport;
 import dev.clickpulse.operators.sessions.SessionJson;
 import dev.clickpulse.operators.triggers.TriggerState.Count;
 import dev.clickpulse.operators.triggers.TriggerState.Group;
