@@ -217,8 +217,10 @@ def run(results: dict[str, Any], events: int = 100_000, latency_too: bool = True
     """Run the measurements; put them in ``results`` and print the markdown rows."""
     rps, n, cpu_us = throughput(events)
     results.update(loader_rows_per_s=rps, loader_cpu_us_per_row=cpu_us)
+    cfg = LoaderConfig(bootstrap_servers="", clickhouse_url="")
     print(
-        f"| loader, Kafka → ClickHouse events + 7 MV rollups (embedded endpoint, batches ≤ 20k rows or 1 s) "
+        f"| loader, Kafka → ClickHouse events + 7 MV rollups (embedded endpoint, batches ≤ "
+        f"{cfg.batch_max_rows:,} rows or {cfg.batch_max_seconds * 1000:.0f} ms, the defaults) "
         f"| {rps:,.0f} rows/s | {n:,} enriched events already in Kafka, 4 partitions; loader CPU "
         f"{cpu_us:.1f} µs/row |"
     )

@@ -848,7 +848,7 @@ class LoaderConfig:
     """``actions.dlq`` -> ``actions`` with status ``dead_lettered`` ('' = not loaded)."""
     group_id: str = "clickpulse-load"
     starting_offsets: StartingOffsets = StartingOffsets.COMMITTED
-    batch_max_rows: int = 20_000
+    batch_max_rows: int = 50_000
     batch_max_seconds: float = 0.25
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0

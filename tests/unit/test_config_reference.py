@@ -258,7 +258,7 @@ def test_real_settings_rendering(docs: list[configdoc.SettingsDoc]) -> None:
     row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_JOB_STARTING_OFFSETS`"))
     assert "`earliest` / `latest` / `committed`" in row and "| `committed` |" in row
     row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_LOAD_BATCH_MAX_ROWS`"))
-    assert "| int > 0 | `20000` |" in row
+    assert "| int > 0 | `50000` |" in row
     row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_FLINK_CHECKPOINT_DIR`"))
     assert "| path, optional | unset |" in row
     row = next(line for line in text.splitlines() if line.startswith("| `CLICKPULSE_TOPIC_PARTITIONS`"))
