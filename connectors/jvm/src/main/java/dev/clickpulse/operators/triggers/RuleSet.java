@@ -44,10 +44,6 @@ final class RuleSet {
         return byId.size();
     }
 
-    Collection<TriggerRule> all() {
-        return byId.values();
-    }
-
     static RuleSet none() {
         return new RuleSet(new LinkedHashMap<>());
     }

@@ -123,10 +123,6 @@ final class TriggerLogic {
         refresh();
     }
 
-    RuleSet rules() {
-        return rules;
-    }
-
     // ------------------------------------------------------------------------------------------ rules
 
     /** {@code _refresh}: the rules in force from the file rules and the records; counts what changed. */

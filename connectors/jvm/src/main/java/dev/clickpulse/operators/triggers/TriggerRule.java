@@ -1,6 +1,5 @@
 package dev.clickpulse.operators.triggers;
 
-import java.util.ArrayList;
 import java.util.HashSet;
 import java.util.LinkedHashMap;
 import java.util.List;
@@ -173,14 +172,5 @@ public final class TriggerRule {
     @SuppressWarnings("unchecked")
     public static TriggerRule of(Object compiled) {
         return new TriggerRule((Map<String, Object>) compiled);
-    }
-
-    /** Rules from a JSON list of compiled rules. */
-    public static List<TriggerRule> listOf(Object compiledList) {
-        List<TriggerRule> out = new ArrayList<>();
-        for (Object c : (List<?>) compiledList) {
-            out.add(of(c));
-        }
-        return out;
     }
 }
