@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -202,8 +203,32 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LISTEN_PORTS_FLOOR = 10_000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (32768 when it cannot be read)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free right now."""
+    """A port that is free right now, picked at random *below* the kernel's ephemeral range.
+
+    A port the kernel picks (bind to 0) comes from the ephemeral range, which every outgoing connection
+    (Kafka clients, JVMs, Redis clients) draws from too: one of them could take it between our pick and
+    the server's bind ("Address already in use" in a test's own Kafka). Below that range only listeners
+    bind. Falls back to the kernel's pick when no port there is free."""
+    low = _ephemeral_low()
+    if low > _LISTEN_PORTS_FLOOR + 100:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(_LISTEN_PORTS_FLOOR, low)
+            if port_free(port, host):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
