@@ -161,7 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the triggers job reads events.enriched read_uncommitted (CLICKPULSE_TRIGGERS_READ_UNCOMMITTED)",
     )
+    p.add_argument(
+        "--job-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the jobs (e.g. CLICKPULSE_TRIGGERS_TIMER_SERVICE=rocksdb), for A/B runs; repeatable",
+    )
     args = p.parse_args(argv)
+    job_env = dict(item.split("=", 1) for item in args.job_env)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
 
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.read_uncommitted:
                 env["CLICKPULSE_TRIGGERS_READ_UNCOMMITTED"] = "true"
+            env.update(job_env)
             pipeline = Pipeline(PipelineConfig(env, work, rules_file, database, f"bench-e2e-{tag}"))
             try:
                 t0 = time.monotonic()

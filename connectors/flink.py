@@ -453,9 +453,15 @@ def create_enriched_source(
     return t_env.from_path(name)
 
 
-def with_event_time(t_env: Any, stream: Any, out_of_orderness_ms: int | None = None) -> Any:
+def with_event_time(
+    t_env: Any,
+    stream: Any,
+    out_of_orderness_ms: int | None = None,
+    event_time_ms_sql: str = EVENT_TIME_MS_SQL,
+) -> Any:
     """A table over ``stream`` (``k`` user_key, ``v`` enriched event JSON, e.g. ingest's output inside one
-    job graph) with the rowtime ``event_time`` from the JSON ``event_time_ms``.
+    job graph) with the rowtime ``event_time`` from the JSON ``event_time_ms``, or from what
+    ``event_time_ms_sql`` says (e.g. a column of ``stream`` holding it already).
 
     Watermarks: ``event_time - out_of_orderness`` generated here, in the JVM; or, with
     ``out_of_orderness_ms=None``, the ones already in the stream (``SOURCE_WATERMARK()``: e.g. per-partition
@@ -471,7 +477,7 @@ def with_event_time(t_env: Any, stream: Any, out_of_orderness_ms: int | None = N
     )
     schema = (
         Schema.new_builder()
-        .column_by_expression("event_time", f"TO_TIMESTAMP_LTZ(COALESCE({EVENT_TIME_MS_SQL}, 0), 3)")
+        .column_by_expression("event_time", f"TO_TIMESTAMP_LTZ(COALESCE({event_time_ms_sql}, 0), 3)")
         .watermark("event_time", strategy)
         .build()
     )

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pyflink.table.expressions import col
+
 from connectors.dispatch import DispatchSettings
 from connectors.flink import (
     FlinkSettings,
@@ -38,6 +40,9 @@ from jobs import triggers as triggers_job
 log = logging.getLogger("clickpulse.pipeline")
 
 JOB = "pipeline"
+
+EVENT_TIME_COLUMN = "event_time_ms"
+"""The enriched stream's column with the stage's event time (see :func:`jobs.ingest.build`)."""
 
 
 @dataclass(frozen=True)
@@ -97,20 +102,30 @@ def build(t_env: Any, s: PipelineJobSettings, config: triggers_job.FunctionConfi
     )
     rules = triggers_job.create_rules_source(t_env, s.triggers_part(), job=JOB)
     enriched, dlq = ingest_job.build(
-        t_env, t_env.from_path("raw_events"), s.ingest_part(), propagate_watermarks=True
+        t_env,
+        t_env.from_path("raw_events"),
+        s.ingest_part(),
+        propagate_watermarks=True,
+        event_time_column=True,
     )
-    # materialize the deduplicated stream once: the sink and both keyed parts read this one stream
+    # materialize the deduplicated stream once: the sink and both keyed parts read this one stream; the
+    # keyed parts take their rowtime from the stage's event_time_ms column, not from the JSON again
     enriched_stream = t_env.to_data_stream(enriched)
     # The sessions see the receive-time watermark, consistent across partitions; the per-key bound
     # (newest event time of the key minus the out-of-orderness) is off: one user's events come from
     # several events.raw partitions (devices, then identity), read at different paces in a backlog, so
     # their event times would make events of the slower partition late by chance.
     sessions, late = sessionize_job.build(
-        t_env, with_event_time(t_env, enriched_stream), s.sessionize_part(), per_key_bound=False
+        t_env,
+        with_event_time(t_env, enriched_stream, event_time_ms_sql=EVENT_TIME_COLUMN),
+        s.sessionize_part(),
+        per_key_bound=False,
     )
-    actions = triggers_job.build(t_env, with_event_time(t_env, enriched_stream), rules, config)
+    actions = triggers_job.build(
+        t_env, with_event_time(t_env, enriched_stream, event_time_ms_sql=EVENT_TIME_COLUMN), rules, config
+    )
     return {
-        "enriched_sink": t_env.from_data_stream(enriched_stream),
+        "enriched_sink": t_env.from_data_stream(enriched_stream).select(col("k"), col("v")),
         "dlq_sink": dlq,
         "sessions_sink": sessions,
         "late_sink": late,

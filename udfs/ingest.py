@@ -181,6 +181,9 @@ class Output(NamedTuple):
     message_ids: list[str]
     user_keys: list[str]
     payloads: list[bytes]
+    event_times: list[int]
+    """The valid events' ``event_time_ms`` (as in the payload), 0 for DLQ rows: the pipeline's keyed parts
+    take their rowtime from it instead of parsing the JSON again."""
 
 
 def _link_applies(link: Link, partition: int, offset: int, event_time_ms: int) -> bool:
@@ -241,6 +244,7 @@ class IngestStage:
         mids: list[str] = []
         ukeys: list[str] = []
         payloads: list[bytes] = []
+        event_times: list[int] = []
         new_links: dict[str, Link] = {}
         valid_idx: list[int] = []
         for i, res in enumerate(results):
@@ -248,6 +252,7 @@ class IngestStage:
                 self.counters.dlq[str(res.error_code)] += 1
                 key = keys[i] if keys is not None else None
                 kinds.append(DLQ)
+                event_times.append(0)
                 mids.append("")
                 ukeys.append(key.decode("utf-8", "replace") if key else "")
                 payloads.append(
@@ -270,6 +275,7 @@ class IngestStage:
                 new_links[link[0]] = made
                 self.counters.identity_links += 1
             kinds.append(OK)
+            event_times.append(res.event_time_ms)
             mids.append(str(data["message_id"]))
             ukeys.append(user_key)
             payloads.append(b"")
@@ -284,7 +290,7 @@ class IngestStage:
             record["profile_status"] = status
             payloads[i] = orjson.dumps(record)
         self._write_links(new_links)
-        return Output(kinds, mids, ukeys, payloads)
+        return Output(kinds, mids, ukeys, payloads, event_times)
 
     def flush_links(self) -> int:
         """Try once to write pending links (e.g. on shutdown); returns how many are still pending."""

@@ -230,7 +230,7 @@ class RecordingTableEnv:
         return table
 
     def from_data_stream(self, stream: Any, *_: Any) -> Any:
-        return stream
+        return SimpleNamespace(stream=stream, select=lambda *_: stream)
 
 
 def flink_job_needs(job: str, env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Need:
