@@ -349,6 +349,12 @@ def kafka_source_options(
     return opts
 
 
+#: How long an exactly-once Kafka sink waits to fill a record batch (see :func:`kafka_sink_options`).
+EXACTLY_ONCE_LINGER_MS = 100
+#: The record batch size of exactly-once Kafka sinks (the client's default is 16 KiB).
+EXACTLY_ONCE_BATCH_BYTES = 256 * 1024
+
+
 def kafka_sink_options(
     conn: Connections,
     flink: FlinkSettings,
@@ -357,7 +363,12 @@ def kafka_sink_options(
     *,
     exactly_once: bool = True,
 ) -> dict[str, str]:
-    """Options of a Kafka sink table with a raw ``k`` key column and raw ``v`` value column."""
+    """Options of a Kafka sink table with a raw ``k`` key column and raw ``v`` value column.
+
+    Exactly-once sinks batch for up to :data:`EXACTLY_ONCE_LINGER_MS`: their records become readable only
+    when the checkpoint commits the transaction, and the writer flushes before every checkpoint, so
+    lingering adds no latency; it cuts the per-batch cost (record batch header, lz4 frame and checksum,
+    one produce request) that dominated the sink threads at 5 ms."""
     opts = {
         "connector": "kafka",
         "topic": topic,
@@ -376,6 +387,8 @@ def kafka_sink_options(
                 "sink.delivery-guarantee": "exactly-once",
                 "sink.transactional-id-prefix": transactional_id_prefix,
                 "properties.transaction.timeout.ms": str(flink.transaction_timeout_ms),
+                "properties.linger.ms": str(EXACTLY_ONCE_LINGER_MS),
+                "properties.batch.size": str(EXACTLY_ONCE_BATCH_BYTES),
             }
         )
     else:
