@@ -86,14 +86,21 @@ def test_pipeline_matches_truth(job_env: dict[str, str], tmp_path: Path) -> None
     for e in events:  # events.enriched is keyed by user_key: per-user order is the job's order
         per_user[e["user_key"]].append(e)
     order_only = {"deal_promo", "returning_visitor"}
+    # Users with an event delivered hours late are left out of this comparison: by the time such an event
+    # is read, the watermark may have passed its deal group's window and the job evicted the group (a
+    # timer), while this replay, which runs no timers, still counts the group's old views with it.
+    delivered_late = {x.message_id for x in truth.late}
+    checked = {u for u, evs in per_user.items() if not any(e["message_id"] in delivered_late for e in evs)}
+    assert len(checked) > len(per_user) // 2
     expected: set[str] = set()
-    for user_events in per_user.values():
+    for user in checked:
+        user_events = per_user[user]
         state = load_state(None)
         for record in user_events:
             state, fires, _ = step(state, Event.from_record(record), rules, 0)
             expected |= {f.action_id for f in fires if f.rule_id in order_only}
     actions = [orjson.loads(m.value) for m in read_topic(bootstrap, f"{prefix}actions")]
-    fired = {a["action_id"] for a in actions if a["rule_id"] in order_only}
+    fired = {a["action_id"] for a in actions if a["rule_id"] in order_only and a["user_key"] in checked}
     assert expected and fired == expected
     assert len({a["action_id"] for a in actions}) == len(actions), "a bounded run fires each action once"
     by_id = {e["message_id"]: e for e in events}
