@@ -45,7 +45,7 @@ def _templates(n: int = 5000) -> list[dict[str, Any]]:
     out = stage.process_batch(
         [r.value for r in raw], [r.timestamp_ms for r in raw], [0] * len(raw), list(range(len(raw)))
     )
-    return [orjson.loads(p) for kind, _m, _k, p in zip(*out, strict=True) if kind == OK]
+    return [orjson.loads(p) for kind, p in zip(out.kinds, out.payloads, strict=True) if kind == OK]
 
 
 def _copies(templates: list[dict[str, Any]], n: int) -> list[tuple[str, bytes, bytes]]:

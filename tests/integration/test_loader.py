@@ -140,7 +140,7 @@ def dataset(events: int = 2400, seed: int = 11) -> Dataset:
     seen: set[str] = set()
     enriched: list[dict[str, Any]] = []
     payloads: list[tuple[bytes, bytes]] = []
-    for kind, mid, user_key, payload in zip(*out, strict=True):
+    for kind, mid, user_key, payload, _ in zip(*out, strict=True):
         if kind == OK and mid not in seen:
             seen.add(mid)
             enriched.append(orjson.loads(payload))
