@@ -24,6 +24,7 @@ BENCHES = (
     "bench_sessionize",
     "bench_triggers",
     "bench_pipeline",
+    "bench_backlog",
     "bench_collector",
     "bench_live",
 )
