@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.bench_e2e import add_job_env_option, job_env_of
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, load_connections
 from devstack.demo import DEMO_RULES, job_environment, produce
@@ -103,15 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.bench_backlog", description=__doc__.splitlines()[0])
     p.add_argument("--small", type=int, default=20_000, help="records of the smaller run")
     p.add_argument("--large", type=int, default=100_000, help="records of the larger run")
-    p.add_argument(
-        "--job-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a setting for the job; repeatable",
-    )
+    add_job_env_option(p)
     args = p.parse_args(argv)
-    job_env = dict(item.split("=", 1) for item in args.job_env)
+    job_env = job_env_of(args)
     small, large = bounded_run(args.small, job_env), bounded_run(args.large, job_env)
     n = large.events - small.events
     wall, cpu = large.wall_s - small.wall_s, large.cpu_s - small.cpu_s

@@ -144,6 +144,22 @@ def _p(values: list[float], q: float) -> str:
     return "–" if v is None else (f"{v / 1000:.2f} s" if v >= 1000 else f"{v:.0f} ms")
 
 
+def add_job_env_option(p: argparse.ArgumentParser) -> None:
+    """``--job-env NAME=VALUE`` (repeatable): settings for the benchmarked jobs, for A/B runs."""
+    p.add_argument(
+        "--job-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the jobs (e.g. CLICKPULSE_TRIGGERS_TIMER_SERVICE=rocksdb), for A/B runs; repeatable",
+    )
+
+
+def job_env_of(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--job-env`` settings as a mapping."""
+    return dict(item.split("=", 1) for item in args.job_env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both phases and print the rows."""
     p = argparse.ArgumentParser(prog="bench.bench_e2e", description=__doc__.splitlines()[0])
@@ -161,15 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the triggers job reads events.enriched read_uncommitted (CLICKPULSE_TRIGGERS_READ_UNCOMMITTED)",
     )
-    p.add_argument(
-        "--job-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a setting for the jobs (e.g. CLICKPULSE_TRIGGERS_TIMER_SERVICE=rocksdb), for A/B runs; repeatable",
-    )
+    add_job_env_option(p)
     args = p.parse_args(argv)
-    job_env = dict(item.split("=", 1) for item in args.job_env)
+    job_env = job_env_of(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
 
