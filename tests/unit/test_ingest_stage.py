@@ -72,6 +72,12 @@ def test_every_record_yields_exactly_one_output():
     assert dlq[1]["payload_encoding"] == "base64"
     assert stage.counters.records_in == 5 and stage.counters.valid == 2
     assert stage.counters.dlq == {"invalid_json": 1, "invalid_utf8": 1, "schema_violation": 1}
+    # the event time column the pipeline's keyed parts use as rowtime: the payload's, 0 for DLQ rows
+    assert [
+        orjson.loads(p)["event_time_ms"] if k == OK else 0
+        for k, p in zip(out.kinds, out.payloads, strict=True)
+    ] == out.event_times
+    assert out.event_times[0] > 0
 
 
 def test_enriched_payload_has_contract_fields():
