@@ -465,7 +465,10 @@ def test_both_engines_fire_the_same_actions(job_env: dict[str, str], tmp_path: P
         kafka_io.delete_topics(bootstrap, topics)
 
     python, jvm = actions["python"], actions["jvm"]
-    assert set(python) == set(jvm)
+    assert set(python) == set(jvm), {  # the differing actions themselves (ids alone say nothing)
+        "python only": [python[i] for i in set(python) - set(jvm)],
+        "jvm only": [jvm[i] for i in set(jvm) - set(python)],
+    }
     for action_id, action in python.items():
         assert {**action, "fired_at": None} == {**jvm[action_id], "fired_at": None}, action_id
     fired_by = sorted((a["rule_id"], a["user_key"]) for a in jvm.values())
