@@ -13,7 +13,6 @@ loader, dispatch and the bench's own producer).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.bench_e2e import add_job_env_option, job_env_of
+from bench.bench_e2e import add_job_env_option, group_cpu_by_pid, job_env_of
 from connectors import kafka as kafka_io
 from connectors.settings import CONTRACT_TOPICS, load_connections
 from devstack.demo import DEMO_RULES, job_environment, produce
@@ -40,20 +39,6 @@ class Run:
     events: int
     wall_s: float
     cpu_s: float
-
-
-def group_cpu_s(pgid: int, seen: dict[int, float]) -> None:
-    """Record the CPU seconds so far of every live process in process group ``pgid`` into ``seen``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # fields after the command: state, ppid, pgrp, …, utime (11), stime (12)
-            seen[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
 
 
 def bounded_run(events: int, job_env: dict[str, str]) -> Run:
@@ -84,7 +69,7 @@ def bounded_run(events: int, job_env: dict[str, str]) -> Run:
 
             def sample() -> None:
                 while proc.poll() is None:
-                    group_cpu_s(proc.pid, seen)
+                    seen.update(group_cpu_by_pid(proc.pid))  # exited processes keep their last value
                     time.sleep(0.2)
 
             sampler = threading.Thread(target=sample, daemon=True)

@@ -70,10 +70,10 @@ log = logging.getLogger("bench.e2e")
 PIPELINE_JOBS = (PIPELINE_JOB, "dispatch", "load")
 
 
-def _cpu_seconds(pgid: int) -> float:
-    """utime + stime of every live process in process group ``pgid`` (Linux ``/proc``)."""
+def group_cpu_by_pid(pgid: int) -> dict[int, float]:
+    """utime + stime in seconds of every live process in process group ``pgid``, by pid (Linux ``/proc``)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    found: dict[int, float] = {}
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
             continue
@@ -82,8 +82,13 @@ def _cpu_seconds(pgid: int) -> float:
         except OSError:
             continue
         if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ...
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
+            found[int(pid_dir.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def _cpu_seconds(pgid: int) -> float:
+    """utime + stime of every live process in process group ``pgid``."""
+    return sum(group_cpu_by_pid(pgid).values())
 
 
 def _cpu(pipeline: Pipeline, jobs: tuple[str, ...]) -> dict[str, float]:
