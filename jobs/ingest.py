@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ingest job (blocks until it ends: bounded runs end, unbounded ones run until killed)."""
     setup_logging()
     s = compose(IngestJobSettings, environment(), job_options(JOB, argv, add_ingest_args))
-    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir)
+    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, bounded=s.consumer.bounded)
     create_raw_source(t_env, "raw_events", s)
     enriched, dlq = build(t_env, t_env.from_path("raw_events"), s)
     create_kafka_sinks(

@@ -146,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # timeouts (marked idle too early, it lets the watermark run ahead and its events turn late)
     idle_ms = max(s.sessionize.idle_timeout_ms, s.triggers.idle_timeout_ms)
     extra = {**triggers_job.flink_options(part), "table.exec.source.idle-timeout": f"{idle_ms} ms"}
-    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=extra)
+    _, t_env = create_table_env(
+        JOB, s.flink, s.connections.state_dir, extra=extra, bounded=s.consumer.bounded
+    )
     outputs = build(t_env, s, config)
     create_kafka_sinks(
         t_env,

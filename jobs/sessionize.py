@@ -121,7 +121,8 @@ class SessionizeSettings(Settings):
     """``CLICKPULSE_SESSIONIZE_IDLE_TIMEOUT_MS``: a partition without records for this long stops holding
     the watermark back (default 60000). Keep it well above the longest stall of a partition that has data
     (time spent in operators chained to the source still counts, FLINK-40234): a partition marked idle
-    too early lets the watermark run ahead and its events turn late."""
+    too early lets the watermark run ahead and its events turn late. Off in a bounded run (``--bounded``),
+    where every partition ends."""
     state_ttl_ms: int = Field(7 * 24 * _HOUR_MS, alias="CLICKPULSE_SESSIONIZE_STATE_TTL_MS", gt=0)
     """``CLICKPULSE_SESSIONIZE_STATE_TTL_MS``: safety-net TTL (processing time since last write) of a
     key's state; timers purge it normally at end + gap + lateness (default 604800000 = 7 days)."""
@@ -404,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "table.exec.source.idle-timeout": f"{s.sessionize.idle_timeout_ms} ms",
             "state.backend.type": s.sessionize.state_backend,
         },
+        bounded=s.consumer.bounded,
     )
     group_id = s.consumer.group(JOB)
     events = create_enriched_source(

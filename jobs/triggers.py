@@ -166,7 +166,8 @@ class TriggersSettings(Settings):
     action for a record that is never committed. Actions stay at-least-once with the same ids."""
     idle_timeout_ms: int = Field(2000, alias="CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS", gt=0)
     """``CLICKPULSE_TRIGGERS_IDLE_TIMEOUT_MS``: a source partition without records for this long stops
-    holding the watermark back (default 2000)."""
+    holding the watermark back (default 2000). Off in a bounded run (``--bounded``), where every partition
+    ends."""
     watermark_interval_ms: int = Field(200, alias="CLICKPULSE_TRIGGERS_WATERMARK_INTERVAL_MS", gt=0)
     """``CLICKPULSE_TRIGGERS_WATERMARK_INTERVAL_MS``: how often watermarks are emitted (default 200)."""
     buffer_timeout_ms: int = Field(5, alias="CLICKPULSE_TRIGGERS_BUFFER_TIMEOUT_MS", ge=0)
@@ -548,8 +549,13 @@ def create_rules_source(t_env: Any, s: TriggersJobSettings, job: str = JOB) -> A
             # snapshot or the broadcast state and change nothing ("newest offset wins")
             "scan.startup.mode": "earliest-offset",
             # its own idle timeout: in the pipeline the job-wide one is the sessions' (a minute), and
-            # until this rarely written source counts as idle it holds event time at the epoch
-            "scan.watermark.idle-timeout": f"{s.triggers.idle_timeout_ms} ms",
+            # until this rarely written source counts as idle it holds event time at the epoch (none
+            # in a bounded run, see connectors.flink.BOUNDED_OPTIONS)
+            **(
+                {}
+                if s.consumer.bounded
+                else {"scan.watermark.idle-timeout": f"{s.triggers.idle_timeout_ms} ms"}
+            ),
             **LOW_LATENCY_FETCH,
         },
     )
@@ -789,7 +795,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = compose(TriggersJobSettings, environment(), job_options(JOB, argv, add_triggers_args))
     file_rules = load_file_rules(s)
     config = function_config(s, file_rules)
-    _, t_env = create_table_env(JOB, s.flink, s.connections.state_dir, extra=flink_options(s))
+    _, t_env = create_table_env(
+        JOB, s.flink, s.connections.state_dir, extra=flink_options(s), bounded=s.consumer.bounded
+    )
     create_sources(t_env, s)
     actions = build(t_env, t_env.from_path("enriched_events"), t_env.from_path("rule_records"), config)
     create_actions_sink(t_env, s)
