@@ -515,8 +515,12 @@ def with_event_time(
     return t_env.from_data_stream(stream, schema)
 
 
-#: The user_key of an enriched event from its Kafka key, else from its JSON (for keying in the JVM).
-ENRICHED_USER_KEY_SQL = "COALESCE(k, JSON_VALUE(CAST(v AS STRING), '$.user_key'), '')"
+#: The user_key of an enriched event from its Kafka key, else from its JSON (for keying in the JVM). A
+#: ``CASE``, not ``COALESCE(k, JSON_VALUE(…))``: Flink evaluates every argument of ``COALESCE``, so the
+#: JSON was parsed for every event although the key is always there (12 % of the pipeline's JVM samples).
+ENRICHED_USER_KEY_SQL = (
+    "CASE WHEN k IS NOT NULL THEN k ELSE COALESCE(JSON_VALUE(CAST(v AS STRING), '$.user_key'), '') END"
+)
 
 
 # ------------------------------------------------------------------------------------ keyed operators
