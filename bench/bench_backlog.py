@@ -4,9 +4,10 @@
 stack in the environment / ``.clickpulse/stack.env``. Each size: simulated records produced to fresh
 topics first, then ``jobs.pipeline --bounded --no-dispatch`` reads them from the earliest offset; the
 wall time and the CPU time of the job's whole process tree (driver, JVM, Python workers; sampled from
-``/proc`` by process group) are taken. The difference between the two sizes removes start-up, the
-JIT's first minutes and the final drain, which a single bounded run would charge to its events. Nothing
-else runs, so this is what the job itself costs (``bench_pipeline``'s burst shares the box with the
+``/proc`` by process group) are taken. The difference between the two sizes removes start-up and the
+final drain, which a single bounded run would charge to its events, and part of the JIT's warm-up: the
+compilers still run a minute into a run (~500 compilations/s, bench/RESULTS.md 2026-12-07), so the
+larger run carries more of it, and the small run's ±10 s noise is magnified. Nothing else runs, so this is what the job itself costs (``bench_pipeline``'s burst shares the box with the
 loader, dispatch and the bench's own producer).
 """
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| pipeline job alone over a backlog, raw events/s and CPU per raw event ({settings}) | "
         f"{n / wall:,.0f} events/s, {cpu / n * 1e6:,.0f} CPU µs/event | the {large.events:,}-record run "
         f"minus the {small.events:,}-record run (wall {large.wall_s:.1f} − {small.wall_s:.1f} s, CPU "
-        f"{large.cpu_s:.1f} − {small.cpu_s:.1f} s: start-up, JIT warm-up and drain cancel); process tree of "
+        f"{large.cpu_s:.1f} − {small.cpu_s:.1f} s: start-up and drain cancel, the JIT only in part); process tree of "
         "the job (driver, JVM, Python worker); nothing else running; parallelism 1 |"
     )
     return 0
