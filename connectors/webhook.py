@@ -7,15 +7,15 @@ Flink Python function calling :meth:`WebhookDispatcher.submit` is synchronous, s
 on its own daemon thread and ``submit`` is thread-safe and never blocks.
 
 Isolation: every destination (scheme, host, port) gets its own lane: a queue, ``concurrency`` worker
-tasks and its own ``httpx.AsyncClient`` connection pool. A slow or dead endpoint only fills its own
+tasks and its own ``aiohttp.ClientSession`` connection pool. A slow or dead endpoint only fills its own
 lane. A lane holds at most ``max_queue_per_destination`` unsettled actions (or the ``limit`` a caller
 passes): beyond that :meth:`WebhookDispatcher.submit` returns ``False`` and does not take the action, so
 the caller keeps it (the dispatch loop spills it to ``actions.retry``); a deliverable action is never
 dead-lettered because a queue is full.
 
 Each attempt has a total deadline, the destination's timeout: connecting, sending and receiving the
-status line and headers must all fit in it (httpx's own timeouts are per read, so a receiver dripping a
-byte at a time could otherwise hold a worker for ever). The response is streamed and at most
+status line and headers must all fit in it (a per-read timeout would let a receiver dripping a byte at
+a time hold a worker for ever). The response is streamed and at most
 ``max_response_bytes`` of its body are read, within what is left of the deadline; once the status is
 in, a slow, broken or oversized body only costs the connection, not the outcome.
 
@@ -40,6 +40,12 @@ on the dispatcher thread.
 tenacity is not used: its async retrying cannot express "sleep exactly Retry-After for this response,
 jittered back-off otherwise" plus cancellation-to-dead-letter on shutdown more simply than the ten
 lines of loop below.
+
+Why aiohttp's client rather than httpx's: aiohttp is already the team's HTTP stack (collector,
+dashboard), and per request it cost a third of the CPU here (0.7 against 2.4 ms on this box, 200 POSTs/s
+to a loopback receiver; httpcore checks every pooled connection with a system call or two on each
+request). Under the end-to-end benchmark the dispatch process was a quarter of a core, most of it
+httpx.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from udfs.rules import LOOPBACK_ONLY, Allowlist, Destination
@@ -326,18 +332,18 @@ class _Item:
 
 
 class _Lane:
-    def __init__(self, key: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, key: str, session: aiohttp.ClientSession) -> None:
         self.key = key
-        self.client = client
+        self.session = session
         # unbounded here: submit() bounds every lane's unsettled actions (queued or being delivered)
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
 
 
-async def _read_capped(response: httpx.Response, cap: int) -> int:
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> int:
     """Read the raw (still encoded) body until its end or past ``cap`` bytes; the bytes read."""
     read = 0
-    async for chunk in response.aiter_raw():
+    async for chunk in response.content.iter_any():
         read += len(chunk)
         if read > cap:
             break
@@ -371,7 +377,7 @@ class WebhookDispatcher:
         connections) and holds at most ``max_queue_per_destination`` unsettled actions, beyond which
         :meth:`submit` refuses new ones. URLs outside ``allowlist`` are dead-lettered without a request.
         At most ``max_response_bytes`` of a response body are read.
-        ``ssl_context`` defaults to httpx's, built once by :meth:`start` (``trust_env=False``);
+        ``ssl_context`` defaults to Python's (the system's CA certificates), built once by :meth:`start`;
         ``seed`` makes the back-off jitter reproducible (tests).
         """
         self._on_dead = on_dead
@@ -404,7 +410,7 @@ class WebhookDispatcher:
                 return self
             if self._ssl_context is None:
                 # built once, off the event loop: creating one per lane would stall every lane ~50 ms
-                self._ssl_context = httpx.create_ssl_context(trust_env=False)
+                self._ssl_context = ssl.create_default_context()
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._run_loop, name="webhook-dispatcher", daemon=True)
             self._thread.start()
@@ -469,7 +475,7 @@ class WebhookDispatcher:
             while not lane.queue.empty():
                 item = lane.queue.get_nowait()
                 self._dead(item, 0, "shutdown: not attempted before the shutdown deadline")
-            await lane.client.aclose()
+            await lane.session.close()
 
     # -- submit ------------------------------------------------------------------------------------
 
@@ -523,16 +529,17 @@ class WebhookDispatcher:
         lane.queue.put_nowait(item)
 
     def _new_lane(self, key: str) -> _Lane:
-        client = httpx.AsyncClient(
-            follow_redirects=False,
-            limits=httpx.Limits(
-                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
-            ),
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._concurrency, ssl=self._ssl_context or True),
             headers={"User-Agent": self._user_agent},
-            verify=self._ssl_context or True,
+            # the body is never decoded (see _read_capped), so no compression is asked for
+            skip_auto_headers=("Accept-Encoding",),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a receiver's cookies never follow the next action
+            timeout=aiohttp.ClientTimeout(total=None),  # the attempt's own deadline bounds it (_attempt)
             trust_env=False,
         )
-        lane = _Lane(key, client)
+        lane = _Lane(key, session)
         lane.workers = [asyncio.create_task(self._worker(lane)) for _ in range(self._concurrency)]
         self._lanes[key] = lane
         with self._lock:
@@ -591,31 +598,30 @@ class WebhookDispatcher:
         """One POST under the destination's total deadline: ``(status or None, last_error, Retry-After)``."""
         dest = item.destination
         deadline = asyncio.get_running_loop().time() + dest.timeout_s
-        request = lane.client.build_request(
-            "POST", dest.url, content=item.body, headers=headers, timeout=dest.timeout_s
-        )
         try:
             async with asyncio.timeout_at(deadline):
-                response = await lane.client.send(request, stream=True)
+                response = await lane.session.post(
+                    dest.url, data=item.body, headers=headers, allow_redirects=False
+                )
         except TimeoutError:
             return None, f"timeout after {dest.timeout_s:g}s (total deadline)", None
-        except httpx.TimeoutException as exc:
-            return None, f"timeout after {dest.timeout_s:g}s ({type(exc).__name__})", None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             return None, f"connection error: {type(exc).__name__}: {exc}", None
         try:
-            status = response.status_code
+            status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After")) if status == 429 else None
             try:
                 async with asyncio.timeout_at(deadline):
                     read = await _read_capped(response, self._max_response_bytes)
                 if read > self._max_response_bytes:
                     log.debug("webhook %s: response body cut off after %d bytes", lane.key, read)
-            except (TimeoutError, httpx.HTTPError) as exc:
+                    response.close()  # the rest of the body is never read: the connection goes
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 # the status is in: a slow or broken body costs the connection, not the outcome
                 log.debug("webhook %s: response body not read (%s)", lane.key, type(exc).__name__)
+                response.close()
         finally:
-            await response.aclose()
+            response.release()  # back to the pool when the body was read to its end
         return status, "" if 200 <= status < 300 else f"HTTP {status}", retry_after
 
     def _delivered(self, key: str, item: _Item, attempts: int) -> None:

@@ -324,7 +324,7 @@ def raw_receiver(answer: Callable[[socket.socket, threading.Event], None]) -> It
 
 @pytest.mark.fault
 def test_a_dripping_receiver_cannot_hold_a_worker_past_the_deadline() -> None:
-    """One byte a second never trips httpx's per-read timeout; the total deadline (the destination's
+    """One byte a second never trips a per-read timeout; the total deadline (the destination's
     timeout) ends the attempt anyway."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
