@@ -23,6 +23,7 @@ BENCHES = (
     "bench_loader",
     "bench_sessionize",
     "bench_triggers",
+    "bench_webhook",
     "bench_pipeline",
     "bench_backlog",
     "bench_collector",
