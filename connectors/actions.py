@@ -41,6 +41,7 @@ import orjson
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from connectors.kafka import REJOIN_AFTER_S, TolerantPoll, await_topic_metadata
 from connectors.webhook import LatencySample, RetryPolicy, WebhookDispatcher, dead_letter_record
 from udfs.rules import (
     DEFAULT_SECRET_ENV,
@@ -172,6 +173,7 @@ class RuleBook(threading.Thread):
         self._syncs_done = 0
         self._ready = threading.Event()
         self._failure: BaseException | None = None
+        self._poll = TolerantPoll("rules follower")
 
     def run(self) -> None:
         """Read the topic until :meth:`close`."""
@@ -194,7 +196,7 @@ class RuleBook(threading.Thread):
                         self._syncs_done = pending
                         self._cond.notify_all()
                     continue
-                self._apply(consumer.poll(timeout_ms=IDLE_POLL_MS))
+                self._apply(self._poll(consumer, IDLE_POLL_MS))
         except Exception as exc:  # noqa: BLE001 - logged; the book keeps its last rules
             log.exception("rules follower stopped")
             self._failure = exc
@@ -205,7 +207,7 @@ class RuleBook(threading.Thread):
     def _catch_up(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
         end = consumer.end_offsets(tps)
         while not _caught_up(consumer, end) and not self._halt.is_set():
-            self._apply(consumer.poll(timeout_ms=100))
+            self._apply(self._poll(consumer, 100))
 
     def _apply(self, batch: Mapping[TopicPartition, list[Any]]) -> None:
         if not batch or not _absorb(self.records, batch):
@@ -251,8 +253,6 @@ class RuleBook(threading.Thread):
 # dispatch
 
 
-#: A dispatch consumer without any assigned partition this long after it joined joins once more.
-REJOIN_AFTER_S = 15.0
 #: Poll timeout of the rules follower and of an idle dispatch loop (records still end a poll at once).
 IDLE_POLL_MS = 500
 
@@ -367,6 +367,7 @@ class ActionDispatch:
         self._fair_share: int | None = None
         self._closing = False
         self._consumer: KafkaConsumer | None = None
+        self._poll = TolerantPoll("dispatch")
         self._producer: KafkaProducer | None = None
         self._dispatcher: WebhookDispatcher | None = None
         self._rulebook: RuleBook | None = None
@@ -420,11 +421,7 @@ class ActionDispatch:
         """Join the group for ``actions`` and ``actions.retry``, once this consumer's metadata knows them."""
         assert self._consumer is not None
         topics = [self.config.actions_topic, self.config.spill_topic]
-        # The group leader assigns only partitions it has metadata for: without this, a consumer that
-        # joins before its metadata names the topic can end up with no partitions until a rebalance.
-        deadline = time.monotonic() + 30.0
-        while time.monotonic() < deadline and not all(self._consumer.partitions_for_topic(t) for t in topics):
-            time.sleep(0.2)
+        await_topic_metadata(self._consumer, topics)
         self._consumer.subscribe(topics, listener=_Listener(self))
         self._subscribed_at = time.monotonic()
 
@@ -467,7 +464,7 @@ class ActionDispatch:
             # a poll returns as soon as records arrive; its timeout only paces the loop's other work
             # (commits of delivered actions, held partitions), which there is none of when nothing is
             # in flight: idle, the loop wakes twice a second instead of ten times
-            batch = consumer.poll(timeout_ms=100 if in_flight or self._held else IDLE_POLL_MS)
+            batch = self._poll(consumer, 100 if in_flight or self._held else IDLE_POLL_MS)
             for tp, messages in batch.items():
                 for m in messages:
                     held = self._handle(tp, m)

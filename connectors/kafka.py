@@ -161,3 +161,67 @@ def producer(bootstrap: str, **overrides: object) -> KafkaProducer:
     }
     config.update(overrides)
     return KafkaProducer(**config)
+
+
+#: A group consumer with no partition assigned this long after it subscribed joins the group once more.
+REJOIN_AFTER_S = 15.0
+
+
+def await_topic_metadata(consumer: Any, topics: Iterable[str], timeout_s: float = 30.0) -> None:
+    """Block (up to ``timeout_s``) until ``consumer``'s metadata names every one of ``topics``.
+
+    Call before ``subscribe``: the group leader assigns only partitions its metadata knows, so a consumer
+    that joins first can be handed nothing until the next rebalance (kafka-python usually rejoins at
+    once when the metadata arrives; CI once saw a dispatch process not do so for minutes, hence also
+    :data:`REJOIN_AFTER_S`).
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = list(topics)
+    while pending and time.monotonic() < deadline:
+        try:
+            pending = [t for t in pending if not consumer.partitions_for_topic(t)]
+        except KafkaError as exc:
+            log.debug("metadata of %s not there yet: %s", ", ".join(pending), exc)
+        if pending:
+            time.sleep(0.2)
+
+
+class TolerantPoll:
+    """``consumer.poll`` that rides out a broker that is briefly away.
+
+    kafka-python 3 can raise a retriable error (``KafkaConnectionError: ECONNREFUSED`` while it looks for
+    the group coordinator) from ``poll`` when the broker restarts: the chaos test's dispatch process
+    exited with it. A long-running consumer loop treats that as "nothing this round": it logs (at most every
+    ``warn_every_s``), waits up to ``backoff_s`` and returns no records. Errors that are not retriable
+    (authorization, bad configuration) still raise.
+    """
+
+    def __init__(self, what: str, *, backoff_s: float = 0.5, warn_every_s: float = 10.0) -> None:
+        """Name the loop ``what`` in log lines."""
+        self.what = what
+        self.backoff_s = backoff_s
+        self.warn_every_s = warn_every_s
+        self.errors = 0  #: polls that failed (counted, never silent)
+        self._warned_at = float("-inf")
+        self._in_outage = False
+
+    def __call__(self, consumer: Any, timeout_ms: int, **kwargs: Any) -> dict[Any, list[Any]]:
+        """The records of one ``consumer.poll(timeout_ms, **kwargs)``; ``{}`` after a retriable error."""
+        try:
+            batch: dict[Any, list[Any]] = consumer.poll(timeout_ms=timeout_ms, **kwargs)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            self.errors += 1
+            now = time.monotonic()
+            if now - self._warned_at >= self.warn_every_s:
+                self._warned_at = now
+                log.warning("%s: Kafka unavailable (%s); retrying (%d failed polls so far)",
+                            self.what, exc, self.errors)  # fmt: skip
+            self._in_outage = True
+            time.sleep(min(self.backoff_s, max(timeout_ms, 1) / 1000))
+            return {}
+        if self._in_outage:
+            self._in_outage = False
+            log.info("%s: Kafka reachable again after %d failed polls", self.what, self.errors)
+        return batch

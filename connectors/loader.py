@@ -59,6 +59,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from connectors.clickhouse import client_from_url, redact_url
+from connectors.kafka import REJOIN_AFTER_S, TolerantPoll, await_topic_metadata
 from connectors.migrate import validate_identifier
 from connectors.settings import StartingOffsets
 from udfs.dlq import dlq_record
@@ -954,6 +955,10 @@ class Loader:
         self._rebalanced = False
         self._stop_at: dict[TopicPartition, int] | None = None
         self._consumer: KafkaConsumer | None = None
+        self._poll = TolerantPoll("loader")
+        self._listener: ConsumerRebalanceListener | None = None
+        self._subscribed_at = 0.0
+        self._rejoined = False
         self._producer: KafkaProducer | None = None
         self._client: Client | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -1010,14 +1015,38 @@ class Loader:
             def on_partitions_assigned(self, assigned: Any) -> None:
                 loader._on_assigned(assigned)
 
+        self._listener = _Listener()
         try:
-            consumer.subscribe(cfg.topics, listener=_Listener())
+            self._subscribe()
             self._loop()
             self.counters.lag = self._lag()
         finally:
             self._close()
         log.info("loader stopped: %s", self.counters.line())
         return self.counters
+
+    def _subscribe(self) -> None:
+        consumer = self._require_consumer()
+        await_topic_metadata(consumer, self.cfg.topics)
+        consumer.subscribe(self.cfg.topics, listener=self._listener)
+        self._subscribed_at = time.monotonic()
+
+    def _rejoin_if_unassigned(self) -> None:
+        """Join the group once more when nothing was assigned :data:`REJOIN_AFTER_S` after subscribing.
+
+        An empty assignment right after the start, with the topics' metadata arriving a moment later, is
+        normally followed by a rebalance within ~100 ms (every test run's loader log shows it); dispatch
+        was once seen unassigned for minutes, and a CI run whose loader loaded 0 rows for 180 s fits the
+        same failure. After one more join an empty assignment is taken as legitimate (more loaders in
+        the group than partitions).
+        """
+        if self._rejoined or self._assigned or time.monotonic() - self._subscribed_at <= REJOIN_AFTER_S:
+            return
+        self._rejoined = True
+        log.warning("no partition of %s assigned after %.0fs: joining the group again",
+                    ", ".join(self.cfg.topics), REJOIN_AFTER_S)  # fmt: skip
+        self._require_consumer().unsubscribe()
+        self._subscribe()
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -1069,6 +1098,7 @@ class Loader:
                     continue
                 except _Stopping:
                     return
+            self._rejoin_if_unassigned()
             if self.buffer.ready(cfg.batch_max_rows, cfg.batch_max_seconds):
                 self._flush()
                 continue
@@ -1076,8 +1106,9 @@ class Loader:
                 log.info("bounded run caught up")
                 return
             wait_s = cfg.batch_max_seconds - self.buffer.age() if self.buffer.rows else cfg.batch_max_seconds
-            polled = consumer.poll(
-                timeout_ms=int(max(0.01, min(wait_s, 0.5)) * 1000),
+            polled = self._poll(
+                consumer,
+                int(max(0.01, min(wait_s, 0.5)) * 1000),
                 max_records=max(1, cfg.batch_max_rows - self.buffer.rows),
             )
             if self._needs_setup:

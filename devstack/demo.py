@@ -1245,8 +1245,9 @@ def wait_for_events(
         if n != last:
             last, last_change = n, time.monotonic()
         elif time.monotonic() - last_change > stall_s:
+            tails = "".join(f"\n--- {j} ---\n{pipeline.log_tail(j, 3000)}" for j in sorted(pipeline.jobs))
             raise DemoError(
-                f"ClickHouse has {n:,} of {expected:,} events and nothing moved for {stall_s:.0f}s"
+                f"ClickHouse has {n:,} of {expected:,} events and nothing moved for {stall_s:.0f}s{tails}"
             )
         if tick is not None:
             tick()
