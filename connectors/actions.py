@@ -41,7 +41,7 @@ import orjson
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from connectors.kafka import REJOIN_AFTER_S, TolerantPoll, await_topic_metadata
+from connectors.kafka import GroupJoin, TolerantPoll
 from connectors.webhook import LatencySample, RetryPolicy, WebhookDispatcher, dead_letter_record
 from udfs.rules import (
     DEFAULT_SECRET_ENV,
@@ -372,7 +372,7 @@ class ActionDispatch:
         self._dispatcher: WebhookDispatcher | None = None
         self._rulebook: RuleBook | None = None
         self._last_commit = 0.0
-        self._subscribed_at = 0.0
+        self._join: GroupJoin | None = None
         self._next_log = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -409,7 +409,8 @@ class ActionDispatch:
             fetch_max_wait_ms=500,
             max_poll_records=500,
         )
-        self._subscribe()
+        self._join = GroupJoin(self._consumer, [c.actions_topic, c.spill_topic], listener=_Listener(self))
+        self._join.subscribe()
         self._next_log = time.monotonic() + c.log_interval_s
         log.info("dispatching %s (group %s)", c.actions_topic, c.group_id)
         try:
@@ -417,35 +418,14 @@ class ActionDispatch:
         finally:
             self._shutdown()
 
-    def _subscribe(self) -> None:
-        """Join the group for ``actions`` and ``actions.retry``, once this consumer's metadata knows them."""
-        assert self._consumer is not None
-        topics = [self.config.actions_topic, self.config.spill_topic]
-        await_topic_metadata(self._consumer, topics)
-        self._consumer.subscribe(topics, listener=_Listener(self))
-        self._subscribed_at = time.monotonic()
-
     def _loop(self, stop: threading.Event, until_caught_up: threading.Event | None) -> None:
-        assert self._consumer is not None
+        assert self._consumer is not None and self._join is not None
         consumer = self._consumer
+        join = self._join
         paused = False
-        rejoined = False
         end: dict[TopicPartition, int] | None = None
         while not stop.is_set():
-            if (
-                not rejoined
-                and not consumer.assignment()
-                and time.monotonic() - self._subscribed_at > REJOIN_AFTER_S
-            ):
-                # Seen once in CI: right after start the loop ran for minutes with no partition assigned
-                # while actions piled up. Join once more; after that an empty assignment is taken as
-                # legitimate (more dispatch processes in the group than partitions) and only shows as
-                # partitions=0 in the log line.
-                rejoined = True
-                log.warning("no partition of %s assigned after %.0fs: joining the group again",
-                            self.config.actions_topic, REJOIN_AFTER_S)  # fmt: skip
-                consumer.unsubscribe()
-                self._subscribe()
+            join.check(bool(consumer.assignment()))
             with self._lock:
                 in_flight = sum(len(p.pending) for p in self._parts.values())
             self._fair_share = self._share(in_flight)
@@ -749,6 +729,7 @@ class ActionDispatch:
                 "spilled": c.spilled,
                 "in_flight": in_flight,
                 "partitions": len(self._parts),
+                "poll_errors": self._poll.errors,
             }
         out["retried"] = stats.get("retried", 0)
         out["send_p50_ms"] = _round(stats.get("latency_p50_ms"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
@@ -167,13 +167,15 @@ def producer(bootstrap: str, **overrides: object) -> KafkaProducer:
 REJOIN_AFTER_S = 15.0
 
 
-def await_topic_metadata(consumer: Any, topics: Iterable[str], timeout_s: float = 30.0) -> None:
+def await_topic_metadata(consumer: Any, topics: Iterable[str], timeout_s: float = 5.0) -> list[str]:
     """Block (up to ``timeout_s``) until ``consumer``'s metadata names every one of ``topics``.
 
     Call before ``subscribe``: the group leader assigns only partitions its metadata knows, so a consumer
     that joins first can be handed nothing until the next rebalance (kafka-python usually rejoins at
     once when the metadata arrives; CI once saw a dispatch process not do so for minutes, hence also
-    :data:`REJOIN_AFTER_S`).
+    :class:`GroupJoin`'s second join). Returns the topics still unknown at the deadline (a topic that
+    does not exist yet): the caller subscribes anyway, so a missing topic delays its start by
+    ``timeout_s`` at most.
     """
     deadline = time.monotonic() + timeout_s
     pending = list(topics)
@@ -184,6 +186,59 @@ def await_topic_metadata(consumer: Any, topics: Iterable[str], timeout_s: float 
             log.debug("metadata of %s not there yet: %s", ", ".join(pending), exc)
         if pending:
             time.sleep(0.2)
+    return pending
+
+
+class GroupJoin:
+    """How a long-running group consumer subscribes: topic metadata first, and one more join if needed.
+
+    ``subscribe()`` waits (briefly) for the topics' metadata, then subscribes. ``check(assigned)``, called
+    from the consumer's loop, joins the group once more when nothing was assigned :data:`REJOIN_AFTER_S`
+    after subscribing: an empty first assignment is normally followed by a rebalance within ~100 ms
+    (every loader log shows it), but a dispatch process was once seen unassigned for minutes, and a CI
+    run whose loader loaded nothing for 180 s fits the same failure. After that one extra join an
+    empty assignment is taken as legitimate (more consumers in the group than partitions).
+    """
+
+    def __init__(
+        self,
+        consumer: Any,
+        topics: Sequence[str],
+        *,
+        listener: Any = None,
+        rejoin_after_s: float = REJOIN_AFTER_S,
+        metadata_timeout_s: float = 5.0,
+    ) -> None:
+        """Subscribe ``consumer`` to ``topics`` (with the rebalance ``listener``) when asked."""
+        self.consumer = consumer
+        self.topics = list(topics)
+        self.listener = listener
+        self.rejoin_after_s = rejoin_after_s
+        self.metadata_timeout_s = metadata_timeout_s
+        self.rejoins = 0  #: extra joins made (0 or 1)
+        self._subscribed_at = 0.0
+
+    def subscribe(self) -> None:
+        """Wait for the topics' metadata (a few seconds at most), then subscribe."""
+        missing = await_topic_metadata(self.consumer, self.topics, self.metadata_timeout_s)
+        if missing:
+            log.info("no metadata for %s yet (not created?); subscribing anyway", ", ".join(missing))
+        if self.listener is None:
+            self.consumer.subscribe(self.topics)
+        else:
+            self.consumer.subscribe(self.topics, listener=self.listener)
+        self._subscribed_at = time.monotonic()
+
+    def check(self, assigned: bool) -> bool:
+        """Join once more if nothing is ``assigned`` too long after subscribing; True when it did."""
+        if self.rejoins or assigned or time.monotonic() - self._subscribed_at <= self.rejoin_after_s:
+            return False
+        self.rejoins += 1
+        log.warning("no partition of %s assigned after %.0fs: joining the group again",
+                    ", ".join(self.topics), self.rejoin_after_s)  # fmt: skip
+        self.consumer.unsubscribe()
+        self.subscribe()
+        return True
 
 
 class TolerantPoll:

@@ -59,7 +59,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from connectors.clickhouse import client_from_url, redact_url
-from connectors.kafka import REJOIN_AFTER_S, TolerantPoll, await_topic_metadata
+from connectors.kafka import GroupJoin, TolerantPoll
 from connectors.migrate import validate_identifier
 from connectors.settings import StartingOffsets
 from udfs.dlq import dlq_record
@@ -911,6 +911,8 @@ class LoaderCounters:
     lag: int = 0
     fallbacks: int = 0
     """Units the JSONEachRow fast path declined (a record failed its checks): converted in Python."""
+    poll_errors: int = 0
+    """Polls that failed with a retriable Kafka error (broker away): retried, nothing lost."""
 
     def line(self) -> str:
         """One-line summary."""
@@ -919,7 +921,8 @@ class LoaderCounters:
             f"rows[{rows}] batches={self.batches} inserts={self.inserts} retries={self.retries} "
             f"dlq={self.dlq} rejected={self.rejected} recreated={self.recreated} "
             f"skipped_loaded={self.skipped_loaded} replays={self.replays} "
-            f"abandoned={self.abandoned} lag={self.lag} fallbacks={self.fallbacks}"
+            f"abandoned={self.abandoned} lag={self.lag} fallbacks={self.fallbacks} "
+            f"poll_errors={self.poll_errors}"
         )
 
 
@@ -956,9 +959,7 @@ class Loader:
         self._stop_at: dict[TopicPartition, int] | None = None
         self._consumer: KafkaConsumer | None = None
         self._poll = TolerantPoll("loader")
-        self._listener: ConsumerRebalanceListener | None = None
-        self._subscribed_at = 0.0
-        self._rejoined = False
+        self._join: GroupJoin | None = None
         self._producer: KafkaProducer | None = None
         self._client: Client | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -1015,38 +1016,15 @@ class Loader:
             def on_partitions_assigned(self, assigned: Any) -> None:
                 loader._on_assigned(assigned)
 
-        self._listener = _Listener()
+        self._join = GroupJoin(consumer, cfg.topics, listener=_Listener())
         try:
-            self._subscribe()
+            self._join.subscribe()
             self._loop()
             self.counters.lag = self._lag()
         finally:
             self._close()
         log.info("loader stopped: %s", self.counters.line())
         return self.counters
-
-    def _subscribe(self) -> None:
-        consumer = self._require_consumer()
-        await_topic_metadata(consumer, self.cfg.topics)
-        consumer.subscribe(self.cfg.topics, listener=self._listener)
-        self._subscribed_at = time.monotonic()
-
-    def _rejoin_if_unassigned(self) -> None:
-        """Join the group once more when nothing was assigned :data:`REJOIN_AFTER_S` after subscribing.
-
-        An empty assignment right after the start, with the topics' metadata arriving a moment later, is
-        normally followed by a rebalance within ~100 ms (every test run's loader log shows it); dispatch
-        was once seen unassigned for minutes, and a CI run whose loader loaded 0 rows for 180 s fits the
-        same failure. After one more join an empty assignment is taken as legitimate (more loaders in
-        the group than partitions).
-        """
-        if self._rejoined or self._assigned or time.monotonic() - self._subscribed_at <= REJOIN_AFTER_S:
-            return
-        self._rejoined = True
-        log.warning("no partition of %s assigned after %.0fs: joining the group again",
-                    ", ".join(self.cfg.topics), REJOIN_AFTER_S)  # fmt: skip
-        self._require_consumer().unsubscribe()
-        self._subscribe()
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -1083,6 +1061,8 @@ class Loader:
     # ------------------------------------------------------------------ main loop
     def _loop(self) -> None:
         consumer = self._require_consumer()
+        assert self._join is not None
+        join = self._join
         cfg = self.cfg
         while True:
             if self._inflight is not None and self._inflight[1].done():
@@ -1098,7 +1078,7 @@ class Loader:
                     continue
                 except _Stopping:
                     return
-            self._rejoin_if_unassigned()
+            join.check(bool(self._assigned))
             if self.buffer.ready(cfg.batch_max_rows, cfg.batch_max_seconds):
                 self._flush()
                 continue
@@ -1111,6 +1091,7 @@ class Loader:
                 int(max(0.01, min(wait_s, 0.5)) * 1000),
                 max_records=max(1, cfg.batch_max_rows - self.buffer.rows),
             )
+            self.counters.poll_errors = self._poll.errors
             if self._needs_setup:
                 continue  # a rebalance happened inside poll; anything returned belongs to the old assignment
             n = 0

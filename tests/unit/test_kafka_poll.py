@@ -1,4 +1,5 @@
-"""``connectors.kafka.TolerantPoll``: a consumer loop rides out a broker restart, and says so.
+"""``connectors.kafka``'s consumer-loop helpers: ``TolerantPoll`` rides out a broker restart, and says so;
+``GroupJoin`` joins the group once more when the first join assigned nothing.
 
 kafka-python 3 raises ``KafkaConnectionError`` from ``poll`` while the broker is away (seen when the chaos
 test restarted Kafka: the dispatch process exited with it). The helper turns retriable errors into an
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from kafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
-from connectors.kafka import TolerantPoll
+from connectors.kafka import GroupJoin, TolerantPoll, await_topic_metadata
 
 pytestmark = pytest.mark.unit
 
@@ -57,3 +58,43 @@ def test_an_error_that_retrying_cannot_fix_still_raises() -> None:
     with pytest.raises(TopicAuthorizationFailedError):
         poll(consumer, 100)
     assert poll.errors == 0
+
+
+class _GroupConsumer:
+    """Knows the metadata of ``known`` topics; records subscribe/unsubscribe calls."""
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return {0} if topic in self.known else None
+
+    def subscribe(self, topics: list[str], listener: Any = None) -> None:
+        self.calls.append(("subscribe", tuple(topics)))
+
+    def unsubscribe(self) -> None:
+        self.calls.append(("unsubscribe", ()))
+
+
+def test_a_consumer_left_unassigned_joins_once_more_and_only_once(caplog: pytest.LogCaptureFixture) -> None:
+    consumer = _GroupConsumer({"actions", "actions.retry"})
+    join = GroupJoin(consumer, ["actions", "actions.retry"], rejoin_after_s=0.0)
+    join.subscribe()
+    assert join.check(assigned=True) is False  # assigned: nothing to do
+    with caplog.at_level(logging.WARNING, logger="connectors.kafka"):
+        assert join.check(assigned=False) is True
+        assert join.check(assigned=False) is False  # an empty assignment after that is legitimate
+    assert join.rejoins == 1
+    topics = ("actions", "actions.retry")
+    assert consumer.calls == [("subscribe", topics), ("unsubscribe", ()), ("subscribe", topics)]
+    assert any("joining the group again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_topic_delays_the_subscription_by_the_metadata_timeout_only() -> None:
+    consumer = _GroupConsumer({"events.enriched"})
+    assert await_topic_metadata(consumer, ["events.enriched", "sessions"], timeout_s=0.3) == ["sessions"]
+    join = GroupJoin(consumer, ["events.enriched", "sessions"], metadata_timeout_s=0.3)
+    join.subscribe()
+    assert consumer.calls == [("subscribe", ("events.enriched", "sessions"))]
+    assert join.check(assigned=False) is False  # REJOIN_AFTER_S has not passed
