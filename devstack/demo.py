@@ -861,12 +861,16 @@ def render_results(console: Console, res: Results, *, title: str) -> None:
 
 
 def _scalar(client: Any, sql: str) -> int:
-    """``int(client.command(sql))``, 0 while the table does not exist yet (the loader migrates first)."""
+    """``int(client.command(sql))``, 0 while the table does not exist yet (the loader migrates first).
+
+    Any other error (ClickHouse unreachable, a failing query) raises: an outage must not read as 0 rows.
+    """
     try:
         return int(client.command(sql))
-    except Exception as exc:  # noqa: BLE001 - clickhouse-connect raises DatabaseError and others
-        log.debug("%s: %s", sql, exc)
-        return 0
+    except Exception as exc:
+        if any(code in str(exc) for code in ("UNKNOWN_TABLE", "UNKNOWN_DATABASE")):
+            return 0
+        raise
 
 
 def _pick_port(preferred: int) -> int:
@@ -1093,8 +1097,11 @@ def run_demo(opts: DemoOptions, console: Console, stdout: Console | None = None)
         produced = Produced([], 0.0)
 
         def poll() -> None:
-            progress.events = _scalar(client, f"SELECT count() FROM {DATABASE}.events")
-            progress.sessions = _scalar(client, f"SELECT count() FROM {DATABASE}.sessions")
+            try:
+                progress.events = _scalar(client, f"SELECT count() FROM {DATABASE}.events")
+                progress.sessions = _scalar(client, f"SELECT count() FROM {DATABASE}.sessions")
+            except Exception as exc:  # noqa: BLE001 - the live view keeps its last counts
+                log.warning("counting rows in ClickHouse failed: %s", exc)
             progress.webhooks = len(receiver.unique()) if receiver is not None else 0
 
         with Live(
@@ -1235,11 +1242,20 @@ def wait_for_events(
     stall_s: float = 180.0,
     tick: Callable[[], None] | None = None,
 ) -> int:
-    """Wait until ClickHouse ``events`` has ``expected`` rows; give up after ``stall_s`` without progress."""
+    """Wait until ClickHouse ``events`` has ``expected`` rows; give up after ``stall_s`` without progress.
+
+    A failing count (ClickHouse away) is progress of nothing: it counts towards the stall, and the stall
+    error names it.
+    """
     last, last_change = -1, time.monotonic()
+    error = ""
     while True:
         pipeline.check_alive()
-        n = _scalar(client, f"SELECT count() FROM {database}.events")
+        try:
+            n = _scalar(client, f"SELECT count() FROM {database}.events")
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - clickhouse-connect raises DatabaseError, OSError and others
+            n, error = last, f"; counting failed: {exc}"
         if n >= expected:
             return n
         if n != last:
@@ -1247,7 +1263,8 @@ def wait_for_events(
         elif time.monotonic() - last_change > stall_s:
             tails = "".join(f"\n--- {j} ---\n{pipeline.log_tail(j, 3000)}" for j in sorted(pipeline.jobs))
             raise DemoError(
-                f"ClickHouse has {n:,} of {expected:,} events and nothing moved for {stall_s:.0f}s{tails}"
+                f"ClickHouse has {max(n, 0):,} of {expected:,} events and nothing moved for "
+                f"{stall_s:.0f}s{error}{tails}"
             )
         if tick is not None:
             tick()
