@@ -90,7 +90,7 @@ def add_flink_args(p: argparse.ArgumentParser) -> None:
         "--restore", default=None, help="auto (latest checkpoint, default), none, or a checkpoint path"
     )
     p.add_argument(
-        "--checkpoint-interval-ms", type=int, default=None, help="checkpoint interval (default 5000)"
+        "--checkpoint-interval-ms", type=int, default=None, help="checkpoint interval in ms (default 1000)"
     )
 
 
