@@ -186,8 +186,10 @@ class TriggersSettings(Settings):
     checkpoints) or ``hashmap`` (state on the JVM heap: faster per access, bounded by the heap)."""
     timer_service: str = Field("heap", alias="CLICKPULSE_TRIGGERS_TIMER_SERVICE")
     """``CLICKPULSE_TRIGGERS_TIMER_SERVICE``: where event-time timers live, ``heap`` (default: a timer
-    registration is a hash-set insert; checkpointed with the keyed state, ~100 bytes per pending timer)
-    or ``rocksdb`` (off-heap, for many millions of users with pending timers)."""
+    registration is a hash-set insert; checkpointed in full with the keyed state, ~100 bytes per timer)
+    or ``rocksdb`` (off-heap, for many millions of users with pending timers). The ``jvm`` engine
+    registers one timer per user (the times it waits for are kept in the user's state); ``python``
+    one per user and pending time."""
     state_ttl_ms: int = Field(100 * 86_400_000, alias="CLICKPULSE_TRIGGERS_STATE_TTL_MS", ge=0)
     """``CLICKPULSE_TRIGGERS_STATE_TTL_MS``: a user's rule state is dropped this long after its last change
     (processing time); 0 disables. Keep it above the longest ``remember_for`` / cooldown / ``once`` horizon

@@ -41,6 +41,9 @@ class Replay:
 
     lines: list[list[Any]] = field(default_factory=list)
     busy_s: float = 0.0
+    flink_timers: int = 0
+    """The most event-time timers one key had registered at once (a Java trigger replay's
+    ``flink_timers`` line; 0 when not reported)."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -268,6 +271,8 @@ def run_java_replay(main_class: str, args: list[str], history: bytes, timeout_s:
         line = orjson.loads(raw)
         if line[0] == "busy_ns":
             out.busy_s = line[1] / 1e9
+        elif line[0] == "flink_timers":
+            out.flink_timers = line[1]
         else:
             out.lines.append(line)
     return out

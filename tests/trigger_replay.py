@@ -10,7 +10,9 @@ A history is a list of ops; the first is ``("config", TriggerSetup)``, then:
 - ``("r", rule_id, RuleRecord)``: a ``rules`` topic record on the broadcast side;
 - ``("e", key, event JSON text, now_ms)``: an enriched event of user ``key`` (the current key) at wall
   clock ``now_ms`` (which only becomes ``fired_at``);
-- ``("w", watermark, now_ms)``: the watermark advances; timers at or before it fire.
+- ``("w", watermark, now_ms)``: the watermark advances; timers at or before it fire;
+- ``("t", key, at)``: a timer of ``key`` at ``at`` that Flink restored from a checkpoint (one the JVM
+  operator took before it kept one timer per key; the Python operator registers one per time anyway).
 
 Both write the same transcript: ``["a", key, action]`` per action, then ``["state", key, dump_state
 JSON]`` per key still holding state (sorted by key) and ``["counts", {name: total}]`` (the operator's
@@ -26,6 +28,7 @@ import heapq
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -441,6 +444,9 @@ class _Flink:
     broadcast: dict[str, str] = field(default_factory=dict)
     timers: list[tuple[int, str]] = field(default_factory=list)
     registered: set[tuple[int, str]] = field(default_factory=set)
+    per_key: Counter[str] = field(default_factory=Counter)
+    most: int = 0
+    """The most timers one key had registered at once."""
 
     # runtime context
     def get_state(self, descriptor: Any) -> _Flink:
@@ -476,6 +482,8 @@ class _Flink:
         if (t, self.key) not in self.registered:
             self.registered.add((t, self.key))
             heapq.heappush(self.timers, (t, self.key))
+            self.per_key[self.key] += 1
+            self.most = max(self.most, self.per_key[self.key])
 
     def due(self, watermark: int) -> Iterator[tuple[int, str]]:
         """Pop the timers at or before ``watermark`` in (time, key) order, including ones registered
@@ -483,6 +491,7 @@ class _Flink:
         while self.timers and self.timers[0][0] <= watermark:
             t, key = heapq.heappop(self.timers)
             self.registered.discard((t, key))
+            self.per_key[key] -= 1
             self.key = key
             yield t, key
 
@@ -557,12 +566,16 @@ def replay_python(ops: list[Op], *, state_ttl_ms: int = 0) -> Replay:
                 clock.set(op[2])
                 for t, _ in flink.due(op[1]):
                     emit(fn.on_timer(t, flink))
+            elif kind == "t":
+                flink.key = op[1]
+                flink.register_event_time_timer(op[2])
             else:
                 rule_id, rec = op[1], op[2]
                 for _ in fn.process_broadcast_element((rule_id, rec.value, rec.partition, rec.offset), flink):
                     pass
         fn.counters.close()
         out.busy_s = (time.thread_time_ns() - start) / 1e9
+    out.flink_timers = flink.most
     for key in sorted(flink.values):
         lines.append(["state", key, orjson.loads(flink.values[key])])
     lines.append(["counts", {name: fn.totals[name] for name in triggers.COUNTERS}])

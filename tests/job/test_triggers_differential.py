@@ -11,7 +11,10 @@ and events no rule uses; watermark jumps that expire windows, cooldowns and ``re
 records mid-history: a changed condition, a changed cooldown, a tombstone, invalid records, an older
 offset, a redelivered record, a partition change; one setup with an event pre-filter) are replayed through
 both without Flink (:mod:`tests.trigger_replay`), and the transcripts must be identical: every action (all
-fields, ``fired_at`` included) in the same order, the same state left per key, the same counters.
+fields, ``fired_at`` included) in the same order per key, the same state left per key, the same counters.
+Per key, because the JVM operator runs all of a key's due timers at its one wake-up timer
+(``TriggerLogic``), so within one watermark advance keys take turns differently than with one Flink timer
+per (key, time); nothing downstream sees an order across keys (actions are keyed by user).
 """
 
 from __future__ import annotations
@@ -55,8 +58,11 @@ FIRING_UNFILTERED = {"any_return", "gift", "new_gift", "bad_host"}
 
 def texts(r: Replay) -> list[str]:
     """The transcript as orjson writes it: unlike ``==`` on parsed JSON, this tells 7 from 7.0, -0.0 from
-    0.0 and true from 1, and sees the order of keys."""
-    return [orjson.dumps(line).decode() for line in r.lines]
+    0.0 and true from 1, and sees the order of keys. Actions come first, grouped by key (a stable sort:
+    each key's in their order)."""
+    actions = sorted((line for line in r.lines if line[0] == "a"), key=lambda line: line[1])
+    rest = [line for line in r.lines if line[0] != "a"]
+    return [orjson.dumps(line).decode() for line in actions + rest]
 
 
 def assert_same(py: Replay, java: Replay) -> None:
@@ -115,6 +121,30 @@ def test_java_reducer_matches_python_reducer(
         f"python {py.busy_s:.2f}s busy, java {java.busy_s:.2f}s busy ({time.monotonic() - started:.1f}s wall)"
     )
     assert_same(py, java)
+    # the JVM operator keeps one Flink timer per key; one per (key, time) gave several
+    assert java.flink_timers == 1 < py.flink_timers, (java.flink_timers, py.flink_timers)
+
+
+def test_timers_restored_from_a_checkpoint_of_one_timer_per_time() -> None:
+    """A checkpoint taken before the JVM operator kept one timer per key restores a key's timers one per
+    time, none of them in the key's kept timers: each runs as one more kept timer (at a time the key also
+    keeps or not, before or after the key's own wake-up timer), with the transcript of the Python
+    operator, which fires every one of them."""
+    ops = generate_history(5, 300)
+    restored: list[Op] = []
+    watermark, n = START_MS, 0
+    for op in ops:
+        restored.append(op)
+        if op[0] == "w":
+            watermark = op[1]
+        elif op[0] == "e":
+            n += 1
+            if n % 7 == 0:  # on a clean-up minute (as the old timers were), or between two
+                at = -(-watermark // MIN) * MIN + (n % 5) * MIN + (0 if n % 2 else 17)
+                restored.append(("t", op[1], at))
+    py, java = replay_python(restored), replay_java(restored)
+    assert_same(py, java)
+    assert py.counts["timers_fired"] > replay_python(ops).counts["timers_fired"]
 
 
 def test_python_replay_is_deterministic() -> None:

@@ -1,11 +1,14 @@
 package dev.clickpulse.operators.triggers;
 
+import static dev.clickpulse.operators.triggers.TriggerState.NONE;
+
 import java.util.HashMap;
 import java.util.HashSet;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.Set;
+import java.util.TreeSet;
 import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
 import org.slf4j.Logger;
 import org.slf4j.LoggerFactory;
@@ -16,6 +19,19 @@ import org.slf4j.LoggerFactory;
  * leaves no rule, the optional event-name pre-filter), the skip of events no rule uses, malformed records,
  * state load/store, timers and counters. {@link TriggersFunction} runs it in Flink, {@link TriggerReplay}
  * on recorded histories for the differential test.
+ *
+ * <p><b>One wake-up timer per key.</b> The reducer asks for a timer per deadline and clean-up time, and a
+ * busy user adds one per active minute ({@code remember_for} clean-ups of {@code returning} rules, window
+ * ends of counts): a bench history left ~5 pending timers per key, and Flink writes every heap timer into
+ * every checkpoint. Here the timers the reducer asked for are kept in the key's own state
+ * ({@link Store#timers()}) and Flink holds one timer per key, at the earliest of them. When it fires, every
+ * kept timer at or before the watermark is run in ascending order, each exactly as Flink would have fired it
+ * (a timer asked for while firing, at or before the watermark, runs in the same round), so each key sees the
+ * same sequence of reducer calls as with one Flink timer per time: the same actions in the same order per
+ * key, the same state, the same counters (the differential test). Only the order of actions across keys
+ * within one watermark advance differs. A Flink timer that is not the key's earliest kept one (a checkpoint
+ * taken before this scheme) is run as one more kept timer, and a kept timer run at another one's call
+ * deletes a Flink timer at its time, if one was restored, so that no time runs twice.
  */
 final class TriggerLogic {
     private static final Logger LOG = LoggerFactory.getLogger(TriggerLogic.class);
@@ -47,11 +63,19 @@ final class TriggerLogic {
         void put(byte[] value) throws Exception;
 
         void clear() throws Exception;
+
+        /** The event-time timers the reducer asked for that have not fired yet: ascending, distinct (or empty). */
+        long[] timers() throws Exception;
+
+        /** Replace them (empty: none left). */
+        void timers(long[] pending) throws Exception;
     }
 
-    /** Where timers and actions go. */
+    /** Where the wake-up timer and the actions go. */
     interface Sink {
         void timer(long at) throws Exception;
+
+        void deleteTimer(long at) throws Exception;
 
         void action(String userKey, Map<String, Object> action) throws Exception;
     }
@@ -241,23 +265,76 @@ final class TriggerLogic {
         TriggerState state = TriggerState.decode(before);
         TriggerReducer.Result res = TriggerReducer.step(state, ev, rules, nowMs, json);
         totals[EVALUATIONS] += rules.active().size();
-        apply(before, res, store, sink);
-    }
-
-    /** {@code on_timer}: the watermark passed a deadline or clean-up time of the current key. */
-    void onTimer(long timestamp, Store store, Sink sink, long nowMs) throws Exception {
-        totals[TIMERS_FIRED]++;
-        byte[] before = store.get();
-        if (before == null || before.length == 0) {
-            return;
-        }
-        TriggerReducer.Result res = TriggerReducer.onTimer(TriggerState.decode(before), timestamp, rules, nowMs);
-        apply(before, res, store, sink);
-    }
-
-    private void apply(byte[] before, TriggerReducer.Result res, Store store, Sink sink) throws Exception {
         totals[SUPPRESSED] += res.suppressed;
-        byte[] after = res.state.encode();
+        save(before, res.state, store);
+        if (res.timers.length > 0) {
+            long[] pending = store.timers();
+            long[] merged = union(pending, res.timers);
+            if (merged.length != pending.length) {
+                store.timers(merged);
+                long armed = pending.length == 0 ? NONE : pending[0];
+                if (merged[0] != armed) {
+                    if (armed != NONE) {
+                        sink.deleteTimer(armed);
+                    }
+                    sink.timer(merged[0]);
+                }
+            }
+        }
+        emit(res.fires, sink);
+    }
+
+    /**
+     * {@code on_timer}, for every kept timer at or before {@code watermark} (see the class comment): Flink
+     * fired the key's wake-up timer {@code timestamp}; {@code watermark} is the one being advanced to.
+     */
+    void onTimer(long timestamp, long watermark, Store store, Sink sink, long nowMs) throws Exception {
+        long[] kept = store.timers();
+        long armed = kept.length == 0 ? NONE : kept[0];
+        TreeSet<Long> pending = new TreeSet<>();
+        for (long t : kept) {
+            pending.add(t);
+        }
+        boolean foreign = armed != timestamp; // not our wake-up timer: run it as one more kept timer
+        if (foreign) {
+            pending.add(timestamp);
+        }
+        byte[] before = store.get();
+        TriggerState state = before == null || before.length == 0 ? null : TriggerState.decode(before);
+        while (!pending.isEmpty() && pending.first() <= watermark) {
+            long at = pending.pollFirst();
+            totals[TIMERS_FIRED]++;
+            if (at != timestamp) {
+                sink.deleteTimer(at); // a restored timer at this time would fire it a second time
+            }
+            if (state == null) {
+                continue; // as Flink's timer on an empty state: nothing to do
+            }
+            TriggerReducer.Result res = TriggerReducer.onTimer(state, at, rules, nowMs);
+            totals[SUPPRESSED] += res.suppressed;
+            state = res.state.isEmpty() ? null : res.state;
+            for (long t : res.timers) {
+                pending.add(t);
+            }
+            emit(res.fires, sink);
+        }
+        save(before, state, store);
+        long[] left = pending.stream().mapToLong(Long::longValue).toArray();
+        if (!java.util.Arrays.equals(left, kept)) {
+            store.timers(left);
+        }
+        long next = left.length == 0 ? NONE : left[0];
+        if (foreign && armed > watermark && armed != next) {
+            sink.deleteTimer(armed); // still registered (Flink fired another one), and no longer the earliest
+        }
+        if (next != NONE && (!foreign || next != armed)) {
+            sink.timer(next);
+        }
+    }
+
+    /** Write the key's state when it changed ({@code null}: none left). */
+    private static void save(byte[] before, TriggerState state, Store store) throws Exception {
+        byte[] after = state == null ? null : state.encode();
         if (after == null) {
             if (before != null && before.length > 0) {
                 store.clear();
@@ -265,12 +342,33 @@ final class TriggerLogic {
         } else if (before == null || !java.util.Arrays.equals(before, after)) {
             store.put(after);
         }
-        for (long t : res.timers) {
-            sink.timer(t);
-        }
-        totals[FIRES] += res.fires.size();
-        for (TriggerReducer.Fire f : res.fires) {
+    }
+
+    private void emit(List<TriggerReducer.Fire> fires, Sink sink) throws Exception {
+        totals[FIRES] += fires.size();
+        for (TriggerReducer.Fire f : fires) {
             sink.action(f.userKey, f.toAction());
         }
+    }
+
+    /** The ascending distinct union of two ascending distinct arrays. */
+    static long[] union(long[] a, long[] b) {
+        long[] out = new long[a.length + b.length];
+        int i = 0;
+        int j = 0;
+        int n = 0;
+        while (i < a.length || j < b.length) {
+            long v;
+            if (j >= b.length || (i < a.length && a[i] < b[j])) {
+                v = a[i++];
+            } else if (i >= a.length || b[j] < a[i]) {
+                v = b[j++];
+            } else {
+                v = a[i++];
+                j++;
+            }
+            out[n++] = v;
+        }
+        return n == out.length ? out : java.util.Arrays.copyOf(out, n);
     }
 }

@@ -29,11 +29,14 @@ import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
  *   ["r", rule_id, "&lt;compile_rule_record text&gt;"]     a rules topic record (broadcast side)
  *   ["e", key, "&lt;enriched event JSON&gt;", now_ms]      an event of key; now_ms is the wall clock (fired_at)
  *   ["w", watermark, now_ms]                         fires every timer at or before it, in (time, key) order
+ *   ["t", key, at]                                   a timer restored from a checkpoint taken before the
+ *                                                    operator kept one timer per key
  * </pre>
  *
  * and writes {@code ["a", key, action]} per action in order, then {@code ["state", key, dump_state JSON]} per
- * key with state (sorted by key), {@code ["counts", {name: total}]} and {@code ["busy_ns", n]} (CPU time of the
- * replaying thread). Timers behave as Flink's: one per (key, time), including ones registered while firing.
+ * key with state (sorted by key), {@code ["counts", {name: total}]}, {@code ["flink_timers", n]} (the most
+ * timers one key had registered at once) and {@code ["busy_ns", n]} (CPU time of the replaying thread). Timers behave as Flink's: one per (key, time), including ones registered while firing
+ * (the operator keeps one per key, see {@link TriggerLogic}).
  *
  * <p>Run: {@code java -cp clickpulse-operators.jar:<pyflink lib>/* dev.clickpulse.operators.triggers.TriggerReplay
  * [PASSES]}: with PASSES > 1 the history is replayed that many times from empty state (JIT warm-up) and only
@@ -104,6 +107,9 @@ public final class TriggerReplay {
                 case "w":
                     ops.add(new Op('w', null, null, ((Number) l.get(1)).longValue(), ((Number) l.get(2)).longValue()));
                     break;
+                case "t":
+                    ops.add(new Op('t', (String) l.get(1), null, ((Number) l.get(2)).longValue(), 0));
+                    break;
                 default:
                     throw new IllegalArgumentException("unknown replay op " + op);
             }
@@ -126,6 +132,9 @@ public final class TriggerReplay {
         long start = bean.getCurrentThreadCpuTime();
         TriggerLogic logic = new TriggerLogic(json, config);
         Map<String, byte[]> states = new HashMap<>();
+        Map<String, long[]> kept = new HashMap<>();
+        Map<String, Integer> registered = new HashMap<>();
+        int[] most = new int[1];
         TreeSet<Timer> timers = new TreeSet<>();
         String[] current = new String[1];
         TriggerLogic.Store store = new TriggerLogic.Store() {
@@ -143,11 +152,34 @@ public final class TriggerReplay {
             public void clear() {
                 states.remove(current[0]);
             }
+
+            @Override
+            public long[] timers() {
+                return kept.getOrDefault(current[0], new long[0]);
+            }
+
+            @Override
+            public void timers(long[] pending) {
+                if (pending.length == 0) {
+                    kept.remove(current[0]);
+                } else {
+                    kept.put(current[0], pending);
+                }
+            }
         };
         TriggerLogic.Sink sink = new TriggerLogic.Sink() {
             @Override
             public void timer(long at) {
-                timers.add(new Timer(at, current[0]));
+                if (timers.add(new Timer(at, current[0]))) {
+                    most[0] = Math.max(most[0], registered.merge(current[0], 1, Integer::sum));
+                }
+            }
+
+            @Override
+            public void deleteTimer(long at) {
+                if (timers.remove(new Timer(at, current[0]))) {
+                    registered.merge(current[0], -1, Integer::sum);
+                }
             }
 
             @Override
@@ -165,11 +197,16 @@ public final class TriggerReplay {
                     current[0] = op.key;
                     logic.onEvent(op.raw, store, sink, op.now);
                     break;
+                case 't':
+                    current[0] = op.key;
+                    sink.timer(op.value);
+                    break;
                 default:
                     while (!timers.isEmpty() && timers.first().ts <= op.value) {
                         Timer t = timers.pollFirst();
                         current[0] = t.key;
-                        logic.onTimer(t.ts, store, sink, op.now);
+                        registered.merge(t.key, -1, Integer::sum);
+                        logic.onTimer(t.ts, op.value, store, sink, op.now);
                     }
             }
         }
@@ -185,6 +222,8 @@ public final class TriggerReplay {
             counts.put(TriggerLogic.COUNTERS[i], logic.totals[i]);
         }
         out.write(Json.dumps(List.of("counts", counts)));
+        out.write('\n');
+        out.write(Json.dumps(List.of("flink_timers", (long) most[0])));
         out.write('\n');
         return busy;
     }

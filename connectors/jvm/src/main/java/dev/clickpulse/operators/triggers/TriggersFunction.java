@@ -10,6 +10,7 @@ import org.apache.flink.api.common.state.BroadcastState;
 import org.apache.flink.api.common.state.MapStateDescriptor;
 import org.apache.flink.api.common.state.ReadOnlyBroadcastState;
 import org.apache.flink.api.common.state.ValueState;
+import org.apache.flink.api.common.state.ValueStateDescriptor;
 import org.apache.flink.api.common.typeinfo.PrimitiveArrayTypeInfo;
 import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
@@ -27,7 +28,9 @@ import org.slf4j.LoggerFactory;
  * The trigger operator in the JVM: keyed by user_key, enriched events ``(k, v JSON bytes)`` in, actions
  * ``(k user_key, v action JSON)`` out; rule records ``(k rule id, v compile_rule_record text)`` broadcast.
  * The same adapter as ``jobs.triggers.TriggerFunction`` ({@link TriggerLogic}): one ``BYTES`` value state
- * per user ({@link TriggerState}, with a TTL), event-time timers, the rule records in broadcast state.
+ * per user ({@link TriggerState}, with a TTL), the user's pending timers in a second value state (no TTL:
+ * they leave when they fire) behind one event-time wake-up timer per user, the rule records in broadcast
+ * state.
  * Counters ``clickpulse.triggers_<name>`` and the periodic log line are those of the Python operator.
  */
 public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row, Row, Row> {
@@ -39,6 +42,8 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
             new TypeInformation<?>[] {Types.STRING, PrimitiveArrayTypeInfo.BYTE_PRIMITIVE_ARRAY_TYPE_INFO},
             new String[] {"k", "v"});
 
+    private static final long[] NO_TIMERS = new long[0];
+
     private final String configJson;
     private final String userStateName;
     private final MapStateDescriptor<String, String> rulesState;
@@ -47,6 +52,7 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
     private final long logIntervalMs;
 
     private transient ValueState<byte[]> state;
+    private transient ValueState<long[]> timers;
     private transient JsonFactory json;
     private transient TriggerLogic logic;
     private transient CounterLog counterLog;
@@ -68,6 +74,8 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
     @SuppressWarnings("unchecked")
     public void open(OpenContext openContext) throws Exception {
         state = getRuntimeContext().getState(OperatorSupport.bytesState(userStateName, stateTtlMs));
+        timers = getRuntimeContext().getState(new ValueStateDescriptor<>(userStateName + "-timers",
+                PrimitiveArrayTypeInfo.LONG_PRIMITIVE_ARRAY_TYPE_INFO));
         json = new JsonFactory();
         logic = new TriggerLogic(json, (Map<String, Object>) Json.parse(json, configJson));
         subtask = getRuntimeContext().getTaskInfo().getIndexOfThisSubtask();
@@ -88,6 +96,21 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
             @Override
             public void clear() {
                 state.clear();
+            }
+
+            @Override
+            public long[] timers() throws IOException {
+                long[] pending = timers.value();
+                return pending == null ? NO_TIMERS : pending;
+            }
+
+            @Override
+            public void timers(long[] pending) throws IOException {
+                if (pending.length == 0) {
+                    timers.clear();
+                } else {
+                    timers.update(pending);
+                }
             }
         };
     }
@@ -126,7 +149,8 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
         if (!logic.restored()) {
             logic.restore(ctx.getBroadcastState(rulesState).immutableEntries());
         }
-        logic.onTimer(timestamp, store, sink(ctx.timerService(), out), System.currentTimeMillis());
+        TimerService service = ctx.timerService();
+        logic.onTimer(timestamp, service.currentWatermark(), store, sink(service, out), System.currentTimeMillis());
         maybeFlush(false);
     }
 
@@ -135,6 +159,11 @@ public class TriggersFunction extends KeyedBroadcastProcessFunction<String, Row,
             @Override
             public void timer(long at) {
                 timers.registerEventTimeTimer(at);
+            }
+
+            @Override
+            public void deleteTimer(long at) {
+                timers.deleteEventTimeTimer(at);
             }
 
             @Override
