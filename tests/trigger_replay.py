@@ -16,8 +16,10 @@ A history is a list of ops; the first is ``("config", TriggerSetup)``, then:
 
 Both write the same transcript: ``["a", key, action]`` per action, then ``["state", key, dump_state
 JSON]`` per key still holding state (sorted by key) and ``["counts", {name: total}]`` (the operator's
-counters, ``jobs.triggers.COUNTERS``). Timers behave as Flink's: one per (key, time), fired in (time, key)
-order when a watermark reaches them, including ones registered while firing. The event pre-filter of a
+counters, ``jobs.triggers.COUNTERS``); the JVM operator runs a key's due times at its one Flink timer, so
+within one watermark advance its actions interleave keys differently (the same per key). Timers behave as
+Flink's: one per (key, time), fired in (time, key) order when a watermark reaches them, including ones
+registered while firing. The event pre-filter of a
 setup is the operator's (rules needing other events are refused); the SQL filter in front of the
 operator is not applied, every event of the history reaches it.
 """
