@@ -35,8 +35,9 @@ import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.core.JsonFactory;
  *
  * and writes {@code ["a", key, action]} per action in order, then {@code ["state", key, dump_state JSON]} per
  * key with state (sorted by key), {@code ["counts", {name: total}]}, {@code ["flink_timers", n]} (the most
- * timers one key had registered at once) and {@code ["busy_ns", n]} (CPU time of the replaying thread). Timers behave as Flink's: one per (key, time), including ones registered while firing
- * (the operator keeps one per key, see {@link TriggerLogic}).
+ * timers one key had registered at once) and {@code ["busy_ns", n]} (CPU time of the replaying thread).
+ * Timers behave as Flink's: one per (key, time), including ones registered while firing (the operator keeps
+ * one per key, see {@link TriggerLogic}).
  *
  * <p>Run: {@code java -cp clickpulse-operators.jar:<pyflink lib>/* dev.clickpulse.operators.triggers.TriggerReplay
  * [PASSES]}: with PASSES > 1 the history is replayed that many times from empty state (JIT warm-up) and only
