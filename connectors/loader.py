@@ -1078,7 +1078,9 @@ class Loader:
                     continue
                 except _Stopping:
                     return
-            join.check(bool(self._assigned))
+            # the consumer's own assignment: _assigned is what the last assignment set up, and a revoke
+            # that kafka-python never follows with a new assignment leaves it stale (seen in CI)
+            join.check(bool(consumer.assignment()))
             if self.buffer.ready(cfg.batch_max_rows, cfg.batch_max_seconds):
                 self._flush()
                 continue
