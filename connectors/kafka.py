@@ -163,8 +163,10 @@ def producer(bootstrap: str, **overrides: object) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
-#: A group consumer with no partition assigned this long after it subscribed joins the group once more.
+#: A group consumer with no partition assigned this long joins the group once more (then twice as long,
+#: up to :data:`REJOIN_MAX_WAIT_S`, while it stays unassigned).
 REJOIN_AFTER_S = 15.0
+REJOIN_MAX_WAIT_S = 300.0
 
 
 def await_topic_metadata(consumer: Any, topics: Iterable[str], timeout_s: float = 5.0) -> list[str]:
@@ -190,14 +192,20 @@ def await_topic_metadata(consumer: Any, topics: Iterable[str], timeout_s: float 
 
 
 class GroupJoin:
-    """How a long-running group consumer subscribes: topic metadata first, and one more join if needed.
+    """How a long-running group consumer subscribes: topic metadata first, and another join when left out.
 
     ``subscribe()`` waits (briefly) for the topics' metadata, then subscribes. ``check(assigned)``, called
-    from the consumer's loop, joins the group once more when nothing was assigned :data:`REJOIN_AFTER_S`
-    after subscribing: an empty first assignment is normally followed by a rebalance within ~100 ms
-    (every loader log shows it), but a dispatch process was once seen unassigned for minutes, and a CI
-    run whose loader loaded nothing for 180 s fits the same failure. After that one extra join an
-    empty assignment is taken as legitimate (more consumers in the group than partitions).
+    from the consumer's loop with whether the consumer holds any partition now, joins the group again
+    when it has held none for :data:`REJOIN_AFTER_S`, whenever that happens: after the first join, or
+    after a rebalance took everything away. A rebalance normally hands partitions back within ~100 ms
+    (every loader log shows it), but kafka-python 3 was seen leaving a consumer without any for minutes:
+    once at start-up (a dispatch process), and once revoking the loader's whole assignment 160 ms after
+    granting it while the broker restarted (the chaos test, where the loader then loaded nothing).
+
+    While the consumer stays unassigned the wait doubles after every extra join, up to
+    :data:`REJOIN_MAX_WAIT_S`: in a group with more consumers than partitions an empty assignment is
+    legitimate, and each join makes the whole group rebalance, so such a consumer asks rarely. Holding a
+    partition again resets the wait.
     """
 
     def __init__(
@@ -207,16 +215,21 @@ class GroupJoin:
         *,
         listener: Any = None,
         rejoin_after_s: float = REJOIN_AFTER_S,
+        max_wait_s: float = REJOIN_MAX_WAIT_S,
         metadata_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Subscribe ``consumer`` to ``topics`` (with the rebalance ``listener``) when asked."""
         self.consumer = consumer
         self.topics = list(topics)
         self.listener = listener
         self.rejoin_after_s = rejoin_after_s
+        self.max_wait_s = max(max_wait_s, rejoin_after_s)
         self.metadata_timeout_s = metadata_timeout_s
-        self.rejoins = 0  #: extra joins made (0 or 1)
-        self._subscribed_at = 0.0
+        self.clock = clock
+        self.rejoins = 0  #: extra joins made
+        self._wait_s = rejoin_after_s
+        self._unassigned_since: float | None = None
 
     def subscribe(self) -> None:
         """Wait for the topics' metadata (a few seconds at most), then subscribe."""
@@ -227,15 +240,25 @@ class GroupJoin:
             self.consumer.subscribe(self.topics)
         else:
             self.consumer.subscribe(self.topics, listener=self.listener)
-        self._subscribed_at = time.monotonic()
+        self._unassigned_since = self.clock()
 
     def check(self, assigned: bool) -> bool:
-        """Join once more if nothing is ``assigned`` too long after subscribing; True when it did."""
-        if self.rejoins or assigned or time.monotonic() - self._subscribed_at <= self.rejoin_after_s:
+        """Join again if nothing has been ``assigned`` for the current wait; True when it did."""
+        now = self.clock()
+        if assigned:
+            self._unassigned_since = None
+            self._wait_s = self.rejoin_after_s
+            return False
+        if self._unassigned_since is None:
+            self._unassigned_since = now
+            return False
+        if now - self._unassigned_since <= self._wait_s:
             return False
         self.rejoins += 1
-        log.warning("no partition of %s assigned after %.0fs: joining the group again",
-                    ", ".join(self.topics), self.rejoin_after_s)  # fmt: skip
+        self._wait_s = min(self._wait_s * 2, self.max_wait_s)
+        log.warning("no partition of %s assigned for %.0fs: joining the group again (extra join %d; the "
+                    "next after %.0fs more without one)", ", ".join(self.topics),
+                    now - self._unassigned_since, self.rejoins, self._wait_s)  # fmt: skip
         self.consumer.unsubscribe()
         self.subscribe()
         return True

@@ -1,5 +1,5 @@
 """``connectors.kafka``'s consumer-loop helpers: ``TolerantPoll`` rides out a broker restart, and says so;
-``GroupJoin`` joins the group once more when the first join assigned nothing.
+``GroupJoin`` joins the group again while the consumer is left without partitions.
 
 kafka-python 3 raises ``KafkaConnectionError`` from ``poll`` while the broker is away (seen when the chaos
 test restarted Kafka: the dispatch process exited with it). The helper turns retriable errors into an
@@ -77,18 +77,62 @@ class _GroupConsumer:
         self.calls.append(("unsubscribe", ()))
 
 
-def test_a_consumer_left_unassigned_joins_once_more_and_only_once(caplog: pytest.LogCaptureFixture) -> None:
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_consumer_left_unassigned_joins_again_less_and_less_often(caplog: pytest.LogCaptureFixture) -> None:
     consumer = _GroupConsumer({"actions", "actions.retry"})
-    join = GroupJoin(consumer, ["actions", "actions.retry"], rejoin_after_s=0.0)
-    join.subscribe()
-    assert join.check(assigned=True) is False  # assigned: nothing to do
-    with caplog.at_level(logging.WARNING, logger="connectors.kafka"):
-        assert join.check(assigned=False) is True
-        assert join.check(assigned=False) is False  # an empty assignment after that is legitimate
-    assert join.rejoins == 1
+    clock = _Clock()
     topics = ("actions", "actions.retry")
-    assert consumer.calls == [("subscribe", topics), ("unsubscribe", ()), ("subscribe", topics)]
-    assert any("joining the group again" in r.getMessage() for r in caplog.records)
+    join = GroupJoin(consumer, list(topics), rejoin_after_s=10.0, max_wait_s=30.0, clock=clock)
+    join.subscribe()
+    assert consumer.calls == [("subscribe", topics)]
+    with caplog.at_level(logging.WARNING, logger="connectors.kafka"):
+        clock.now += 10.0
+        assert join.check(assigned=False) is False  # not longer than the wait yet
+        clock.now += 0.5
+        assert join.check(assigned=False) is True  # unassigned for 10.5 s since subscribing
+        clock.now += 15.0
+        assert join.check(assigned=False) is False  # the wait doubled to 20 s
+        clock.now += 5.5
+        assert join.check(assigned=False) is True
+        for _ in range(3):  # then every 30 s at most (max_wait_s)
+            clock.now += 30.0
+            assert join.check(assigned=False) is False
+            clock.now += 0.5
+            assert join.check(assigned=False) is True
+    assert join.rejoins == 5
+    assert consumer.calls == [("subscribe", topics)] + [("unsubscribe", ()), ("subscribe", topics)] * 5
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 5 and all("joining the group again" in m for m in warnings)
+
+
+def test_a_revoked_assignment_that_does_not_come_back_is_asked_for_again() -> None:
+    consumer = _GroupConsumer({"events.enriched"})
+    clock = _Clock()
+    join = GroupJoin(consumer, ["events.enriched"], rejoin_after_s=10.0, clock=clock)
+    join.subscribe()
+    clock.now += 1.0
+    assert join.check(assigned=True) is False
+    clock.now += 600.0  # held partitions for ten minutes, then a rebalance took them all
+    assert join.check(assigned=False) is False  # the clock starts now, not at subscribe time
+    clock.now += 9.0
+    assert join.check(assigned=True) is False  # a normal rebalance: back within the wait
+    clock.now += 1.0
+    assert join.check(assigned=False) is False
+    clock.now += 10.5
+    assert join.check(assigned=False) is True
+    assert join.rejoins == 1
+    clock.now += 1.0
+    assert join.check(assigned=True) is False  # assigned again: the wait is back to 10 s
+    assert join.check(assigned=False) is False
+    clock.now += 10.5
+    assert join.check(assigned=False) is True
 
 
 def test_a_missing_topic_delays_the_subscription_by_the_metadata_timeout_only() -> None:
