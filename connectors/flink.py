@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import sysconfig
 import tempfile
@@ -23,7 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from connectors.settings import Connections, ConsumerSettings, Settings, StartingOffsets, add_consumer_args
 
@@ -81,6 +82,38 @@ class FlinkSettings(Settings):
     """``CLICKPULSE_FLINK_REST_URL``: JobManager REST URL for the counter log and ``clickpulse status``
     (default: a job's local mini-cluster's, on a free loopback port; empty under ``flink run`` and for
     ``clickpulse status`` unless set)."""
+    options: str = Field("", alias="CLICKPULSE_FLINK_OPTIONS")
+    """``CLICKPULSE_FLINK_OPTIONS``: more Flink configuration for every job, ``key=value`` entries
+    separated by ``;`` or newlines, applied last, over what clickpulse sets (default empty). For tuning
+    what clickpulse has no setting for, e.g. ``state.backend.rocksdb.compaction.style=UNIVERSAL``; the
+    job logs the keys it applies (not the values). Under ``flink run``, ``-D`` and the cluster's
+    configuration work as well."""
+
+    @field_validator("options")
+    @classmethod
+    def _options_parse(cls, v: str) -> str:
+        parse_flink_options(v)
+        return v
+
+    def extra_options(self) -> dict[str, str]:
+        """:attr:`options` as a mapping."""
+        return parse_flink_options(self.options)
+
+
+def parse_flink_options(text: str) -> dict[str, str]:
+    """``key=value`` entries separated by ``;`` or newlines (blank entries skipped) as a mapping.
+
+    Raises ``ValueError`` for an entry without ``=`` or with an empty key.
+    """
+    out: dict[str, str] = {}
+    for entry in re.split(r"[;\n]", text):
+        if not entry.strip():
+            continue
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"a Flink option must be key=value, not {entry.strip()!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def add_flink_args(p: argparse.ArgumentParser) -> None:
@@ -275,6 +308,10 @@ def create_table_env(
     options = {**flink_config(job, s, state_dir), **(extra or {})}
     if bounded:
         options.update(BOUNDED_OPTIONS)
+    given = s.extra_options()
+    if given:
+        log.info("Flink options from CLICKPULSE_FLINK_OPTIONS: %s", ", ".join(sorted(given)))
+        options.update(given)
     for k, v in options.items():
         conf.set_string(k, v)
     env = StreamExecutionEnvironment.get_execution_environment(conf)

@@ -133,6 +133,7 @@ VALID_PROBES: dict[str, Any] = {
     "CLICKPULSE_WEBHOOK_SECRET_ENV": "CLICKPULSE_WEBHOOK_SECRET_PROBE",
     "CLICKPULSE_DASHBOARD_REFRESH_MS": 1500,  # at most 2000: the live panels refresh at least every 2 s
     "CLICKPULSE_COLLECTOR_TRUSTED_PROXIES": "10.0.0.0/8",
+    "CLICKPULSE_FLINK_OPTIONS": "state.backend.rocksdb.thread.num=2",
 }
 
 
