@@ -32,7 +32,9 @@ import logging
 import os
 import resource
 import secrets
+import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -165,6 +167,13 @@ def job_env_of(args: argparse.Namespace) -> dict[str, str]:
     return dict(item.split("=", 1) for item in args.job_env)
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C does: through the ``finally`` blocks that stop the jobs, drop the
+    database and delete the topics (the default action would leave the jobs running)."""
+    log.warning("signal %d: stopping the jobs and cleaning up", signum)
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both phases and print the rows."""
     p = argparse.ArgumentParser(prog="bench.bench_e2e", description=__doc__.splitlines()[0])
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     add_job_env_option(p)
     args = p.parse_args(argv)
     job_env = job_env_of(args)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
 
