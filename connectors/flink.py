@@ -85,7 +85,7 @@ class FlinkSettings(Settings):
     options: str = Field("", alias="CLICKPULSE_FLINK_OPTIONS")
     """``CLICKPULSE_FLINK_OPTIONS``: more Flink configuration for every job, ``key=value`` entries
     separated by ``;`` or newlines, applied last, over what clickpulse sets (default empty). For tuning
-    what clickpulse has no setting for, e.g. ``state.backend.rocksdb.compaction.style=UNIVERSAL``; the
+    what clickpulse has no setting for, e.g. ``state.backend.rocksdb.thread.num=4``; the
     job logs the keys it applies (not the values). Under ``flink run``, ``-D`` and the cluster's
     configuration work as well."""
 
@@ -216,6 +216,12 @@ def flink_config(job: str, s: FlinkSettings, state_dir: Path) -> dict[str, str]:
         "execution.checkpointing.num-retained": "3",
         "execution.checkpointing.incremental": "true",
         "state.backend.type": "rocksdb",
+        # Universal (size-tiered) compaction: every 1 s checkpoint flushes small files of random keys
+        # (message ids, user keys), and the default leveled compaction merged each few of them into the
+        # whole of L1 (up to 256 MB), a cost that grew with the state: from 0.4 to 10 CPU-s per minute in
+        # a pipeline's first 7 minutes at 1,000 events/s. Universal merges runs of similar size instead
+        # (bench/RESULTS.md, 2026-12-07 18:46). Checkpoints taken with leveled compaction restore.
+        "state.backend.rocksdb.compaction.style": "UNIVERSAL",
         "restart-strategy.type": "exponential-delay",
         "table.local-time-zone": "UTC",
         # SQL operators get uids derived from the plan (stable while the plan is unchanged), so state

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,14 +78,28 @@ def test_ingest_matches_truth(job_env: dict[str, str], parallelism: int) -> None
     assert {r["device_type"] for r in out} >= {"desktop", "mobile"}
 
 
-def test_kill_and_restart_from_checkpoint_is_exactly_once(job_env: dict[str, str]) -> None:
+def test_kill_and_restart_from_checkpoint_is_exactly_once(
+    job_env: dict[str, str], request: pytest.FixtureRequest
+) -> None:
     records, truth = simulate(5000, seed=9)
     bootstrap = job_env["KAFKA_BOOTSTRAP_SERVERS"]
     prefix = job_env["CLICKPULSE_TOPIC_PREFIX"]
     half = len(records) // 2
     produce(bootstrap, f"{prefix}events.raw", records[:half])
 
-    first = start_job("ingest", job_env, None, "--starting-offsets", "earliest")
+    # The first run compacts RocksDB as clickpulse did before universal compaction became the default:
+    # its checkpoint (the dedup state) must restore into a job that compacts the new way. Each run keeps
+    # its RocksDB instances in a directory of its own, to read the options they ran with.
+    rocksdb = Path(tempfile.mkdtemp(prefix="cp-rdb-"))
+    request.addfinalizer(lambda: shutil.rmtree(rocksdb, ignore_errors=True))
+    leveled = {
+        **job_env,
+        "CLICKPULSE_FLINK_OPTIONS": (
+            f"state.backend.rocksdb.compaction.style=LEVEL; state.backend.rocksdb.localdir={rocksdb / '1'}"
+        ),
+    }
+    universal = {**job_env, "CLICKPULSE_FLINK_OPTIONS": f"state.backend.rocksdb.localdir={rocksdb / '2'}"}
+    first = start_job("ingest", leveled, None, "--starting-offsets", "earliest")
     try:
         until(
             lambda: read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0),
@@ -101,7 +117,7 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(job_env: dict[str, str
     assert list(checkpoints.glob("*/chk-*/_metadata")), "the first run left a retained checkpoint"
     # The restored source keeps the first run's (unbounded) splits, so the second run is unbounded
     # too: let it catch up, then stop it.
-    second = start_job("ingest", job_env, None, "--restore", "auto")
+    second = start_job("ingest", universal, None, "--restore", "auto")
     try:
         until(
             lambda: len(read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=1.0)) >= truth.unique_valid,
@@ -128,3 +144,19 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(job_env: dict[str, str
     enriched = read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=4.0)
     dlq = read_topic(bootstrap, f"{prefix}events.dlq", quiet_s=4.0)
     check_against_truth(enriched, dlq, truth)
+    assert _compaction_styles(rocksdb / "1") == {"kCompactionStyleLevel"}
+    assert _compaction_styles(rocksdb / "2") == {"kCompactionStyleUniversal"}
+    # ... and the second run's instances were restored from the first's files (its OPTIONS file came along)
+    assert any("kCompactionStyleLevel" in p.read_text() for p in (rocksdb / "2").glob("*/db/OPTIONS-*"))
+
+
+def _compaction_styles(localdir: Path) -> set[str]:
+    """The ``compaction_style`` each RocksDB instance under ``localdir`` was last opened with: from its
+    newest OPTIONS file (a restored instance also holds the checkpoint's, written by the run before)."""
+    styles = set()
+    for db in localdir.glob("*/db"):
+        newest = max(db.glob("OPTIONS-*"), key=lambda p: int(p.name.split("-")[1]))
+        for line in newest.read_text().splitlines():
+            if line.strip().startswith("compaction_style="):
+                styles.add(line.split("=", 1)[1].strip())
+    return styles
