@@ -175,6 +175,11 @@ class RuleBook(threading.Thread):
         self._failure: BaseException | None = None
         self._poll = TolerantPoll("rules follower")
 
+    @property
+    def poll_errors(self) -> int:
+        """Polls of the rules topic that failed (Kafka away), counted by its :class:`TolerantPoll`."""
+        return self._poll.errors
+
     def run(self) -> None:
         """Read the topic until :meth:`close`."""
         try:
@@ -730,6 +735,7 @@ class ActionDispatch:
                 "in_flight": in_flight,
                 "partitions": len(self._parts),
                 "poll_errors": self._poll.errors,
+                "rules_poll_errors": self._rulebook.poll_errors if self._rulebook is not None else 0,
             }
         out["retried"] = stats.get("retried", 0)
         out["send_p50_ms"] = _round(stats.get("latency_p50_ms"))

@@ -164,3 +164,4 @@ def test_actions_reach_only_their_rules_webhook_or_the_dlq(
     summary = dispatch.summary()
     assert summary["delivered"] == 1 and summary["dead_lettered"] == 5 and summary["unknown_rule"] == 4
     assert summary["foreign_destination"] == 1
+    assert summary["poll_errors"] == summary["rules_poll_errors"] == 0  # Kafka was there all along
