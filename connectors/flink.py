@@ -87,7 +87,7 @@ class FlinkSettings(Settings):
     separated by ``;`` or newlines, applied last, over what clickpulse sets (default empty). For tuning
     what clickpulse has no setting for, e.g. ``state.backend.rocksdb.thread.num=4``; the
     job logs the keys it applies (not the values). Under ``flink run``, ``-D`` and the cluster's
-    configuration work as well."""
+    configuration cannot change a key the job sets itself (``docs/flink-run.md``); this can."""
 
     @field_validator("options")
     @classmethod
