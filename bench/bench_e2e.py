@@ -22,12 +22,18 @@ Completed`` (more samples for the webhook latency), delivered to a receiver in t
    phase, show who uses the two cores (``bench``: this process, i.e. producer, tail and receiver).
    ``--burst 0`` skips this phase.
 
+``--latency-log FILE`` also writes every measured action's times (event handed to the producer,
+``fired_at``, received) and the Flink jobs' checkpoint history (trigger and acknowledgement times, from
+their REST API) as JSON lines, and prints the webhook latency by the event's phase within the checkpoint
+interval: whether the slow actions are those whose event met a checkpoint.
+
 Prints markdown rows (``| benchmark | result | notes |``).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import logging
 import os
 import resource
@@ -42,6 +48,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import orjson
 import yaml
 from kafka import KafkaConsumer, TopicPartition
@@ -167,6 +174,93 @@ def job_env_of(args: argparse.Namespace) -> dict[str, str]:
     return dict(item.split("=", 1) for item in args.job_env)
 
 
+#: Checkpoints (the newest) whose per-task statistics ``--latency-log`` writes.
+CHECKPOINT_DETAILS = 30
+
+
+def checkpoint_history(pipeline: Pipeline, job: str) -> list[dict[str, object]]:
+    """A Flink job's completed checkpoints from its REST API (``[]`` for a job without one):
+    ``trigger_timestamp`` and ``latest_ack_timestamp`` (epoch ms), ``end_to_end_duration``, sizes."""
+    rest = pipeline.rest_url(job) if job not in ("dispatch", "load") else None
+    if rest is None or pipeline.flink_state(job) is None:
+        return []
+    jid = pipeline.jobs[job].job_id
+    try:
+        history = httpx.get(f"{rest}/jobs/{jid}/checkpoints", timeout=10).json().get("history", [])
+    except (httpx.HTTPError, ValueError) as exc:
+        log.warning("%s: no checkpoint history (%s)", job, exc)
+        return []
+    keep = ("id", "status", "trigger_timestamp", "latest_ack_timestamp", "end_to_end_duration")
+    done = [{k: c.get(k) for k in keep} | {"job": job} for c in history if c.get("status") == "COMPLETED"]
+    try:  # where the last checkpoints' time went, per task: alignment, synchronous and asynchronous part
+        names = {v["id"]: v["name"] for v in httpx.get(f"{rest}/jobs/{jid}", timeout=10).json()["vertices"]}
+        for c in done[:CHECKPOINT_DETAILS]:
+            base = f"{rest}/jobs/{jid}/checkpoints/details/{c['id']}/subtasks"
+            c["tasks"] = {
+                names[vid][:120]: {
+                    k: st.get(k)
+                    for st in httpx.get(f"{base}/{vid}", timeout=10).json()["subtasks"][:1]
+                    for k in (
+                        "ack_timestamp",
+                        "end_to_end_duration",
+                        "start_delay",
+                        "checkpoint",
+                        "alignment",
+                    )
+                }
+                for vid in names
+            }
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        log.warning("%s: no checkpoint details (%s)", job, exc)
+    return done
+
+
+def write_latency_log(
+    path: Path, timings: list[tuple[float, float, float]], checkpoints: dict[str, list[dict[str, object]]]
+) -> None:
+    """One JSON line per action (``sent``, ``fired``, ``received``: epoch s) and per checkpoint."""
+    with path.open("wb") as f:
+        for sent, fired, received in timings:
+            f.write(orjson.dumps({"sent": sent, "fired": fired, "received": received}) + b"\n")
+        for cs in checkpoints.values():
+            for c in cs:
+                f.write(orjson.dumps({"checkpoint": c}) + b"\n")
+    log.info(
+        "latency log: %d actions, %d checkpoints in %s",
+        len(timings),
+        sum(map(len, checkpoints.values())),
+        path,
+    )
+
+
+def phase_table(timings: list[tuple[float, float, float]], checkpoints: list[dict[str, object]]) -> str:
+    """Event → webhook (and event → ``fired_at``) latency by where the event was sent within the
+    checkpoint cycle: tenths of the time from the last checkpoint's trigger to the next one's. Checkpoints
+    that stall the path show as tenths whose p99 stands out."""
+    triggers = sorted(float(str(c["trigger_timestamp"])) / 1000 for c in checkpoints)
+    hook: list[list[float]] = [[] for _ in range(10)]
+    fire: list[list[float]] = [[] for _ in range(10)]
+    for sent, fired, received in timings:
+        i = bisect.bisect_right(triggers, sent)
+        if i == 0 or i == len(triggers):
+            continue
+        prev, nxt = triggers[i - 1], triggers[i]
+        k = min(9, int(10 * (sent - prev) / (nxt - prev)))
+        hook[k].append((received - sent) * 1000)
+        fire[k].append((fired - sent) * 1000)
+    lines = [
+        "| event sent at (part of the checkpoint cycle) | actions | webhook p50 / p99 / max | fired_at p50 / p99 |",
+        "|---|---|---|---|",
+    ]
+    for k, (h, f) in enumerate(zip(hook, fire, strict=True)):
+        top = f"{max(h):.0f} ms" if h else "–"
+        lines.append(
+            f"| {k / 10:.1f}–{(k + 1) / 10:.1f} | {len(h)} | {_p(h, 0.5)} / {_p(h, 0.99)} / {top} "
+            f"| {_p(f, 0.5)} / {_p(f, 0.99)} |"
+        )
+    return "\n".join(lines)
+
+
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
     """SIGTERM ends the run like Ctrl-C does: through the ``finally`` blocks that stop the jobs, drop the
     database and delete the topics (the default action would leave the jobs running)."""
@@ -191,9 +285,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the triggers job reads events.enriched read_uncommitted (CLICKPULSE_TRIGGERS_READ_UNCOMMITTED)",
     )
+    p.add_argument(
+        "--latency-log",
+        type=Path,
+        default=None,
+        help="write each action's times and the checkpoint history here (JSON lines), print latency by phase",
+    )
     add_job_env_option(p)
     args = p.parse_args(argv)
     job_env = job_env_of(args)
+    if args.latency_log is not None:  # keep every checkpoint of the run in the REST history (default 10)
+        extra = "web.checkpoints.history=100000"
+        job_env["CLICKPULSE_FLINK_OPTIONS"] = ";".join(
+            o for o in (job_env.get("CLICKPULSE_FLINK_OPTIONS", ""), extra) if o
+        )
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -267,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 queryable = [ms - sent[m] * 1000 for m, ms in rows if m in sent]
                 visible = [(tail.seen[m] - sent[m]) * 1000 for m in sent if m in tail.seen]
                 webhook, to_fire, fire_to_hook = [], [], []
+                timings: list[tuple[float, float, float]] = []  # event sent, fired_at, received (epoch s)
                 for r in receiver.unique().values():
                     a = r.action
                     if a.get("rule_id") not in ("deal_promo", "order_placed"):
@@ -279,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                     webhook.append((r.at - t_event) * 1000)
                     to_fire.append((fired - t_event) * 1000)
                     fire_to_hook.append((r.at - fired) * 1000)
+                    timings.append((t_event, fired, r.at))
                 tail.stop.set()
+                if args.latency_log is not None:
+                    checkpoints = {j: checkpoint_history(pipeline, j) for j in jobs}
+                    write_latency_log(args.latency_log, timings, checkpoints)
 
                 # -- throughput phase ------------------------------------------------------------------
                 done_at: dict[str, float] = {}
@@ -357,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({to_fire_what}), fired_at → received p50 {_p(fire_to_hook, 0.5)}, p99 {_p(fire_to_hook, 0.99)} "
         f"(actions topic + dispatch + HTTP) |"
     )
+    if args.latency_log is not None:
+        print(phase_table(timings, [c for cs in checkpoints.values() for c in cs]))
     if visible and queryable:
         log.info(
             "medians: visible %.0f ms, queryable %.0f ms",
