@@ -82,6 +82,21 @@ class FlinkSettings(Settings):
     """``CLICKPULSE_FLINK_REST_URL``: JobManager REST URL for the counter log and ``clickpulse status``
     (default: a job's local mini-cluster's, on a free loopback port; empty under ``flink run`` and for
     ``clickpulse status`` unless set)."""
+    state_changelog: bool = Field(True, alias="CLICKPULSE_FLINK_STATE_CHANGELOG")
+    """``CLICKPULSE_FLINK_STATE_CHANGELOG``: Flink's changelog state backend over RocksDB (default true). A
+    checkpoint then uploads the keyed state's changes since the last one in the background, where RocksDB
+    alone flushed every instance on its task's thread: at 1,000 events/s that held the deduplicating,
+    sessions and trigger tasks 28–64 ms per 1 s checkpoint (median; up to 141 ms), and the events behind
+    them with it. RocksDB is still snapshotted every minute (Flink's periodic materialization), which
+    bounds the changelog kept on disk; checkpoints taken without the changelog restore into it. A restore
+    (``--restore``) then claims its checkpoint or savepoint (Flink's ``CLAIM`` mode, which the changelog
+    requires): the job deletes it once newer checkpoints subsume it, so copy a savepoint to keep it. Under
+    ``flink run`` it applies only with ``CLICKPULSE_FLINK_CHANGELOG_DIR`` (else the cluster's configuration
+    decides), and ``--fromSavepoint`` needs ``--claimMode claim``."""
+    changelog_dir: Path | None = Field(None, alias="CLICKPULSE_FLINK_CHANGELOG_DIR")
+    """``CLICKPULSE_FLINK_CHANGELOG_DIR``: where the changelog state backend writes the state changes, a
+    directory as durable as the checkpoints (default ``<state dir>/flink/<job>/changelog``; under ``flink
+    run``: none, see ``CLICKPULSE_FLINK_STATE_CHANGELOG``)."""
     options: str = Field("", alias="CLICKPULSE_FLINK_OPTIONS")
     """``CLICKPULSE_FLINK_OPTIONS``: more Flink configuration for every job, ``key=value`` entries
     separated by ``;`` or newlines, applied last, over what clickpulse sets (default empty). For tuning
@@ -203,6 +218,14 @@ def under_flink_run() -> bool:
     return "PYFLINK_GATEWAY_PORT" in os.environ
 
 
+#: How often the changelog state backend snapshots RocksDB (Flink's default is 10 min). The changelog since
+#: the last snapshot stays on disk, ~1 KB per raw event in the pipeline (26–50 MB at 1,000 events/s with
+#: 1 min, ~150 MB with 3 min). Each snapshot flushes and uploads a RocksDB instance: with 3 min the
+#: deduplicating task's made the webhooks of the next ~25 s slow at 1,000 events/s, with 1 min nothing
+#: stood out (bench/RESULTS.md, 2026-12-07 21:21).
+CHANGELOG_MATERIALIZE_INTERVAL = "1 min"
+
+
 def flink_config(job: str, s: FlinkSettings, state_dir: Path) -> dict[str, str]:
     """The Flink configuration of a job (checkpointing, state, restore, Python workers)."""
     cluster = under_flink_run()
@@ -244,6 +267,21 @@ def flink_config(job: str, s: FlinkSettings, state_dir: Path) -> dict[str, str]:
         ckpt = (s.checkpoint_dir or state_dir / "flink" / job / "checkpoints").resolve()
         ckpt.mkdir(parents=True, exist_ok=True)
         conf["execution.checkpointing.dir"] = ckpt.as_uri()
+    if s.state_changelog and (not cluster or s.changelog_dir is not None):
+        changelog = (s.changelog_dir or state_dir / "flink" / job / "changelog").resolve()
+        changelog.mkdir(parents=True, exist_ok=True)
+        conf.update(
+            {
+                # each checkpoint persists the changes since the last one, off the task threads; RocksDB's
+                # own snapshot (a memtable flush on the task thread) runs every materialization interval
+                "state.changelog.enabled": "true",
+                "state.changelog.storage": "filesystem",
+                "state.changelog.dstl.dfs.base-path": changelog.as_uri(),
+                "state.changelog.periodic-materialize.interval": CHANGELOG_MATERIALIZE_INTERVAL,
+            }
+        )
+    elif not s.state_changelog:
+        conf["state.changelog.enabled"] = "false"
     if not cluster:  # local mini-cluster
         conf["rest.address"] = "127.0.0.1"
         conf["rest.bind-address"] = "127.0.0.1"
@@ -260,6 +298,11 @@ def flink_config(job: str, s: FlinkSettings, state_dir: Path) -> dict[str, str]:
             conf["execution.state-recovery.path"] = latest.as_uri()
     elif s.restore not in ("", "none"):
         conf["execution.state-recovery.path"] = Path(s.restore).resolve().as_uri()
+    if conf.get("state.changelog.enabled") == "true" and "execution.state-recovery.path" in conf:
+        # The changelog state backend cannot take the full snapshot that NO_CLAIM (the default) forces
+        # after a restore: the job would restore and then fail its first checkpoint. CLAIM hands the
+        # snapshot to the job, which deletes it once newer checkpoints subsume it.
+        conf["execution.state-recovery.claim-mode"] = "CLAIM"
     return conf
 
 

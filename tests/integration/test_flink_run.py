@@ -344,11 +344,16 @@ def test_flink_config_under_flink_run_leaves_cluster_settings_alone(
     (ckpt / "_metadata").write_bytes(b"x")
     local = flink_config("x", FlinkSettings(CLICKPULSE_FLINK_CHECKPOINT_DIR=tmp_path / "ckpt"), tmp_path)
     assert {"pipeline.jars", "rest.port", "python.executable", "execution.state-recovery.path"} <= set(local)
+    assert local["state.changelog.enabled"] == "true"
+    changelog = (tmp_path / "flink" / "x" / "changelog").resolve()
+    assert local["state.changelog.dstl.dfs.base-path"] == changelog.as_uri()
+    assert local["execution.state-recovery.claim-mode"] == "CLAIM"  # the changelog cannot restore NO_CLAIM
 
     monkeypatch.setenv("PYFLINK_GATEWAY_PORT", "1")  # what flink run's PythonDriver sets
     cluster = flink_config("x", FlinkSettings(), tmp_path)
     for key in ("pipeline.jars", "rest.port", "python.executable", "execution.checkpointing.dir"):
         assert key not in cluster, key
+    assert "state.changelog.enabled" not in cluster  # it needs a changelog dir: the cluster's config rules
     assert "execution.state-recovery.path" not in cluster  # --fromSavepoint rules
     assert cluster["table.exec.uid.generation"] == "ALWAYS" and cluster["state.backend.type"] == "rocksdb"
 
@@ -359,3 +364,7 @@ def test_flink_config_under_flink_run_leaves_cluster_settings_alone(
     )
     assert explicit["execution.checkpointing.dir"] == (tmp_path / "ckpt").resolve().as_uri()
     assert explicit["execution.state-recovery.path"] == ckpt.resolve().as_uri()
+    logged = flink_config("x", FlinkSettings(CLICKPULSE_FLINK_CHANGELOG_DIR=tmp_path / "log"), tmp_path)
+    assert logged["state.changelog.dstl.dfs.base-path"] == (tmp_path / "log").resolve().as_uri()
+    off = flink_config("x", FlinkSettings(CLICKPULSE_FLINK_STATE_CHANGELOG="false"), tmp_path)
+    assert off["state.changelog.enabled"] == "false" and "state.changelog.storage" not in off

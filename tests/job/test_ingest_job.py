@@ -87,13 +87,15 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(
     half = len(records) // 2
     produce(bootstrap, f"{prefix}events.raw", records[:half])
 
-    # The first run compacts RocksDB as clickpulse did before universal compaction became the default:
-    # its checkpoint (the dedup state) must restore into a job that compacts the new way. Each run keeps
-    # its RocksDB instances in a directory of its own, to read the options they ran with.
+    # The first run keeps its state as clickpulse did before universal compaction and the changelog state
+    # backend became the defaults: its checkpoint (the dedup state) must restore into a job that compacts
+    # the new way and checkpoints through the changelog. Each run keeps its RocksDB instances in a
+    # directory of its own, to read the options they ran with.
     rocksdb = Path(tempfile.mkdtemp(prefix="cp-rdb-"))
     request.addfinalizer(lambda: shutil.rmtree(rocksdb, ignore_errors=True))
     leveled = {
         **job_env,
+        "CLICKPULSE_FLINK_STATE_CHANGELOG": "false",
         "CLICKPULSE_FLINK_OPTIONS": (
             f"state.backend.rocksdb.compaction.style=LEVEL; state.backend.rocksdb.localdir={rocksdb / '1'}"
         ),
@@ -114,7 +116,9 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(
         first.wait(30)
 
     checkpoints = Path(job_env["CLICKPULSE_STATE_DIR"]) / "flink" / "ingest" / "checkpoints"
+    changelog = checkpoints.parent / "changelog"
     assert list(checkpoints.glob("*/chk-*/_metadata")), "the first run left a retained checkpoint"
+    assert not list(changelog.rglob("*")), "the first run wrote no changelog"
     # The restored source keeps the first run's (unbounded) splits, so the second run is unbounded
     # too: let it catch up, then stop it.
     second = start_job("ingest", universal, None, "--restore", "auto")
@@ -144,6 +148,7 @@ def test_kill_and_restart_from_checkpoint_is_exactly_once(
     enriched = read_topic(bootstrap, f"{prefix}events.enriched", quiet_s=4.0)
     dlq = read_topic(bootstrap, f"{prefix}events.dlq", quiet_s=4.0)
     check_against_truth(enriched, dlq, truth)
+    assert any(p.is_file() for p in changelog.rglob("*")), "the second run checkpointed through the changelog"
     assert _compaction_styles(rocksdb / "1") == {"kCompactionStyleLevel"}
     assert _compaction_styles(rocksdb / "2") == {"kCompactionStyleUniversal"}
     # ... and the second run's instances were restored from the first's files (its OPTIONS file came along)
