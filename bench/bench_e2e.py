@@ -187,7 +187,9 @@ CHECKPOINT_DETAILS = 30
 
 def checkpoint_history(pipeline: Pipeline, job: str) -> list[dict[str, object]]:
     """A Flink job's completed checkpoints from its REST API (``[]`` for a job without one):
-    ``trigger_timestamp`` and ``latest_ack_timestamp`` (epoch ms), ``end_to_end_duration``, sizes."""
+    ``trigger_timestamp`` and ``latest_ack_timestamp`` (epoch ms), ``end_to_end_duration``; the newest
+    :data:`CHECKPOINT_DETAILS` also with each task's (first subtask's) alignment, synchronous and
+    asynchronous part, start delay and acknowledgement time (``tasks``, by task name)."""
     rest = pipeline.rest_url(job) if job not in ("dispatch", "load") else None
     if rest is None or pipeline.flink_state(job) is None:
         return []
@@ -470,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| end to end, event → webhook received, {args.rate:,.0f} raw events/s, {running}"
         f"{', triggers reading read_uncommitted' if args.read_uncommitted else ''} | "
         f"p50 {_p(webhook, 0.5)}, p99 {_p(webhook, 0.99)} | {len(webhook):,} actions fired by an event "
-        f"(deal promo, order webhook), {_over(webhook, 150.0)} over 150 ms; event → fired_at p50 {_p(to_fire, 0.5)}, p99 {_p(to_fire, 0.99)} "
+        f"(deal promo, order webhook), {_over(webhook, 150.0)} over 150 ms; "
+        f"event → fired_at p50 {_p(to_fire, 0.5)}, p99 {_p(to_fire, 0.99)} "
         f"({to_fire_what}), fired_at → received p50 {_p(fire_to_hook, 0.5)}, p99 {_p(fire_to_hook, 0.99)} "
         f"(actions topic + dispatch + HTTP) |"
     )
