@@ -222,7 +222,7 @@ def under_flink_run() -> bool:
 #: the last snapshot stays on disk, ~1 KB per raw event in the pipeline (26–50 MB at 1,000 events/s with
 #: 1 min, ~150 MB with 3 min). Each snapshot flushes and uploads a RocksDB instance: with 3 min the
 #: deduplicating task's made the webhooks of the next ~25 s slow at 1,000 events/s, with 1 min nothing
-#: stood out (bench/RESULTS.md, 2026-12-07 21:21).
+#: stood out (bench/RESULTS.md, 2026-12-07 21:21–23:21).
 CHANGELOG_MATERIALIZE_INTERVAL = "1 min"
 
 
