@@ -16,8 +16,9 @@
    published, every pending sequence rule decided); the loader and the dispatcher finish what is left
    and stop;
 6. a summary checked against the simulator's truth (:func:`collect_results`), with the measured
-   latencies; the truth (``truth.json``) and every webhook received (``webhooks.jsonl``) are written to
-   ``.clickpulse/demo/``, next to the jobs' logs.
+   latencies; the truth (``truth.json``), every webhook received (``webhooks.jsonl``) and each measured
+   webhook's send, fire and receive times (``webhook_latency.jsonl``) are written to ``.clickpulse/demo/``,
+   next to the jobs' logs.
 
 7. the dashboard (:mod:`connectors.dashboard`, started in step 1 on the demo's database, so the live
    panels follow the run) keeps serving: the demo prints its URL and waits for Ctrl-C, then stops the
@@ -636,6 +637,9 @@ class Results:
     dau: list[tuple[str, int, int]] = field(default_factory=list)  # day, pipeline, truth
     queryable_ms: list[float] = field(default_factory=list)
     webhook_ms: list[float] = field(default_factory=list)
+    #: per counted webhook: action id, rule, and when its last event was sent, it fired, it was received
+    #: (wall-clock seconds), written to ``webhook_latency.jsonl``
+    webhook_times: list[dict[str, Any]] = field(default_factory=list)
     expected_actions: dict[str, str] = field(default_factory=dict)  # action_id -> rule_id
     received_actions: dict[str, str] = field(default_factory=dict)
 
@@ -820,6 +824,15 @@ def collect_results(
             times = [sent.get(str(e.get("message_id")), 0.0) for e in r.action.get("events") or []]
             if times and min(times) > 0:
                 res.webhook_ms.append((r.at - max(times)) * 1000.0)
+                res.webhook_times.append(
+                    {
+                        "action_id": r.action.get("action_id"),
+                        "rule_id": r.action.get("rule_id"),
+                        "sent": max(times),
+                        "fired": parse_iso8601_ms(str(r.action.get("fired_at"))) / 1000.0,
+                        "received": r.at,
+                    }
+                )
     return res
 
 
@@ -1203,6 +1216,8 @@ def run_demo(opts: DemoOptions, console: Console, stdout: Console | None = None)
                 out.write(
                     orjson.dumps({"at": r.at, "path": r.path, "status": r.status, "action": r.action}) + b"\n"
                 )
+        with (workdir / "webhook_latency.jsonl").open("wb") as out:
+            out.writelines(orjson.dumps(t) + b"\n" for t in res.webhook_times)
         if res.ok:
             stdout.print("[green]demo ok: every number matches the simulator's truth[/]")
         else:
