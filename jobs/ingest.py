@@ -113,6 +113,7 @@ class StageConfig:
     redis_prefix: str
     pending_links_max: int
     log_interval_s: float
+    skip_state_sampler: bool = True
 
     @classmethod
     def of(cls, s: IngestJobSettings) -> StageConfig:
@@ -130,6 +131,7 @@ class StageConfig:
             redis_prefix=i.redis_key_prefix,
             pending_links_max=i.pending_links_max,
             log_interval_s=s.consumer.log_interval_ms / 1000.0,
+            skip_state_sampler=not s.flink.python_state_sampler,
         )
 
 
@@ -148,6 +150,10 @@ class IngestStageUdf(ScalarFunction):
 
         c = self.config
         logging.getLogger("clickpulse").setLevel(logging.INFO)  # the worker's root logger is at WARNING
+        if c.skip_state_sampler:
+            from connectors.python_worker import skip_state_sampler
+
+            skip_state_sampler()
         warm_up()
         r = client(c.redis_url, timeout_s=c.redis_timeout_s)
         self.stage = IngestStage(
