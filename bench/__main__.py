@@ -20,6 +20,7 @@ from devstack.stack import Stack, StackSettings
 BENCHES = (
     "bench_stack",
     "bench_ingest",
+    "bench_bundle_sampler",
     "bench_loader",
     "bench_sessionize",
     "bench_triggers",
