@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 from apache_beam.runners.worker import statesampler
@@ -11,6 +12,21 @@ from apache_beam.utils.counters import CounterFactory
 from connectors.python_worker import skip_state_sampler
 
 pytestmark = pytest.mark.unit
+
+PATCHED = "_clickpulse_no_sampling_thread"
+
+
+@pytest.fixture
+def beams_sampler() -> Iterator[None]:
+    """Beam's sampler as shipped for the test, and as found again after it (the patch is process-wide)."""
+    cls = statesampler.StateSampler
+    if cls.__dict__.get(PATCHED):
+        pytest.skip("Beam's sampler was already patched in this process")
+    saved = {name: cls.__dict__[name] for name in ("start", "stop")}
+    yield
+    for name, method in saved.items():
+        setattr(cls, name, method)
+    delattr(cls, PATCHED)
 
 
 def _bundle(sampler: statesampler.StateSampler) -> None:
@@ -24,6 +40,7 @@ def _bundle(sampler: statesampler.StateSampler) -> None:
     assert statesampler.get_current_tracker() is None
 
 
+@pytest.mark.usefixtures("beams_sampler")
 def test_bundles_run_without_a_sampling_thread_and_earlier_samplers_still_stop() -> None:
     before_patch = statesampler.StateSampler("stage-old", CounterFactory())
     before_patch.start()  # Beam's own start, if the patch had not been applied yet: a thread
