@@ -3,9 +3,9 @@
 ``python -m bench.bench_bundle_sampler`` runs ``--bundles`` bundles the way Beam's ``BundleProcessor``
 brackets them (``reset``, ``start``, the bundle's work, ``stop``), the work being a sleep of
 ``--work-ms`` (the pipeline's ingest stage finishes a bundle every 10 ms, some of it waiting for the JVM),
-and prints a markdown row (``| benchmark | result | notes |``) with the time ``stop`` took: first Beam's sampler as shipped (it joins its
-sampling thread, which sleeps in steps growing from 2 ms), then with
-:func:`connectors.python_worker.skip_state_sampler` applied (no thread). No JVM, no stack.
+and prints a markdown row (``| benchmark | result | notes |``) with the time ``stop`` took: first with
+Beam's sampler as shipped (it joins its sampling thread, which sleeps in steps growing from 2 ms), then
+with :func:`connectors.python_worker.skip_state_sampler` applied (no thread). No JVM, no stack.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def stop_times_ms(bundles: int, work_s: float) -> list[float]:
 
 def _summary(v: list[float]) -> str:
     q = sorted(v)
-    return f"mean {statistics.mean(v):.3f} ms, median {q[len(q) // 2]:.3f} ms, p99 {q[int(0.99 * len(q))]:.3f} ms"
+    p99 = q[int(0.99 * len(q))]
+    return f"mean {statistics.mean(v):.3f} ms, median {q[len(q) // 2]:.3f} ms, p99 {p99:.3f} ms"
 
 
 def main() -> int:
