@@ -100,7 +100,8 @@ class FlinkSettings(Settings):
     python_state_sampler: bool = Field(False, alias="CLICKPULSE_FLINK_PYTHON_STATE_SAMPLER")
     """``CLICKPULSE_FLINK_PYTHON_STATE_SAMPLER``: keep the sampling thread Beam starts for every bundle of
     a Python UDF (default false: the ingest stage's workers start Beam's state sampler without it, which
-    spared the pipeline's source task 0.2-2.7 ms of waiting per bundle; see ``connectors.python_worker``).
+    spares the pipeline's source task 0.6-0.8 ms of waiting per bundle on average, up to 5 ms; see
+    ``connectors.python_worker`` and ``bench_bundle_sampler``).
     Set true if a Beam upgrade disagrees with that."""
     options: str = Field("", alias="CLICKPULSE_FLINK_OPTIONS")
     """``CLICKPULSE_FLINK_OPTIONS``: more Flink configuration for every job, ``key=value`` entries
