@@ -113,7 +113,7 @@ class StageConfig:
     redis_prefix: str
     pending_links_max: int
     log_interval_s: float
-    skip_state_sampler: bool = True
+    skip_state_sampler: bool
 
     @classmethod
     def of(cls, s: IngestJobSettings) -> StageConfig:
